@@ -1,0 +1,1 @@
+"""Pure transformations (no prefect, no duckdb): parsing, labels, tasks, chains, verification."""

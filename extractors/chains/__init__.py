@@ -1,0 +1,1 @@
+"""Reasoning-chain mining: rule backend, LLM backend, verification."""

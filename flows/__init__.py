@@ -1,0 +1,1 @@
+"""Prefect flows and tasks that wire schemas, extractors, warehouse and training together; the CLI."""

@@ -1,0 +1,61 @@
+"""Shared CLI plumbing: clear one-line errors (exit code 2), settings, output formats."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import Any, TypeVar
+
+import pyarrow as pa
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+err_console = Console(stderr=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class UsageError(Exception):
+    """Unusable arguments or input: printed as one line, exit code 2."""
+
+
+def clear_errors(fn: F) -> F:
+    """Turn expected failures into one line on stderr and exit code 2, never a traceback."""
+    from warehouse import WarehouseError
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (UsageError, WarehouseError, FileNotFoundError, ValueError) as e:
+            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            sys.exit(2)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def print_arrow(table: pa.Table, fmt: str = "table", title: str | None = None) -> None:
+    rows = table.to_pylist()
+    if fmt == "json":
+        sys.stdout.write(json.dumps(rows, default=str, indent=None) + "\n")
+    elif fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(table.column_names)
+        for r in rows:
+            w.writerow([r[c] for c in table.column_names])
+        sys.stdout.write(buf.getvalue())
+    elif fmt == "table":
+        t = Table(title=title)
+        for c in table.column_names:
+            t.add_column(c)
+        for r in rows:
+            t.add_row(*("" if r[c] is None else str(r[c]) for c in table.column_names))
+        console.print(t)
+    else:
+        raise UsageError(f"unknown format {fmt!r}: use table, csv or json")

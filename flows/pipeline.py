@@ -1,0 +1,104 @@
+"""The radchain pipeline as a Prefect flow: each stage plans batches, each batch is a task run."""
+
+from __future__ import annotations
+
+import importlib
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+
+from flows.stages.common import BatchResult, RunContext, SourceSpec
+from radchain.settings import Settings, get_settings
+from warehouse import Warehouse
+
+# Stage name -> module implementing the stage protocol (flows/stages/common.py), in DAG order.
+STAGE_MODULES = {
+    "ingest": "flows.stages.ingest",
+    "label": "flows.stages.label",
+    "tasks": "flows.stages.tasks",
+    "mine": "flows.stages.mine",
+    "datasets": "flows.stages.datasets",
+}
+ALL_STAGES = tuple(STAGE_MODULES)
+
+
+def stage_module(name: str) -> Any:
+    return importlib.import_module(STAGE_MODULES[name])
+
+
+@task(name="batch", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2, persist_result=False)
+def run_batch_task(stage: str, ctx: RunContext, batch: Any) -> BatchResult:
+    return stage_module(stage).run_batch(ctx, batch)
+
+
+@task(name="finalize", cache_policy=NO_CACHE, persist_result=False)
+def finalize_task(stage: str, ctx: RunContext) -> BatchResult | None:
+    return stage_module(stage).finalize(ctx)
+
+
+def run_stages(
+    ctx: RunContext,
+    stages: Sequence[str],
+    batch_runner: Callable[[str, RunContext, Any], BatchResult] | None = None,
+    finalizer: Callable[[str, RunContext], BatchResult | None] | None = None,
+    on_stage: Callable[[str, list[BatchResult], float], None] | None = None,
+) -> dict[str, list[BatchResult]]:
+    """Run stages in DAG order. With no runners given, stage functions are called directly
+    (benchmarks use this to measure orchestration overhead)."""
+    batch_runner = batch_runner or (lambda s, c, b: stage_module(s).run_batch(c, b))
+    finalizer = finalizer or (lambda s, c: stage_module(s).finalize(c))
+    results: dict[str, list[BatchResult]] = {}
+    for name in ALL_STAGES:
+        if name not in stages:
+            continue
+        t0 = time.perf_counter()
+        mod = stage_module(name)
+        out = [batch_runner(name, ctx, b) for b in mod.plan(ctx)]
+        final = finalizer(name, ctx)
+        if final is not None:
+            out.append(final)
+        ctx.warehouse.refresh_views()
+        results[name] = out
+        if on_stage:
+            on_stage(name, out, time.perf_counter() - t0)
+    return results
+
+
+def make_context(
+    settings: Settings | None = None,
+    source: SourceSpec | None = None,
+    run_id: str | None = None,
+    **options: Any,
+) -> RunContext:
+    settings = settings or get_settings()
+    wh = Warehouse(settings.warehouse_dir).ensure()
+    return RunContext(settings=settings, warehouse=wh, run_id=run_id or uuid.uuid4().hex[:16], source=source,
+                      options=options)
+
+
+@flow(name="radchain-pipeline", log_prints=True, persist_result=False)
+def pipeline_flow(
+    source: SourceSpec | None = None,
+    stages: list[str] = list(ALL_STAGES),
+    options: dict[str, Any] | None = None,
+) -> dict[str, list[BatchResult]]:
+    unknown = [s for s in stages if s not in STAGE_MODULES]
+    if unknown:
+        raise ValueError(f"unknown stages {unknown}; known: {', '.join(ALL_STAGES)}")
+    run_id = str(flow_run.get_id() or uuid.uuid4())
+    ctx = make_context(source=source, run_id=run_id, **(options or {}))
+    results = run_stages(
+        ctx,
+        stages,
+        batch_runner=lambda s, c, b: run_batch_task.with_options(name=f"{s}-batch")(s, c, b),
+        finalizer=lambda s, c: finalize_task.with_options(name=f"{s}-finalize")(s, c),
+    )
+    from flows import artifacts
+
+    artifacts.publish_run_artifacts(ctx, results)
+    return results

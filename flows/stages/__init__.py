@@ -1,0 +1,1 @@
+"""Pipeline stages. Each module exposes the same small protocol (see common.Stage)."""

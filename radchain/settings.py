@@ -1,0 +1,106 @@
+"""Settings: environment variables (``RADCHAIN_*``) and an optional TOML file.
+
+Precedence (highest first): explicit arguments, environment, ``$RADCHAIN_CONFIG`` or
+``./radchain.toml``, defaults. Every path radchain writes to hangs off ``home``.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+
+def _toml_path() -> Path:
+    return Path(os.environ.get("RADCHAIN_CONFIG", "radchain.toml"))
+
+
+class LLMSettings(BaseSettings):
+    """An OpenAI-compatible endpoint. The key is read from the environment only."""
+
+    model_config = SettingsConfigDict(env_prefix="RADCHAIN_LLM_", extra="ignore")
+
+    base_url: str | None = Field(default=None, validation_alias="OPENAI_BASE_URL")
+    api_key: SecretStr | None = Field(default=None, validation_alias="OPENAI_API_KEY", repr=False)
+    model: str = "gpt-4o-2024-08-06"
+    protocol: str = "single"  # "single" (default) or "paper" (the release's three calls)
+    max_concurrency: int = 16
+    requests_per_minute: int = 500
+    tokens_per_minute: int = 800_000
+    timeout_s: float = 60.0
+    max_attempts: int = 6
+    refine_rounds: int = 2
+    temperature: float = 0.0
+    # USD per 1M tokens (input, output); a user edits this for their model.
+    price_per_mtok: dict[str, tuple[float, float]] = {
+        "gpt-4o-2024-08-06": (2.5, 10.0),
+        "gpt-4o": (2.5, 10.0),
+        "gpt-4o-mini": (0.15, 0.6),
+    }
+    # PHI guard: endpoints (hosts) that may receive text the guard flags; loopback is always allowed.
+    phi_allow_hosts: list[str] = []
+    phi_allow_all: bool = False
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RADCHAIN_", extra="ignore", env_nested_delimiter="__")
+
+    home: Path = Path(".radchain")
+    batch_size: int = 5000
+    seed: int = 13
+    llm: LLMSettings = Field(default_factory=LLMSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=_toml_path()))
+
+    # Derived locations: one folder holds everything a run writes.
+    @property
+    def warehouse_dir(self) -> Path:
+        return self.home / "warehouse"
+
+    @property
+    def duckdb_path(self) -> Path:
+        return self.warehouse_dir / "warehouse.duckdb"
+
+    @property
+    def parquet_dir(self) -> Path:
+        return self.warehouse_dir / "parquet"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.home / "cache"
+
+    @property
+    def prefect_home(self) -> Path:
+        return self.home / "prefect"
+
+    @property
+    def demo_corpus_dir(self) -> Path:
+        return self.home / "demo-corpus"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.home / "runs"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    s = Settings()
+    s.home = s.home.resolve()
+    return s
+
+
+def reset_settings_cache() -> None:
+    """Tests change RADCHAIN_HOME between cases."""
+    get_settings.cache_clear()

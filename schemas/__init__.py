@@ -1,0 +1,19 @@
+"""The contract: one pydantic model per warehouse table, plus the records stages exchange.
+
+Importing this package registers every table in ``TableRecord.registry``.
+"""
+
+from schemas.base import Lineage, TableRecord, stable_id
+from schemas.ingest import Image, RawReport, Section, Study
+from schemas.labels import OBSERVATIONS, TARGET_OBSERVATIONS, Label
+from schemas.vqa import TASKS, VqaSample
+from schemas.chains import ChainRow, ChainStepRow, Evidence, ReasoningChain, ReasoningStep, StepFinding
+from schemas.llm import LlmCall
+from schemas.audit import Materialization, Rejection, StageCount
+
+__all__ = [
+    "OBSERVATIONS", "TARGET_OBSERVATIONS", "TASKS",
+    "ChainRow", "ChainStepRow", "Evidence", "Image", "Label", "Lineage", "LlmCall", "Materialization",
+    "RawReport", "ReasoningChain", "ReasoningStep", "Rejection", "Section", "StageCount", "StepFinding",
+    "Study", "TableRecord", "VqaSample", "stable_id",
+]

@@ -1,0 +1,84 @@
+"""Reasoning chains: the structured-output contract for extractors, and the stored tables."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from schemas.base import TableRecord
+
+StepKind = Literal["plan", "observation", "interpretation", "comparison", "conclusion"]
+FindingStatus = Literal["present", "absent", "uncertain"]
+
+
+class StepFinding(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    observation: str = Field(description="CheXpert observation name, e.g. 'Pleural Effusion'")
+    status: FindingStatus
+    anatomy: str | None = Field(default=None, description="where, when stated, e.g. 'left costophrenic angle'")
+
+
+class Evidence(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    quote: str = Field(description="exact words copied from the report")
+    start: int | None = Field(default=None, description="filled by the verifier: offset of the quote in the report")
+    end: int | None = None
+
+
+class ReasoningStep(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: StepKind
+    text: str = Field(description="the step, phrased as observed in the image")
+    findings: list[StepFinding] = Field(default_factory=list)
+    evidence: list[Evidence] = Field(default_factory=list)
+
+
+class ReasoningChain(BaseModel):
+    """What an extractor (LLM or rules) returns for one sample."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: list[ReasoningStep]
+
+    def render(self) -> str:
+        """The chain as the text that goes inside <think></think>."""
+        return "\n".join(s.text.strip() for s in self.steps if s.kind != "plan" or s.text.strip())
+
+
+class ChainRow(TableRecord):
+    __table__ = "int_chains"
+    __description__ = "Accepted (verified) reasoning chains, one per sample."
+    __grain__ = "one chain (sample)"
+    __key__ = ("chain_id",)
+
+    chain_id: str
+    sample_id: str
+    study_id: str
+    task: str
+    extractor: Literal["rules", "llm"]
+    protocol: str  # rules | single | paper
+    model: str | None = None
+    prompt_version: str
+    request_hashes: list[str]
+    refine_rounds: int
+    n_steps: int
+    text: str
+
+
+class ChainStepRow(TableRecord):
+    __table__ = "int_chain_steps"
+    __description__ = "Steps of accepted chains, with stated findings and evidence offsets."
+    __grain__ = "one step of one chain"
+    __key__ = ("chain_id", "step_index")
+
+    chain_id: str
+    sample_id: str
+    step_index: int
+    kind: str
+    text: str
+    findings: list[StepFinding]
+    evidence: list[Evidence]

@@ -1,0 +1,73 @@
+"""Tables written by the ingest stage."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from schemas.base import TableRecord
+
+SECTION_NAMES = (
+    "preamble", "examination", "indication", "history", "technique", "comparison",
+    "findings", "impression", "addendum", "other",
+)
+
+
+class RawReport(TableRecord):
+    __table__ = "raw_reports"
+    __description__ = "Report text exactly as read from the source (bytes decoded as UTF-8)."
+    __grain__ = "one report (study)"
+    __key__ = ("study_id",)
+
+    study_id: str
+    patient_id: str
+    source: str  # file path, or table path + row number
+    text: str
+    n_chars: int
+    content_hash: str
+
+
+class Section(TableRecord):
+    __table__ = "stg_sections"
+    __description__ = "Report sections with normalised names and character offsets into raw_reports.text."
+    __grain__ = "one section of one report"
+    __key__ = ("section_id",)
+
+    section_id: str
+    study_id: str
+    ordinal: int
+    name: str  # one of SECTION_NAMES
+    header: str  # header as written, e.g. "IMPRESSON"
+    start: int  # body offsets: text == raw_reports.text[start:end]
+    end: int
+    text: str
+
+
+class Image(TableRecord):
+    __table__ = "stg_images"
+    __description__ = "Images of each study (JPG/DICOM paths) and whether the file exists."
+    __grain__ = "one image"
+    __key__ = ("dicom_id",)
+
+    dicom_id: str
+    study_id: str
+    patient_id: str
+    path: str
+    view_position: str | None = None
+    exists: bool
+
+
+class Study(TableRecord):
+    __table__ = "stg_studies"
+    __description__ = "Studies with patient, time order, split and prior study."
+    __grain__ = "one study"
+    __key__ = ("study_id",)
+
+    study_id: str
+    patient_id: str
+    study_datetime: datetime | None = None
+    study_order: int  # 0 = the patient's first study
+    prior_study_id: str | None = None
+    split: str  # train / validate / test
+    n_images: int
+    has_findings: bool
+    has_impression: bool

@@ -1,0 +1,30 @@
+"""Every LLM call, cached or not."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from schemas.base import TableRecord
+
+
+class LlmCall(TableRecord):
+    __table__ = "int_llm_calls"
+    __description__ = "Every LLM request: hash, stage, model, prompt version, status, tokens, latency, cost."
+    __grain__ = "one request (after retries)"
+    __key__ = ("request_hash",)
+
+    request_hash: str
+    sample_id: str
+    stage: str  # single | plan | steps | refine | repair | judge
+    model: str
+    prompt_version: str
+    status: Literal["ok", "error", "invalid"]
+    cache_hit: bool
+    attempts: int
+    prompt_tokens: int
+    completion_tokens: int
+    latency_ms: float
+    cost_usd: float
+    error_code: str | None = None
+    created_at: datetime
