@@ -110,9 +110,8 @@ def record_batch(
     result = BatchResult(stage, batch_id, inputs, outputs, len(rejections), skipped, 0.0)
     lineage = ctx.lineage(batch_id, stage_version)
     partition = f"{stage}-{batch_id}"
-    all_frames = dict(frames)
-    all_frames[Rejection] = list(rejections)
-    ctx.warehouse.write_batch(stage, batch_id, lineage, {m: f for m, f in all_frames.items() if m is not Rejection})
+    if frames:
+        ctx.warehouse.write_batch(stage, batch_id, lineage, frames)
     ctx.warehouse.write(Rejection, partition, list(rejections), lineage)
     result.wall_s = time.perf_counter() - started
     ctx.warehouse.write(

@@ -1,0 +1,95 @@
+"""Stage `tasks`: VQA samples of the five task types from labels, studies and images.
+
+One unit of work ("all"): sampling is global (balanced per finding and split across the whole
+corpus), so it cannot be split into independent batches. The work itself is in
+extractors/tasks; this module reads the three tables, finds the optional MS-CXR-T CSV, and
+writes int_vqa_samples as one partition per task (``binary`` ... ``temporal``), each replaced
+on a re-run, plus study-level rejections and one audit row.
+
+Options (ctx.options): ``seed`` (default settings.seed), ``caps`` (task -> int, see
+extractors.tasks.common.TaskCaps), ``temporal_source`` (auto|csv|language|both),
+``temporal_csv`` (explicit CSV path), ``task_types`` (subset of the five tasks).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import polars as pl
+
+from extractors.tasks import CSV_NAME, TaskConfig, build_tasks, label_sources, read_temporal_csv
+from flows.stages.common import BatchResult, RunContext, record_batch, rejection
+from schemas.ingest import Image, Study
+from schemas.labels import Label
+from schemas.vqa import TASKS, VqaSample
+
+NAME = "tasks"
+VERSION = "tasks-v1"
+BATCH = "all"
+log = logging.getLogger("radchain.stages.tasks")
+
+
+def plan(ctx: RunContext) -> list[str]:
+    return [BATCH]
+
+
+def temporal_csv_path(ctx: RunContext) -> Path | None:
+    """An explicit ``temporal_csv`` option, else the CSV beside a MIMIC source tree, if present."""
+    explicit = ctx.options.get("temporal_csv")
+    if explicit:
+        return Path(explicit)
+    if ctx.source is None:
+        return None
+    root = Path(ctx.source.path)
+    folder = root if root.is_dir() else root.parent
+    for name in (CSV_NAME, CSV_NAME + ".gz"):  # MIMIC CSVs are often kept gzipped
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def read_inputs(ctx: RunContext) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+    """Only the columns the builders use (int_labels is the big one: 14 rows per study)."""
+    labels = ctx.warehouse.scan(Label).select("study_id", "observation", "value", "sentence").collect()
+    studies = ctx.warehouse.scan(Study).select(
+        "study_id", "patient_id", "study_order", "prior_study_id", "split", "has_findings", "has_impression"
+    ).collect()
+    images = ctx.warehouse.scan(Image).select("dicom_id", "study_id", "path", "view_position", "exists").collect()
+    return labels, studies, images
+
+
+def run_batch(ctx: RunContext, batch: str) -> BatchResult:
+    started = time.perf_counter()
+    config = TaskConfig.from_options(ctx.options, default_seed=ctx.settings.seed)
+    labels, studies, images = read_inputs(ctx)
+    csv_path = temporal_csv_path(ctx)
+    csv = read_temporal_csv(csv_path) if csv_path is not None else None
+    if csv_path is not None and csv is None:
+        log.warning("tasks: temporal CSV %s is missing or unreadable; using comparison language", csv_path)
+    result = build_tasks(labels, studies, images, temporal_csv=csv, config=config)
+
+    lineage = ctx.lineage(batch, VERSION)
+    for task in TASKS:
+        # Every task's partition is written, empty when not built, so a re-run never leaves stale rows.
+        ctx.warehouse.write_batch(NAME, task, lineage, {VqaSample: result.samples.get(task, [])})
+    ctx.warehouse.delete_partitions(VqaSample.__table__, keep=TASKS)
+
+    rejections = [rejection(NAME, r.study_id, r.reason_code, r.detail) for r in result.rejections]
+    summary = result.summary()
+    log.info(
+        "tasks: samples per task %s; studies in=%d out=%d rejected=%d skipped=%d; rejection reasons %s; "
+        "skip reasons %s; temporal source %s",
+        summary["samples"], result.inputs, result.outputs, result.rejected, result.skipped,
+        summary["rejections"], summary["skip_reasons"],
+        "+".join(label_sources(config.temporal_source, csv is not None)) or "none",
+    )
+    return record_batch(
+        ctx, stage=NAME, stage_version=VERSION, batch_id=batch, started=started, frames={},
+        rejections=rejections, inputs=result.inputs, outputs=result.outputs, skipped=result.skipped,
+    )
+
+
+def finalize(ctx: RunContext) -> BatchResult | None:
+    return None
