@@ -21,7 +21,7 @@ def _toml_path() -> Path:
 class LLMSettings(BaseSettings):
     """An OpenAI-compatible endpoint. The key is read from the environment only."""
 
-    model_config = SettingsConfigDict(env_prefix="RADCHAIN_LLM_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="RADCHAIN_LLM_", extra="ignore", populate_by_name=True)
 
     base_url: str | None = Field(default=None, validation_alias="OPENAI_BASE_URL")
     api_key: SecretStr | None = Field(default=None, validation_alias="OPENAI_API_KEY", repr=False)

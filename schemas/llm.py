@@ -10,13 +10,16 @@ from schemas.base import TableRecord
 
 class LlmCall(TableRecord):
     __table__ = "int_llm_calls"
-    __description__ = "Every LLM request: hash, stage, model, prompt version, status, tokens, latency, cost."
-    __grain__ = "one request (after retries)"
-    __key__ = ("request_hash",)
+    __description__ = (
+        "Ledger of LLM requests per run: hash, stage, model, prompt version, status, tokens, latency, cost. "
+        "A cache hit is a row with cache_hit = true and zero cost; the spend stays on the row that filled the cache."
+    )
+    __grain__ = "one request (after retries) in one run"
+    __key__ = ("run_id", "request_hash")
 
     request_hash: str
     sample_id: str
-    stage: str  # single | plan | steps | refine | repair | judge
+    stage: str  # single | plan | steps | polish | refine | repair | judge
     model: str
     prompt_version: str
     status: Literal["ok", "error", "invalid"]

@@ -1,0 +1,564 @@
+"""An OpenAI-compatible chat client built for batch mining: throttled, retried, cached, accounted.
+
+One ``LLMClient`` talks to one endpoint (``LLMSettings.base_url``; a hosted API, vLLM,
+or the fake server in radchain.testing) through the official ``openai.AsyncOpenAI``
+client, whose own retries are switched off (``max_retries=0``) so that every attempt is
+counted here and shows up in the ``attempts`` column of int_llm_calls.
+
+What happens to one request (``complete_structured``):
+
+1. its hash (model, prompt version, schema version, messages, sampling parameters) is
+   looked up in the response cache; a hit returns at once and costs nothing;
+2. otherwise it is sent through the throttle (concurrency, requests/min, tokens/min) with
+   retries: 429 (waiting as long as ``Retry-After`` asks), 5xx, 408/409, timeouts and
+   dropped connections are retried with exponential backoff and jitter, up to
+   ``max_attempts`` HTTP attempts; other 4xx fail at once;
+3. structured output is requested with ``response_format=json_schema``; a server that
+   answers 400 to that is asked again in JSON mode (``json_object``, the schema put in a
+   system message), and the client remembers to use JSON mode from then on;
+4. the reply is parsed and validated with the pydantic model; a reply that is not JSON or
+   does not fit gets exactly one repair request that sends the error back to the model;
+5. a valid answer is written to the cache, keyed by the hash of step 1.
+
+Every HTTP-level request (the first one and the repair) yields one int_llm_calls row dict.
+
+The API key is handed to ``AsyncOpenAI`` and to nothing else: it is not part of any hash,
+row, cache entry or log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import logging
+import random
+import time
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import openai
+from openai import AsyncOpenAI
+from pydantic import BaseModel
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
+
+from extractors.llm import hashing
+from extractors.llm.cache import CachedResponse, ResponseCache
+from extractors.llm.limits import Throttle, estimate_tokens
+from extractors.llm.pricing import cost_usd
+from extractors.llm.structured import (
+    json_mode_instruction,
+    json_schema_response_format,
+    parse_structured,
+    repair_message,
+)
+from radchain.settings import LLMSettings
+
+log = logging.getLogger("radchain.llm")
+
+Message = Mapping[str, Any]
+
+# Error codes that end up in int_llm_calls.error_code and in StructuredResult.error_code.
+RATE_LIMITED = "RATE_LIMITED"
+SERVER_ERROR = "SERVER_ERROR"
+TIMEOUT = "TIMEOUT"
+CONNECTION = "CONNECTION"
+AUTH_FAILED = "AUTH_FAILED"
+HTTP_4XX = "HTTP_4XX"
+API_ERROR = "API_ERROR"
+BLOCKED = "BLOCKED"
+MALFORMED_JSON = "MALFORMED_JSON"
+SCHEMA_INVALID = "SCHEMA_INVALID"
+EMPTY_RESPONSE = "EMPTY_RESPONSE"
+# Failures that a later re-run may well not hit again (the cache never stores them, so it will ask again).
+TRANSIENT_ERROR_CODES = frozenset({RATE_LIMITED, SERVER_ERROR, TIMEOUT, CONNECTION})
+
+class RequestBlocked(Exception):
+    """Raised by a request guard (e.g. a PHI guard) to stop a request before it is sent."""
+
+
+RequestGuard = Callable[[Sequence[Message], str | None], None]
+
+
+@dataclass
+class StructuredResult:
+    """What one logical request produced.
+
+    ``parsed`` is the validated model (structured calls) or None; ``text`` is the last raw
+    reply (kept for the dead-letter table when nothing valid came back); ``calls`` are the
+    int_llm_calls row dicts (without lineage columns); ``error_code`` is None on success.
+    """
+
+    parsed: BaseModel | None
+    text: str | None
+    calls: list[dict[str, Any]]
+    error_code: str | None
+    request_hash: str
+    error_detail: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error_code is None
+
+    @property
+    def cost_usd(self) -> float:
+        return sum(c["cost_usd"] for c in self.calls)
+
+
+@dataclass
+class _Reply:
+    text: str | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class _CallFailed(Exception):
+    def __init__(self, code: str, attempts: int, status: int | None = None) -> None:
+        super().__init__(code)
+        self.code = code
+        self.attempts = attempts
+        self.status = status
+
+
+@dataclass
+class _CallOutcome:
+    text: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    attempts: int
+    error_code: str | None
+
+
+@dataclass(eq=False)
+class _Session:
+    """The per-event-loop half of the client (httpx pools and asyncio primitives are loop-bound).
+
+    It must not reference its loop: it is the value of a WeakKeyDictionary keyed by that loop.
+    """
+
+    api: AsyncOpenAI
+    throttle: Throttle
+
+
+def classify(exc: BaseException) -> tuple[str, bool, int | None]:
+    """(error code, retryable, HTTP status) for an exception raised by the openai client."""
+    if isinstance(exc, openai.APITimeoutError):  # before APIConnectionError: it is a subclass
+        return TIMEOUT, True, None
+    if isinstance(exc, openai.APIConnectionError):
+        return CONNECTION, True, None
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.status_code
+        if status == 429:
+            return RATE_LIMITED, True, status
+        if status >= 500:
+            return SERVER_ERROR, True, status
+        if status == 408:
+            return TIMEOUT, True, status
+        if status == 409:  # a conflict/lock on the server side; OpenAI documents it as retryable
+            return HTTP_4XX, True, status
+        if status in (401, 403):
+            return AUTH_FAILED, False, status
+        return HTTP_4XX, False, status
+    return API_ERROR, False, None
+
+
+def retry_after_seconds(exc: BaseException | None) -> float | None:
+    """Seconds the server asked us to wait (``retry-after-ms`` or ``Retry-After``), if it did."""
+    response = getattr(exc, "response", None)
+    headers = getattr(response, "headers", None)
+    if headers is None:
+        return None
+    raw_ms = headers.get("retry-after-ms")
+    if raw_ms:
+        try:
+            return max(0.0, float(raw_ms) / 1000.0)
+        except ValueError:
+            pass
+    raw = headers.get("retry-after")
+    if not raw:
+        return None
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        pass
+    try:  # the HTTP-date form
+        when = email.utils.parsedate_to_datetime(raw)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+class LLMClient:
+    """Chat completions with throttling, retries, structured output, caching and accounting.
+
+    ``cache`` is anything with ``get(hash)``/``put(entry)`` (extractors.llm.cache.ResponseCache;
+    warehouse.llm_cache.SQLiteResponseCache in production). ``request_guard`` is called with
+    the messages and base URL before a request is sent and may raise ``RequestBlocked``.
+    Backoff parameters are constructor arguments so tests can shrink them.
+    """
+
+    def __init__(
+        self,
+        settings: LLMSettings,
+        cache: ResponseCache | None = None,
+        *,
+        strict_schema: bool = True,
+        backoff_initial_s: float = 1.0,
+        backoff_max_s: float = 30.0,
+        retry_after_cap_s: float = 120.0,
+        completion_tokens_estimate: int = 1024,
+        limiter_window_s: float = 1.0,
+        seed: int | None = None,
+        request_guard: RequestGuard | None = None,
+    ) -> None:
+        self.settings = settings
+        self.cache = cache
+        self.strict_schema = strict_schema
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self.retry_after_cap_s = retry_after_cap_s
+        self.completion_tokens_estimate = completion_tokens_estimate
+        self.limiter_window_s = limiter_window_s
+        self.seed = seed
+        self.request_guard = request_guard
+        # Flipped to False the first time the server refuses json_schema (then JSON mode for the rest).
+        self.json_schema_supported = True
+        # One session per event loop: httpx pools and asyncio primitives cannot cross loops, and a
+        # flow may call asyncio.run once per batch (or run loops in several threads).
+        self._sessions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Session] = weakref.WeakKeyDictionary()
+
+    @property
+    def model(self) -> str:
+        return self.settings.model
+
+    # ---- session (per event loop) --------------------------------------------------------
+    def _current_session(self) -> _Session:
+        loop = asyncio.get_running_loop()
+        session = self._sessions.get(loop)
+        if session is None:
+            session = self._sessions[loop] = _Session(api=self._new_api(), throttle=self._new_throttle())
+        return session
+
+    def _new_api(self) -> AsyncOpenAI:
+        base_url = self.settings.base_url
+        secret = self.settings.api_key.get_secret_value() if self.settings.api_key else None
+        if secret is None:
+            if base_url is None:
+                raise ValueError("no API key: set OPENAI_API_KEY (or OPENAI_BASE_URL for a local server)")
+            # Local OpenAI-compatible servers (vLLM, llama.cpp) ignore the key, but the client wants one.
+            secret = "EMPTY"
+        return AsyncOpenAI(
+            api_key=secret,
+            base_url=base_url,
+            timeout=self.settings.timeout_s,
+            max_retries=0,  # attempts are counted (and backed off) here, not inside the openai client
+        )
+
+    def _new_throttle(self) -> Throttle:
+        s = self.settings
+        return Throttle(
+            max_concurrency=s.max_concurrency,
+            requests_per_minute=s.requests_per_minute or None,
+            tokens_per_minute=s.tokens_per_minute or None,
+            window_s=self.limiter_window_s,
+        )
+
+    @property
+    def throttle(self) -> Throttle | None:
+        """The throttle of the most recently started session (for inspection in tests and benchmarks)."""
+        sessions = list(self._sessions.values())
+        return sessions[-1].throttle if sessions else None
+
+    async def aclose(self) -> None:
+        """Close the HTTP pool of the running loop's session (sessions of finished loops are dropped with them)."""
+        session = self._sessions.pop(asyncio.get_running_loop(), None)
+        if session is not None:
+            await session.api.close()
+
+    async def __aenter__(self) -> "LLMClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # ---- public calls --------------------------------------------------------------------
+    def sampling_params(self, max_tokens: int | None = None) -> dict[str, Any]:
+        """The parameters that shape the answer; they are part of the request hash."""
+        params: dict[str, Any] = {"temperature": self.settings.temperature}
+        if max_tokens is not None:
+            params["max_tokens"] = max_tokens
+        if self.seed is not None:
+            params["seed"] = self.seed
+        return params
+
+    def hash_request(
+        self,
+        messages: Sequence[Message],
+        *,
+        prompt_version: str,
+        schema: type[BaseModel] | None = None,
+        schema_version: str | None = None,
+        max_tokens: int | None = None,
+    ) -> str:
+        if schema is not None and schema_version is None:
+            schema_version = hashing.schema_version(schema)
+        return hashing.request_hash(
+            model=self.model,
+            prompt_version=prompt_version,
+            schema_version=schema_version,
+            messages=messages,
+            params=self.sampling_params(max_tokens),
+        )
+
+    async def complete_structured(
+        self,
+        messages: Sequence[Message],
+        *,
+        schema: type[BaseModel],
+        stage: str,
+        sample_id: str,
+        prompt_version: str,
+        schema_version: str | None = None,
+        max_tokens: int | None = None,
+    ) -> StructuredResult:
+        """Ask for one object of ``schema``; see the module docstring for the steps."""
+        schema_version = schema_version or hashing.schema_version(schema)
+        messages = [dict(m) for m in messages]
+        key = self.hash_request(
+            messages, prompt_version=prompt_version, schema_version=schema_version, max_tokens=max_tokens
+        )
+        row_base = dict(sample_id=sample_id, prompt_version=prompt_version)
+
+        hit = self._cached(key, schema)
+        if hit is not None:
+            entry, parsed, lookup_ms = hit
+            return StructuredResult(parsed, entry.text, [self._hit_row(key, stage, lookup_ms, **row_base)], None, key)
+
+        started = time.perf_counter()
+        first = await self._call(messages, schema=schema, max_tokens=max_tokens)
+        if first.error_code is not None:
+            row = self._row(key, stage, first, "error", started, **row_base)
+            return StructuredResult(None, first.text, [row], first.error_code, key)
+        parsed, code, detail = parse_structured(first.text, schema)
+        if parsed is not None:
+            self._store(key, stage, prompt_version, schema_version, first.text or "", first)
+            return StructuredResult(parsed, first.text, [self._row(key, stage, first, "ok", started, **row_base)], None, key)
+
+        # One repair turn: the model sees its own reply and what was wrong with it.
+        first_row = self._row(key, stage, first, "invalid", started, error_code=code, **row_base)
+        log.info("llm %s sample=%s: %s; sending one repair request", stage, sample_id, code)
+        repair_messages = [*messages, {"role": "assistant", "content": first.text or ""}, repair_message(detail or "")]
+        repair_key = self.hash_request(
+            repair_messages, prompt_version=prompt_version, schema_version=schema_version, max_tokens=max_tokens
+        )
+        started = time.perf_counter()
+        second = await self._call(repair_messages, schema=schema, max_tokens=max_tokens)
+        if second.error_code is not None:
+            row = self._row(repair_key, "repair", second, "error", started, **row_base)
+            return StructuredResult(None, first.text, [first_row, row], second.error_code, key, detail)
+        parsed, code2, detail2 = parse_structured(second.text, schema)
+        if parsed is None:
+            row = self._row(repair_key, "repair", second, "invalid", started, error_code=code2, **row_base)
+            return StructuredResult(None, second.text, [first_row, row], code2, key, detail2)
+        row = self._row(repair_key, "repair", second, "ok", started, **row_base)
+        # Cached under the original request's hash: a re-run gets the repaired answer without repeating the repair.
+        self._store(key, stage, prompt_version, schema_version, second.text or "", first, second)
+        return StructuredResult(parsed, second.text, [first_row, row], None, key)
+
+    async def complete_text(
+        self,
+        messages: Sequence[Message],
+        *,
+        stage: str,
+        sample_id: str,
+        prompt_version: str,
+        max_tokens: int | None = None,
+    ) -> StructuredResult:
+        """A free-text answer (the paper protocol's plan call), with the same retries, cache and rows."""
+        messages = [dict(m) for m in messages]
+        key = self.hash_request(messages, prompt_version=prompt_version, max_tokens=max_tokens)
+        row_base = dict(sample_id=sample_id, prompt_version=prompt_version)
+        hit = self._cached(key, None)
+        if hit is not None:
+            entry, _, lookup_ms = hit
+            return StructuredResult(None, entry.text, [self._hit_row(key, stage, lookup_ms, **row_base)], None, key)
+        started = time.perf_counter()
+        out = await self._call(messages, schema=None, max_tokens=max_tokens)
+        if out.error_code is None and not (out.text or "").strip():
+            out.error_code = EMPTY_RESPONSE
+        if out.error_code is not None:
+            status = "invalid" if out.error_code == EMPTY_RESPONSE else "error"
+            return StructuredResult(None, out.text, [self._row(key, stage, out, status, started, **row_base)],
+                                    out.error_code, key)
+        self._store(key, stage, prompt_version, None, out.text or "", out)
+        return StructuredResult(None, out.text, [self._row(key, stage, out, "ok", started, **row_base)], None, key)
+
+    # ---- one logical request over HTTP (with the JSON-mode fallback) ----------------------
+    async def _call(
+        self, messages: list[dict[str, Any]], *, schema: type[BaseModel] | None, max_tokens: int | None
+    ) -> _CallOutcome:
+        if self.request_guard is not None:
+            try:
+                self.request_guard(messages, self.settings.base_url)
+            except RequestBlocked as e:
+                log.warning("llm request blocked before sending: %s", e)
+                return _CallOutcome(None, 0, 0, 0, BLOCKED)
+        attempts = 0
+        refused_json_schema = False
+        try:
+            if schema is not None and self.json_schema_supported:
+                try:
+                    reply, n = await self._send(
+                        messages, json_schema_response_format(schema, self.strict_schema), max_tokens
+                    )
+                    return _CallOutcome(reply.text, reply.prompt_tokens, reply.completion_tokens, n, None)
+                except _CallFailed as e:
+                    if e.status != 400:
+                        raise
+                    attempts += e.attempts
+                    refused_json_schema = True
+            if schema is not None:
+                json_messages = [json_mode_instruction(schema), *messages]
+                reply, n = await self._send(json_messages, {"type": "json_object"}, max_tokens)
+                if refused_json_schema and self.json_schema_supported:
+                    # Only now is it clear the 400 was about json_schema (and not, say, an over-long prompt).
+                    self.json_schema_supported = False
+                    log.warning("server refused response_format=json_schema (HTTP 400); using JSON mode from now on")
+            else:
+                reply, n = await self._send(messages, None, max_tokens)
+            return _CallOutcome(reply.text, reply.prompt_tokens, reply.completion_tokens, attempts + n, None)
+        except _CallFailed as e:
+            return _CallOutcome(None, 0, 0, attempts + e.attempts, e.code)
+
+    async def _send(
+        self, messages: list[dict[str, Any]], response_format: dict[str, Any] | None, max_tokens: int | None
+    ) -> tuple[_Reply, int]:
+        """One request with retries; returns the reply and the number of HTTP attempts made."""
+        session = self._current_session()
+        kwargs: dict[str, Any] = dict(model=self.model, messages=messages, **self.sampling_params(max_tokens))
+        if response_format is not None:
+            kwargs["response_format"] = response_format
+        estimate = estimate_tokens(
+            len(json.dumps(messages, ensure_ascii=False)), max_tokens or self.completion_tokens_estimate
+        )
+        attempts = 0
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(max(1, self.settings.max_attempts)),
+            wait=self._wait,
+            retry=retry_if_exception(lambda e: classify(e)[1]),
+            before_sleep=self._log_retry,
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    attempts += 1
+                    async with session.throttle.slot(estimate):
+                        completion = await session.api.chat.completions.create(**kwargs)
+        except openai.OpenAIError as e:
+            code, _, status = classify(e)
+            raise _CallFailed(code, attempts, status) from None  # `from None`: error text may echo request data
+        choice = completion.choices[0] if completion.choices else None
+        text = choice.message.content if choice is not None else None
+        usage = completion.usage
+        return _Reply(
+            text=text,
+            prompt_tokens=int(usage.prompt_tokens) if usage else 0,
+            completion_tokens=int(usage.completion_tokens) if usage else 0,
+        ), attempts
+
+    def _wait(self, state: RetryCallState) -> float:
+        """Retry-After when the server gave one (never shorter), else exponential backoff with jitter."""
+        exc = state.outcome.exception() if state.outcome else None
+        asked = retry_after_seconds(exc)
+        if asked is not None:
+            asked = min(asked, self.retry_after_cap_s)
+            return asked + random.uniform(0, min(1.0, 0.1 * asked))
+        ceiling = min(self.backoff_max_s, self.backoff_initial_s * 2 ** (state.attempt_number - 1))
+        return min(self.backoff_max_s, ceiling + random.uniform(0, self.backoff_initial_s))
+
+    @staticmethod
+    def _log_retry(state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        code, _, status = classify(exc) if exc else (API_ERROR, False, None)
+        wait = state.next_action.sleep if state.next_action else 0.0
+        # Only the code and status: exception messages can echo request content.
+        log.warning("llm attempt %d failed (%s%s); retrying in %.2fs",
+                    state.attempt_number, code, f" HTTP {status}" if status else "", wait)
+
+    # ---- cache and rows ------------------------------------------------------------------
+    def _cached(
+        self, key: str, schema: type[BaseModel] | None
+    ) -> tuple[CachedResponse, BaseModel | None, float] | None:
+        if self.cache is None:
+            return None
+        t0 = time.perf_counter()
+        entry = self.cache.get(key)
+        if entry is None:
+            return None
+        parsed = None
+        if schema is not None:
+            parsed, code, _ = parse_structured(entry.text, schema)
+            if parsed is None:  # a stale or damaged entry: ask the model again
+                log.warning("ignoring a cached answer that no longer validates (%s)", code)
+                return None
+        return entry, parsed, (time.perf_counter() - t0) * 1000
+
+    def _store(
+        self, key: str, stage: str, prompt_version: str, schema_version: str | None, text: str, *outs: _CallOutcome
+    ) -> None:
+        if self.cache is None:
+            return
+        self.cache.put(CachedResponse(
+            request_hash=key,
+            model=self.model,
+            prompt_version=prompt_version,
+            schema_version=schema_version,
+            stage=stage,
+            text=text,
+            prompt_tokens=sum(o.prompt_tokens for o in outs),
+            completion_tokens=sum(o.completion_tokens for o in outs),
+            created_at=datetime.now(UTC),
+        ))
+
+    def _row(
+        self,
+        key: str,
+        stage: str,
+        out: _CallOutcome,
+        status: str,
+        started: float,
+        *,
+        sample_id: str,
+        prompt_version: str,
+        error_code: str | None = None,
+    ) -> dict[str, Any]:
+        return dict(
+            request_hash=key,
+            sample_id=sample_id,
+            stage=stage,
+            model=self.model,
+            prompt_version=prompt_version,
+            status=status,
+            cache_hit=False,
+            attempts=out.attempts,
+            prompt_tokens=out.prompt_tokens,
+            completion_tokens=out.completion_tokens,
+            latency_ms=(time.perf_counter() - started) * 1000,
+            cost_usd=cost_usd(self.model, out.prompt_tokens, out.completion_tokens, self.settings.price_per_mtok),
+            error_code=error_code if error_code is not None else out.error_code,
+            created_at=datetime.now(UTC),
+        )
+
+    def _hit_row(self, key: str, stage: str, lookup_ms: float, *, sample_id: str, prompt_version: str) -> dict[str, Any]:
+        # Tokens and cost are what this call spent: nothing. The original spend is on the row that filled the cache.
+        return dict(
+            request_hash=key, sample_id=sample_id, stage=stage, model=self.model, prompt_version=prompt_version,
+            status="ok", cache_hit=True, attempts=0, prompt_tokens=0, completion_tokens=0,
+            latency_ms=lookup_ms, cost_usd=0.0, error_code=None, created_at=datetime.now(UTC),
+        )
