@@ -40,6 +40,7 @@ class Section(TableRecord):
     start: int  # body offsets: text == raw_reports.text[start:end]
     end: int
     text: str
+    inferred: bool = False  # True when made by the no-header paragraph fallback (extractors/sections.py)
 
 
 class Image(TableRecord):

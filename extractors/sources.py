@@ -1,0 +1,667 @@
+"""Readers of report sources: a MIMIC-CXR tree, or a generic table (CSV / Parquet / JSONL).
+
+Both stream: ``plan_batches`` lists cheap, deterministic units of work (file paths or row
+ranges, never report text) and ``read_batch`` reads one of them. Bad input becomes a
+``RejectedInput`` with a reason code; only unusable *arguments* (a path that does not exist,
+a mapped column that is missing, a corrupt metadata CSV) raise ``SourceError``.
+
+Id conventions: MIMIC study and patient ids are stored without their ``s``/``p`` prefix,
+exactly as ``study_id``/``subject_id`` appear in the MIMIC-CXR CSVs ("50414267"). Table ids
+are the id column cast to text. When an id occurs twice, the first occurrence in sorted
+path order (MIMIC) or row order (table) wins and later ones are rejected as DUPLICATE_ID.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple, Protocol
+
+import polars as pl
+
+# Standard MIMIC-CXR CSV names (kept here rather than imported, so the reader does not
+# depend on the synthetic generator). Each may also be gzipped (".csv.gz").
+MIMIC_CSV_NAMES: dict[str, str] = {
+    "metadata": "mimic-cxr-2.0.0-metadata.csv",
+    "split": "mimic-cxr-2.0.0-split.csv",
+    "chexpert": "mimic-cxr-2.0.0-chexpert.csv",
+    "negbio": "mimic-cxr-2.0.0-negbio.csv",
+}
+MAX_REPORT_BYTES = 1_000_000  # a radiology report is a few KB; anything over 1 MB is not one
+TABLE_SUFFIXES = {".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".pq": "parquet",
+                  ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".dcm")
+SPLITS = ("train", "validate", "test")
+
+
+class Reason:
+    """Rejection reason codes of the ingest stage (int_rejections.reason_code)."""
+
+    EMPTY = "EMPTY"  # zero bytes, or only whitespace
+    ENCODING = "ENCODING"  # bytes that are not UTF-8
+    BINARY = "BINARY"  # NUL bytes or mostly control characters
+    TOO_LARGE = "TOO_LARGE"  # more than MAX_REPORT_BYTES
+    NO_SECTIONS = "NO_SECTIONS"  # no header and no usable text (decided by the stage after parsing)
+    DUPLICATE_ID = "DUPLICATE_ID"  # study id seen earlier in the source
+    MISSING_ID = "MISSING_ID"  # table row without a study id
+    UNREADABLE = "UNREADABLE"  # the file vanished or cannot be opened
+
+
+class SourceError(ValueError):
+    """The source cannot be read at all (bad path, missing column ...). The CLI exits with 2."""
+
+
+class SourceLike(Protocol):
+    """What the readers need from a source description (flows' SourceSpec satisfies it)."""
+
+    path: Path
+    kind: str
+    id_col: str
+    text_col: str | None
+    findings_col: str | None
+    impression_col: str | None
+    patient_col: str | None
+    split_col: str | None
+    date_col: str | None
+    image_col: str | None
+
+
+@dataclass(frozen=True)
+class SourceBatch:
+    """One unit of work: small and picklable (it travels as a Prefect task parameter)."""
+
+    batch_id: str
+    kind: str  # "mimic" | "table"
+    root: str  # MIMIC: the folder holding files/; table: the table file
+    items: tuple[str, ...] = ()  # MIMIC: report paths relative to root
+    offset: int = 0  # table: first row (0-based, data rows)
+    length: int = 0  # table: number of rows
+    # (index within the batch, source of the first occurrence) of each duplicate study id
+    duplicates: tuple[tuple[int, str], ...] = ()
+
+    @property
+    def size(self) -> int:
+        return len(self.items) if self.kind == "mimic" else self.length
+
+
+class RejectedInput(NamedTuple):
+    entity_id: str  # the study id when known, else the source
+    source: str
+    reason_code: str
+    detail: str
+
+
+@dataclass
+class ReportBatch:
+    """The reports of one batch, column-wise (cheap to turn into an Arrow table)."""
+
+    batch_id: str
+    inputs: int
+    study_id: list[str] = field(default_factory=list)
+    patient_id: list[str] = field(default_factory=list)
+    source: list[str] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    content_hash: list[str] = field(default_factory=list)
+    rejections: list[RejectedInput] = field(default_factory=list)
+
+    def add(self, study_id: str, patient_id: str, source: str, text: str, content_hash: str) -> None:
+        self.study_id.append(study_id)
+        self.patient_id.append(patient_id)
+        self.source.append(source)
+        self.text.append(text)
+        self.content_hash.append(content_hash)
+
+    def reject(self, entity_id: str, source: str, reason_code: str, detail: str) -> None:
+        self.rejections.append(RejectedInput(entity_id, source, reason_code, detail))
+
+
+# ---- shared checks ---------------------------------------------------------------------------
+
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f]")
+
+
+def _hash(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def _text_problem(text: str) -> tuple[str, str] | None:
+    """(reason, detail) when decoded text is unusable as a report, else None."""
+    if not text.strip():
+        return Reason.EMPTY, "the report is empty or only whitespace"
+    if "\x00" in text:
+        return Reason.BINARY, "the report contains NUL bytes (binary data)"
+    if _CONTROL_RE.search(text):
+        n_control = len(_CONTROL_RE.findall(text))
+        if n_control > 0.05 * len(text):
+            return Reason.BINARY, f"{n_control} of {len(text)} characters are control characters"
+    return None
+
+
+def decode_report(data: bytes) -> tuple[str | None, tuple[str, str] | None]:
+    """Bytes of one report -> (text, None) or (None, (reason, detail))."""
+    if len(data) > MAX_REPORT_BYTES:
+        return None, (Reason.TOO_LARGE, f"more than {MAX_REPORT_BYTES} bytes")
+    if not data:
+        return None, (Reason.EMPTY, "the file has zero bytes")
+    if b"\x00" in data:
+        return None, (Reason.BINARY, "the file contains NUL bytes (binary data)")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        lossy = data.decode("utf-8", errors="replace")
+        if lossy.count("\ufffd") > 0.3 * len(lossy):
+            return None, (Reason.BINARY, "mostly undecodable bytes (binary data)")
+        return None, (Reason.ENCODING, f"not UTF-8: {e.reason} at byte {e.start}")
+    if text.startswith("\ufeff"):
+        text = text[1:]  # a byte-order mark is not report text (offsets count from after it)
+    problem = _text_problem(text)
+    return (None, problem) if problem else (text, None)
+
+
+def default_split(patient_id: str) -> str:
+    """Deterministic ~90/5/5 split by patient, so all studies of a patient share a split."""
+    bucket = int.from_bytes(hashlib.blake2b(patient_id.encode("utf-8", "surrogatepass"),
+                                            digest_size=8).digest(), "big") % 100
+    return "train" if bucket < 90 else ("validate" if bucket < 95 else "test")
+
+
+def source_kind(spec: SourceLike) -> str:
+    """'mimic' or 'table' for a spec, checking the path exists (SourceError otherwise)."""
+    path = Path(spec.path)
+    if not path.exists():
+        raise SourceError(f"source path does not exist: {path}")
+    kind = spec.kind
+    if kind == "auto":
+        kind = "mimic" if path.is_dir() else "table"
+    if kind == "mimic":
+        if not path.is_dir():
+            raise SourceError(f"a MIMIC-CXR source must be a folder: {path}")
+        return kind
+    if kind == "table":
+        if not path.is_file():
+            raise SourceError(f"a table source must be a file (CSV, Parquet or JSONL): {path}")
+        if path.suffix.lower() not in TABLE_SUFFIXES:
+            raise SourceError(f"unknown table format {path.suffix!r} for {path}; "
+                              f"use one of {', '.join(sorted(TABLE_SUFFIXES))}")
+        return kind
+    raise SourceError(f"unknown source kind {spec.kind!r}: use auto, mimic or table")
+
+
+def _chunks(n: int, size: int) -> Iterable[tuple[int, int]]:
+    for i, start in enumerate(range(0, n, size)):
+        yield i, start
+
+
+def batch_id_of(index: int) -> str:
+    return f"b{index:05d}"
+
+
+def plan_batches(spec: SourceLike, batch_size: int) -> list[SourceBatch]:
+    """Deterministic batches of a source: same source and batch size -> same batch ids."""
+    if batch_size < 1:
+        raise SourceError(f"batch size must be at least 1, not {batch_size}")
+    if source_kind(spec) == "mimic":
+        return MimicTree(Path(spec.path)).plan(batch_size)
+    return ReportTable(spec).plan(batch_size)
+
+
+def read_batch(spec: SourceLike, batch: SourceBatch) -> ReportBatch:
+    if batch.kind == "mimic":
+        return MimicTree(Path(batch.root)).read(batch)
+    return ReportTable(spec).read(batch)
+
+
+def study_attributes(spec: SourceLike) -> pl.DataFrame:
+    """study_id, study_datetime (UTC, nullable), split (nullable): one row per study id."""
+    if source_kind(spec) == "mimic":
+        return MimicTree(Path(spec.path)).study_attributes()
+    return ReportTable(spec).study_attributes()
+
+
+def image_rows(spec: SourceLike, reports: pl.DataFrame) -> pl.DataFrame:
+    """Images of the given reports (columns study_id, patient_id, source) with an exists flag."""
+    if source_kind(spec) == "mimic":
+        return MimicTree(Path(spec.path)).images(reports)
+    return ReportTable(spec).images(reports)
+
+
+IMAGE_SCHEMA = {"dicom_id": pl.String, "study_id": pl.String, "patient_id": pl.String, "path": pl.String,
+                "view_position": pl.String, "exists": pl.Boolean}
+ATTRIBUTE_SCHEMA = {"study_id": pl.String, "study_datetime": pl.Datetime("us", "UTC"), "split": pl.String}
+
+
+def _dedupe_attributes(df: pl.DataFrame) -> pl.DataFrame:
+    return df.filter(pl.col("study_id").is_not_null()).unique("study_id", keep="first", maintain_order=True)
+
+
+# ---- MIMIC-CXR tree ----------------------------------------------------------------------------
+
+_PREFIXED_DIGITS = re.compile(r"^[ps](\d+)$")
+
+
+def _strip_prefix(name: str) -> str:
+    m = _PREFIXED_DIGITS.match(name)
+    return m.group(1) if m else name
+
+
+class MimicTree:
+    """``<root>/files/pXX/pNNNNNNNN/sMMMMMMMM.txt`` plus the optional MIMIC-CXR CSVs in root."""
+
+    def __init__(self, path: Path):
+        path = Path(path).resolve()
+        if (path / "files").is_dir():
+            self.root, self.files_dir = path, path / "files"
+        elif path.name == "files":
+            self.root, self.files_dir = path.parent, path
+        else:
+            # A folder that holds the pXX group folders itself.
+            self.root, self.files_dir = path, path
+
+    def csv_path(self, kind: str) -> Path | None:
+        for folder in (self.root, self.files_dir):
+            for suffix in ("", ".gz"):
+                p = folder / (MIMIC_CSV_NAMES[kind] + suffix)
+                if p.is_file():
+                    return p
+        return None
+
+    def list_reports(self) -> list[str]:
+        """Report paths relative to root, sorted (os.scandir: one syscall per folder)."""
+        rel_files = os.path.relpath(self.files_dir, self.root)
+        prefix = "" if rel_files == "." else rel_files.replace(os.sep, "/") + "/"
+        out: list[str] = []
+        with os.scandir(self.files_dir) as groups:
+            group_names = sorted(e.name for e in groups if e.is_dir() and e.name.startswith("p"))
+        for g in group_names:
+            with os.scandir(self.files_dir / g) as patients:
+                patient_names = sorted(e.name for e in patients if e.is_dir())
+            for p in patient_names:
+                with os.scandir(self.files_dir / g / p) as entries:
+                    for e in entries:
+                        if e.name.endswith(".txt") and e.is_file():
+                            out.append(f"{prefix}{g}/{p}/{e.name}")
+        out.sort()
+        return out
+
+    def plan(self, batch_size: int) -> list[SourceBatch]:
+        paths = self.list_reports()
+        if not paths:
+            raise SourceError(f"no reports found under {self.files_dir} (expected files/pXX/pNNNNNNNN/sNNNNNNNN.txt)")
+        first_seen: dict[str, str] = {}
+        batches = []
+        for i, start in _chunks(len(paths), batch_size):
+            items = tuple(paths[start:start + batch_size])
+            dups = []
+            for j, rel in enumerate(items):
+                sid = _strip_prefix(rel.rsplit("/", 1)[-1][:-4])
+                first = first_seen.setdefault(sid, rel)
+                if first != rel:
+                    dups.append((j, str(self.root / first)))
+            batches.append(SourceBatch(batch_id_of(i), "mimic", str(self.root), items, duplicates=tuple(dups)))
+        return batches
+
+    def read(self, batch: SourceBatch) -> ReportBatch:
+        out = ReportBatch(batch.batch_id, len(batch.items))
+        dups = dict(batch.duplicates)
+        root = batch.root
+        for j, rel in enumerate(batch.items):
+            parts = rel.rsplit("/", 2)
+            sid = _strip_prefix(parts[-1][:-4])
+            pid = _strip_prefix(parts[-2]) if len(parts) >= 2 else sid
+            source = f"{root}/{rel}"
+            if j in dups:
+                out.reject(sid, source, Reason.DUPLICATE_ID, f"study id {sid} was already read from {dups[j]}")
+                continue
+            try:
+                data = _read_capped(source)
+            except OSError as e:
+                out.reject(sid, source, Reason.UNREADABLE, f"cannot read the file: {e.strerror or e}")
+                continue
+            if data is None:
+                out.reject(sid, source, Reason.TOO_LARGE, f"more than {MAX_REPORT_BYTES} bytes")
+                continue
+            text, problem = decode_report(data)
+            if problem:
+                out.reject(sid, source, *problem)
+                continue
+            out.add(sid, pid, source, text, _hash(data))  # type: ignore[arg-type]
+        return out
+
+    # -- study and image attributes (finalize) --
+    def _read_csv(self, kind: str, columns: dict[str, pl.DataType]) -> pl.DataFrame | None:
+        """Only the named columns of one MIMIC CSV, as text; None when the file is absent."""
+        path = self.csv_path(kind)
+        if path is None:
+            return None
+        try:
+            if path.suffix == ".gz":
+                return pl.read_csv(path, columns=list(columns), infer_schema=False, encoding="utf8-lossy")
+            # Lazy with a projection: the 377k-row metadata file never exists as a full frame.
+            return pl.scan_csv(path, infer_schema=False, encoding="utf8-lossy").select(list(columns)).collect()
+        except pl.exceptions.ColumnNotFoundError as e:
+            raise SourceError(f"{path.name} lacks a required column ({', '.join(columns)}): {e}") from e
+        except (pl.exceptions.PolarsError, OSError) as e:
+            raise SourceError(f"cannot read {path}: {e}") from e
+
+    def study_attributes(self) -> pl.DataFrame:
+        frames = []
+        meta = self._read_csv("metadata", {"study_id": pl.String, "StudyDate": pl.String, "StudyTime": pl.String})
+        if meta is not None:
+            # StudyDate is YYYYMMDD; StudyTime is HHMMSS.fff written as a number, so the
+            # leading zero of morning hours is missing ("80556.875" is 08:05:56.875).
+            t = pl.col("StudyTime").cast(pl.Float64, strict=False)
+            whole = t.floor().cast(pl.Int64, strict=False)
+            micros = ((t - t.floor()) * 1_000_000).round().cast(pl.Int64, strict=False)
+            stamp = pl.concat_str([pl.col("StudyDate").str.strip_chars(),
+                                   whole.cast(pl.String).str.zfill(6)]).str.to_datetime(
+                "%Y%m%d%H%M%S", strict=False, time_unit="us")
+            meta = meta.select(
+                _mimic_id(pl.col("study_id")),
+                (stamp + pl.duration(microseconds=micros.fill_null(0))).alias("study_datetime"),
+            ).group_by("study_id").agg(pl.col("study_datetime").min()).with_columns(
+                pl.col("study_datetime").dt.replace_time_zone("UTC"))
+            frames.append(meta)
+        split = self._read_csv("split", {"study_id": pl.String, "split": pl.String})
+        if split is not None:
+            split = split.select(
+                _mimic_id(pl.col("study_id")),
+                pl.col("split").str.strip_chars().str.to_lowercase(),
+            ).filter(pl.col("split").is_in(list(SPLITS))).unique("study_id", keep="first", maintain_order=True)
+            frames.append(split)
+        out = pl.DataFrame(schema=ATTRIBUTE_SCHEMA)
+        for f in frames:
+            out = out.join(f, on="study_id", how="full", coalesce=True, suffix="_new")
+            for col in ("study_datetime", "split"):
+                if f"{col}_new" in out.columns:
+                    out = out.with_columns(pl.coalesce(col, f"{col}_new").alias(col)).drop(f"{col}_new")
+        return _dedupe_attributes(out.select(list(ATTRIBUTE_SCHEMA)).cast(ATTRIBUTE_SCHEMA))
+
+    def images(self, reports: pl.DataFrame) -> pl.DataFrame:
+        """From the metadata CSV when present (exists checked on disk), else found on disk.
+
+        Column-wise with polars: Python touches only the study folders (one listdir each)
+        and the image files that exist, so a reports-only MIMIC tree with 377k metadata
+        rows costs no per-image Python objects.
+        """
+        study_dirs = reports.select("study_id", "patient_id",
+                                    pl.col("source").str.strip_suffix(".txt").alias("study_dir"))
+        on_disk = _image_files(study_dirs["study_dir"].unique().to_list())
+        meta = self._read_csv("metadata", {"dicom_id": pl.String, "study_id": pl.String, "ViewPosition": pl.String})
+        if meta is None:
+            df = on_disk.join(study_dirs, on="study_dir", how="inner").with_columns(
+                (pl.col("study_dir") + "/" + pl.col("name")).alias("path"),
+                pl.lit(None, pl.String).alias("view_position"),
+                pl.lit(True).alias("exists"),
+            ).sort("study_dir", "dicom_id", pl.col("ext") != ".jpg")  # x.jpg wins over x.dcm
+        else:
+            meta = meta.select(
+                pl.col("dicom_id").str.strip_chars(),
+                _mimic_id(pl.col("study_id")),
+                pl.col("ViewPosition").str.strip_chars().alias("view_position"),
+            ).filter(pl.col("dicom_id").is_not_null()).unique("dicom_id", keep="first", maintain_order=True)
+            # MIMIC-CXR-JPG has <dicom_id>.jpg, MIMIC-CXR has <dicom_id>.dcm: prefer the JPG.
+            best = (on_disk.filter(pl.col("ext").is_in([".jpg", ".dcm"]))
+                    .sort("study_dir", "dicom_id", pl.col("ext") != ".jpg")
+                    .unique(["study_dir", "dicom_id"], keep="first"))
+            df = meta.join(study_dirs, on="study_id", how="inner").join(
+                best, on=["study_dir", "dicom_id"], how="left").with_columns(
+                (pl.col("study_dir") + "/" + pl.col("dicom_id") + pl.col("ext").fill_null(".jpg")).alias("path"),
+                pl.col("ext").is_not_null().alias("exists"),
+                pl.when(pl.col("view_position") != "").then(pl.col("view_position")).alias("view_position"),
+            )
+        df = df.select(list(IMAGE_SCHEMA)).cast(IMAGE_SCHEMA).unique("dicom_id", keep="first", maintain_order=True)
+        return df.sort("study_id", "dicom_id")  # a re-run writes the same file
+
+
+def _image_files(study_dirs: list[str]) -> pl.DataFrame:
+    """Image files inside the given study folders: study_dir, name, dicom_id (stem), ext."""
+    dirs: list[str] = []
+    names: list[str] = []
+    for folder in study_dirs:
+        try:
+            listing = os.listdir(folder)
+        except OSError:
+            continue  # no image folder for this study (a reports-only tree)
+        for name in listing:
+            if name.lower().endswith(IMAGE_SUFFIXES):
+                dirs.append(folder)
+                names.append(name)
+    df = pl.DataFrame({"study_dir": dirs, "name": names}, schema={"study_dir": pl.String, "name": pl.String})
+    return df.with_columns(
+        pl.col("name").str.replace(r"\.[^.]*$", "").alias("dicom_id"),
+        pl.col("name").str.extract(r"(\.[^.]*)$").str.to_lowercase().alias("ext"),
+    )
+
+
+def _mimic_id(col: pl.Expr) -> pl.Expr:
+    """Vectorised _strip_prefix: "s50414267" or "50414267" -> "50414267"."""
+    return col.str.strip_chars().str.replace(r"^[ps](\d+)$", "$1").alias("study_id")
+
+
+def _read_capped(path: str) -> bytes | None:
+    """The file's bytes, or None when it is larger than MAX_REPORT_BYTES (not read at all).
+
+    os.open/fstat/read is about four times faster than open().read(limit), which
+    allocates a buffer of the full limit for every small report.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        if size > MAX_REPORT_BYTES:
+            return None
+        data = os.read(fd, size + 1)  # one byte more reveals a file that grew meanwhile
+        return None if len(data) > MAX_REPORT_BYTES else data
+    finally:
+        os.close(fd)
+
+
+# ---- generic table -----------------------------------------------------------------------------
+
+def synthesize_report(findings: str | None, impression: str | None) -> str:
+    """MIMIC-style text from separate columns, so sections and offsets work as for MIMIC."""
+    parts = []
+    for header, body in ((" FINDINGS: ", findings), (" IMPRESSION: ", impression)):
+        if body is not None and body.strip():
+            parts.append(header + body.strip())
+    return "\n \n".join(parts) + "\n" if parts else ""
+
+
+class ReportTable:
+    """A CSV / Parquet / JSONL table of reports with a column mapping, read lazily with polars."""
+
+    def __init__(self, spec: SourceLike):
+        self.spec = spec
+        self.path = Path(spec.path).resolve()
+        self.format = TABLE_SUFFIXES.get(self.path.suffix.lower(), "")
+        self.separator = "\t" if self.path.suffix.lower() == ".tsv" else ","
+
+    def scan(self) -> pl.LazyFrame:
+        try:
+            if self.format == "csv":
+                # All columns as text: ids keep leading zeros, nothing is guessed wrong, and
+                # bytes that are not UTF-8 become U+FFFD (rejected as ENCODING per row).
+                return pl.scan_csv(self.path, infer_schema=False, encoding="utf8-lossy", separator=self.separator)
+            if self.format == "parquet":
+                return pl.scan_parquet(self.path)
+            if self.format == "jsonl":
+                return pl.scan_ndjson(self.path, infer_schema_length=1000)
+        except (pl.exceptions.PolarsError, OSError) as e:
+            raise SourceError(f"cannot read {self.path}: {e}") from e
+        raise SourceError(f"unknown table format {self.path.suffix!r} for {self.path}")
+
+    def _columns(self) -> list[str]:
+        try:
+            return list(self.scan().collect_schema().names())
+        except (pl.exceptions.PolarsError, OSError) as e:
+            raise SourceError(f"cannot read {self.path}: {e}") from e
+
+    def text_columns(self, available: list[str]) -> tuple[str | None, str | None, str | None]:
+        """(text, findings, impression) columns to read; SourceError when a needed one is missing."""
+        s = self.spec
+        if s.findings_col or s.impression_col:
+            for col in (s.findings_col, s.impression_col):
+                if col and col not in available:
+                    raise self._missing(col, available)
+            # With findings/impression mapped, the text column is only a fallback.
+            text = s.text_col if s.text_col in available else None
+            return text, s.findings_col, s.impression_col
+        if not s.text_col:
+            raise SourceError("a table source needs a text column, or findings/impression columns")
+        if s.text_col not in available:
+            raise self._missing(s.text_col, available)
+        return s.text_col, None, None
+
+    def _missing(self, col: str, available: list[str]) -> SourceError:
+        return SourceError(f"column {col!r} not found in {self.path.name}; columns are: {', '.join(available)}")
+
+    def _check_optional(self, available: list[str]) -> None:
+        s = self.spec
+        if s.id_col not in available:
+            raise self._missing(s.id_col, available)
+        for col in (s.patient_col, s.split_col, s.date_col, s.image_col):
+            if col and col not in available:
+                raise self._missing(col, available)
+
+    def _collect(self, lf: pl.LazyFrame) -> pl.DataFrame:
+        try:
+            return lf.collect()
+        except (pl.exceptions.PolarsError, OSError) as e:
+            raise SourceError(f"cannot read {self.path}: {e}") from e
+
+    def _ids(self) -> pl.Expr:
+        return _as_text(pl.col(self.spec.id_col)).str.strip_chars()
+
+    def plan(self, batch_size: int) -> list[SourceBatch]:
+        available = self._columns()
+        self._check_optional(available)
+        self.text_columns(available)
+        lf = self.scan()
+        ids = self._collect(lf.select(self._ids().alias("id")))["id"].to_list()
+        if not ids:
+            raise SourceError(f"{self.path.name} has no rows")
+        first_seen: dict[str, int] = {}
+        batches = []
+        for i, start in _chunks(len(ids), batch_size):
+            length = min(batch_size, len(ids) - start)
+            dups = []
+            for row in range(start, start + length):
+                sid = ids[row]
+                if not sid:
+                    continue  # rejected as MISSING_ID when read
+                first = first_seen.setdefault(sid, row)
+                if first != row:
+                    dups.append((row - start, f"{self.path}#row={first}"))
+            batches.append(SourceBatch(batch_id_of(i), "table", str(self.path), offset=start, length=length,
+                                       duplicates=tuple(dups)))
+        return batches
+
+    def read(self, batch: SourceBatch) -> ReportBatch:
+        available = self._columns()
+        text_col, findings_col, impression_col = self.text_columns(available)
+        s = self.spec
+        lf = self.scan().slice(batch.offset, batch.length)
+        exprs = [self._ids().alias("id"),
+                 (_as_text(pl.col(s.patient_col)).str.strip_chars() if s.patient_col else pl.lit(None, pl.String))
+                 .alias("patient")]
+        for alias, col in (("text", text_col), ("findings", findings_col), ("impression", impression_col)):
+            exprs.append(_as_text(pl.col(col)).alias(alias) if col else pl.lit(None, pl.String).alias(alias))
+        df = self._collect(lf.select(exprs))
+        out = ReportBatch(batch.batch_id, df.height)
+        if df.height != batch.length:
+            raise SourceError(f"{self.path} changed since it was planned: expected {batch.length} rows "
+                              f"at row {batch.offset}, found {df.height}")
+        dups = dict(batch.duplicates)
+        synthesize = findings_col is not None or impression_col is not None
+        lossy = self.format == "csv"
+        for j, (sid, pid, text, findings, impression) in enumerate(df.iter_rows()):
+            source = f"{self.path}#row={batch.offset + j}"
+            if not sid:
+                out.reject(source, source, Reason.MISSING_ID, f"column {s.id_col!r} is empty")
+                continue
+            if j in dups:
+                out.reject(sid, source, Reason.DUPLICATE_ID, f"study id {sid} was already read from {dups[j]}")
+                continue
+            if synthesize:
+                composed = synthesize_report(findings, impression)
+                text = composed or text  # no findings and no impression: fall back to the text column
+            text = text or ""
+            if len(text) > MAX_REPORT_BYTES // 4 and len(text.encode("utf-8", "surrogatepass")) > MAX_REPORT_BYTES:
+                out.reject(sid, source, Reason.TOO_LARGE, f"more than {MAX_REPORT_BYTES} bytes")
+                continue
+            if lossy and "\ufffd" in text:
+                out.reject(sid, source, Reason.ENCODING, "the row holds bytes that are not UTF-8")
+                continue
+            problem = _text_problem(text)
+            if problem:
+                out.reject(sid, source, *problem)
+                continue
+            out.add(sid, pid or sid, source, text, _hash(text.encode("utf-8", "surrogatepass")))
+        return out
+
+    def _unique_rows(self, exprs: list[pl.Expr]) -> pl.DataFrame:
+        lf = self.scan()
+        df = self._collect(lf.select([self._ids().alias("study_id"), *exprs]))
+        return df.filter(pl.col("study_id").is_not_null() & (pl.col("study_id") != "")).unique(
+            "study_id", keep="first", maintain_order=True)
+
+    def study_attributes(self) -> pl.DataFrame:
+        s = self.spec
+        dtypes = self.scan().collect_schema()
+        exprs = [_as_datetime(pl.col(s.date_col), dtypes[s.date_col]).alias("study_datetime") if s.date_col
+                 else pl.lit(None, pl.Datetime("us", "UTC")).alias("study_datetime"),
+                 _as_text(pl.col(s.split_col)).str.strip_chars().str.to_lowercase().alias("split") if s.split_col
+                 else pl.lit(None, pl.String).alias("split")]
+        df = self._unique_rows(exprs)
+        df = df.with_columns(pl.when(pl.col("split").is_in(list(SPLITS))).then(pl.col("split")).alias("split"))
+        return _dedupe_attributes(df.select(list(ATTRIBUTE_SCHEMA)).cast(ATTRIBUTE_SCHEMA))
+
+    def images(self, reports: pl.DataFrame) -> pl.DataFrame:
+        s = self.spec
+        if not s.image_col:
+            return pl.DataFrame(schema=IMAGE_SCHEMA)
+        lf = self.scan()
+        dtype = lf.collect_schema()[s.image_col]
+        col = pl.col(s.image_col)
+        # One path per cell, or a list of paths, or several paths separated by ";".
+        paths = col.cast(pl.List(pl.String)) if isinstance(dtype, pl.List) else _as_text(col).str.split(";")
+        df = self._unique_rows([paths.alias("paths")]).explode("paths").with_columns(
+            pl.col("paths").str.strip_chars()).filter(pl.col("paths").is_not_null() & (pl.col("paths") != ""))
+        df = df.join(reports.select("study_id", "patient_id"), on="study_id", how="inner")
+        rows: dict[str, list] = {k: [] for k in IMAGE_SCHEMA}
+        base = self.path.parent
+        for sid, raw, pid in df.select("study_id", "paths", "patient_id").iter_rows():
+            p = Path(raw)
+            p = p if p.is_absolute() else base / p
+            # File names repeat across studies in many datasets (view1_frontal.jpg), so the
+            # image id is qualified by the study.
+            for k, v in zip(IMAGE_SCHEMA, (f"{sid}/{p.stem}", sid, pid, str(p), None, p.is_file())):
+                rows[k].append(v)
+        return pl.DataFrame(rows, schema=IMAGE_SCHEMA).unique("dicom_id", keep="first", maintain_order=True)
+
+
+def _as_text(expr: pl.Expr) -> pl.Expr:
+    """Any column as text; integral floats ("123.0" from a CSV with gaps) lose their ".0"."""
+    return expr.cast(pl.String, strict=False).str.replace(r"^(-?\d+)\.0$", "$1")
+
+
+def _as_datetime(expr: pl.Expr, dtype: pl.DataType) -> pl.Expr:
+    """A date/datetime column, or text in ISO or YYYYMMDD form, as a UTC timestamp (bad -> null)."""
+    if isinstance(dtype, pl.Datetime):
+        ts = expr.cast(pl.Datetime("us", dtype.time_zone))
+        return ts.dt.convert_time_zone("UTC") if dtype.time_zone else ts.dt.replace_time_zone("UTC")
+    if dtype == pl.Date:
+        return expr.cast(pl.Datetime("us")).dt.replace_time_zone("UTC")
+    text = expr.cast(pl.String, strict=False).str.strip_chars()
+    parsed = pl.coalesce(
+        text.str.to_datetime("%Y-%m-%dT%H:%M:%S%.f", strict=False, time_unit="us"),
+        text.str.to_datetime("%Y-%m-%d %H:%M:%S%.f", strict=False, time_unit="us"),
+        text.str.to_datetime("%Y-%m-%dT%H:%M:%S", strict=False, time_unit="us"),
+        text.str.to_datetime("%Y-%m-%d %H:%M:%S", strict=False, time_unit="us"),
+        text.str.to_datetime("%Y-%m-%d", strict=False, time_unit="us"),
+        text.str.to_datetime("%Y%m%d", strict=False, time_unit="us"),
+    )
+    return parsed.dt.replace_time_zone("UTC")
