@@ -1,0 +1,171 @@
+"""Stage 2, label: one int_labels row per (study, observation) for every ingested report.
+
+plan      the ingest batches present in raw_reports (one label batch per ingest batch)
+run_batch reads that batch's raw_reports and stg_sections partitions, labels FINDINGS +
+          IMPRESSION with the rule labeler, and takes the value from the source's chexpert
+          CSV where it has the study (source "chexpert_csv"), or from label columns of a
+          generic report table ("table"); the rule labeler's deciding sentence is kept as
+          evidence whenever one of the report's sentences states the stored value.
+          A study with no FINDINGS/IMPRESSION text and no CSV labels is rejected
+          (NO_FINDINGS_TEXT).
+finalize  removes label partitions whose ingest batch no longer exists
+"""
+
+from __future__ import annotations
+
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import polars as pl
+
+from extractors.chexpert_csv import (
+    LabelTableError,
+    label_columns,
+    read_chexpert_csv,
+    read_table,
+    table_columns,
+    to_long,
+)
+from extractors.chains.types import LabelEvidence
+from extractors.labeler import LABELED_SECTIONS, label_reports_with_mentions, supporting_evidence
+from flows.stages.common import BatchResult, RunContext, record_batch, rejection
+from schemas.ingest import RawReport, Section
+from schemas.labels import OBSERVATIONS, Label
+
+NAME = "label"
+VERSION = "label-v1"
+NO_FINDINGS_TEXT = "NO_FINDINGS_TEXT"
+_PREFIXED_TABLES = ("int_rejections", "audit_stage_counts", "fct_materializations")
+
+
+def plan(ctx: RunContext) -> list[str]:
+    return ctx.warehouse.partitions(RawReport.__table__)
+
+
+def _partition(ctx: RunContext, table: str, batch: str, columns: list[str]) -> pl.DataFrame:
+    path = ctx.warehouse.table_dir(table) / f"{batch}.parquet"
+    if not path.exists():
+        return pl.DataFrame(schema={c: pl.String if c in ("study_id", "name", "text") else pl.Int64 for c in columns})
+    return pl.scan_parquet(path).select(columns).collect()
+
+
+def run_batch(ctx: RunContext, batch: str) -> BatchResult:
+    started = time.perf_counter()
+    reports = _partition(ctx, RawReport.__table__, batch, ["study_id", "text"])
+    sections = _partition(ctx, Section.__table__, batch, ["study_id", "name", "start", "end"])
+    spans_of: dict[str, list[tuple[str, int, int]]] = {}
+    for sid, name, s, e in sections.iter_rows():
+        spans_of.setdefault(sid, []).append((name, s, e))
+    ids = reports.get_column("study_id").to_list()
+    texts = [t or "" for t in reports.get_column("text").to_list()]
+    gold, gold_source = _gold_labels(ctx, ids)
+    labeled = label_reports_with_mentions([(t, spans_of.get(sid, [])) for sid, t in zip(ids, texts)])
+
+    columns: dict[str, list] = {c: [] for c in ("study_id", "observation", "value", "source", "section",
+                                                "sentence_start", "sentence_end", "sentence")}
+    rejections = []
+    for sid, text, (labels, mentions) in zip(ids, texts, labeled):
+        secs = spans_of.get(sid, [])
+        has_text = any(name in LABELED_SECTIONS and text[s:e].strip() for name, s, e in secs)
+        study_gold = gold.get(sid)
+        if study_gold is None and not has_text:
+            rejections.append(rejection(NAME, sid, NO_FINDINGS_TEXT,
+                                        "no FINDINGS or IMPRESSION text and no CheXpert CSV labels"))
+            continue
+        for o in OBSERVATIONS:
+            evidence, source = labels[o], "rules"
+            if study_gold is not None and o in study_gold:
+                value, source = study_gold[o], gold_source
+                if evidence.value != value:
+                    evidence = supporting_evidence(mentions, o, value) or LabelEvidence(value)
+            columns["study_id"].append(sid)
+            columns["observation"].append(o)
+            columns["value"].append(evidence.value)
+            columns["source"].append(source)
+            columns["section"].append(_section_of(secs, evidence.start))
+            columns["sentence_start"].append(evidence.start)
+            columns["sentence_end"].append(evidence.end)
+            columns["sentence"].append(evidence.sentence)
+    frame = pl.DataFrame(columns, schema={"study_id": pl.String, "observation": pl.String, "value": pl.String,
+                                          "source": pl.String, "section": pl.String, "sentence_start": pl.Int64,
+                                          "sentence_end": pl.Int64, "sentence": pl.String})
+    return record_batch(
+        ctx, stage=NAME, stage_version=VERSION, batch_id=batch, started=started, frames={Label: frame},
+        rejections=rejections, inputs=len(ids), outputs=len(ids) - len(rejections),
+    )
+
+
+def _section_of(sections: list[tuple[str, int, int]], start: int | None) -> str | None:
+    if start is None:
+        return None
+    for name, s, e in sections:
+        if s <= start < e:
+            return name
+    return None
+
+
+# ---- gold labels from the source -------------------------------------------------------
+
+def _gold_labels(ctx: RunContext, ids: list[str]) -> tuple[dict[str, dict[str, str]], str]:
+    """study_id -> observation -> value for the batch's studies, and the source name."""
+    spec = ctx.source
+    if spec is None or not ids:
+        return {}, "rules"
+    path = Path(spec.path)
+    if path.is_dir():
+        csv_path = _chexpert_csv_path(path)
+        if csv_path is None:
+            return {}, "rules"
+        long, source = _cached_long(str(csv_path), *_stamp(csv_path), "csv", ""), "chexpert_csv"
+    elif path.is_file():
+        long, source = _cached_long(str(path), *_stamp(path), "table", spec.id_col or "study_id"), "table"
+    else:
+        return {}, "rules"
+    if long.is_empty():
+        return {}, source
+    out: dict[str, dict[str, str]] = {}
+    wanted = pl.Series("study_id", ids, dtype=pl.String)
+    for sid, o, v in long.filter(pl.col("study_id").is_in(wanted.implode())).iter_rows():
+        out.setdefault(sid, {})[o] = v
+    return out, source
+
+
+def _chexpert_csv_path(root: Path) -> Path | None:
+    from extractors.sources import MimicTree
+
+    return MimicTree(root).csv_path("chexpert")
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_mtime_ns, st.st_size
+
+
+@lru_cache(maxsize=2)
+def _cached_long(path: str, mtime_ns: int, size: int, kind: str, id_col: str) -> pl.DataFrame:
+    """Label table in long format, read once per file version (MIMIC's CSV has 227k rows;
+    re-reading it for every batch would dominate the stage)."""
+    empty = pl.DataFrame(schema={"study_id": pl.String, "observation": pl.String, "value": pl.String})
+    try:
+        if kind == "csv":
+            return read_chexpert_csv(path)
+        header = table_columns(path)
+        mapping = label_columns([c for c in header if c != id_col])
+        if id_col not in header or not mapping:
+            return empty  # a report table without label columns: rules only
+        # Ids stay as written: the ingest stage keeps a table's ids as text, unprefixed.
+        return to_long(read_table(path, [id_col, *mapping]), id_col=id_col, strict=False, normalize_ids=False)
+    except (LabelTableError, OSError):
+        return empty  # an unreadable label file must not stop labeling: fall back to the rules
+
+
+def finalize(ctx: RunContext) -> BatchResult | None:
+    """Drop label partitions (and their rejection/audit rows) of ingest batches that are gone."""
+    current = set(plan(ctx))
+    wh = ctx.warehouse
+    wh.delete_partitions(Label.__table__, keep=current)
+    for table in _PREFIXED_TABLES:
+        if wh.table_dir(table).exists():
+            wh.delete_partitions(table, keep={f"{NAME}-{b}" for b in current}, prefix=f"{NAME}-")
+    return None
