@@ -167,8 +167,11 @@ _KEYWORDS = (
     ("HISTORY", "history"), ("COMPARISON", "comparison"), ("PRIOR", "comparison"),
     ("TECHNIQUE", "technique"),
 )
-# Titles that only describe the views taken ("PA AND LATERAL CHEST RADIOGRAPHS") head the
-# examination part of older MIMIC reports.
+# Titles that only describe the views taken ("PA AND LATERAL CHEST RADIOGRAPHS"). In older
+# MIMIC reports such a title heads the description of the film itself, i.e. the findings,
+# when no FINDINGS header follows; otherwise it is part of the examination. The parser
+# decides per report (see _resolve_view_titles), so normalize_header returns this marker.
+_VIEW_TITLE = "view-title"
 _VIEW_WORDS = frozenset((
     "CHEST", "VIEW", "VIEWS", "RADIOGRAPH", "RADIOGRAPHS", "PORTABLE", "SUPINE", "UPRIGHT", "ERECT",
     "FILM", "FILMS", "LATERAL", "FRONTAL", "AP", "PA", "IMAGES", "SEMIUPRIGHT", "SEMIERECT", "CXR",
@@ -213,7 +216,7 @@ def normalize_header(header: str) -> str:
         if word in key:
             return kw_name
     if words and any(w in _VIEW_WORDS for w in words):
-        return "examination"
+        return _VIEW_TITLE
     return "other"
 
 
@@ -276,10 +279,21 @@ def parse_sections(text: str) -> list[ParsedSection]:
         if body:
             # tuple.__new__ skips the NamedTuple's Python-level __new__ (hot loop).
             sections.append(_new_tuple(ParsedSection, (name, header, start, start + len(body), body, False)))
+    sections = _resolve_view_titles(sections)
     for sec in sections:
         if sec.name == "findings" or sec.name == "impression":
             return sections
     return _with_paragraph_fallback(text, sections)
+
+
+def _resolve_view_titles(sections: list[ParsedSection]) -> list[ParsedSection]:
+    """A view title ("PORTABLE AP CHEST RADIOGRAPH:") heads the findings when the report has
+    no findings section of its own, else it belongs to the examination."""
+    if not any(s.name == _VIEW_TITLE for s in sections):
+        return sections
+    has_findings = any(s.name == "findings" for s in sections)
+    resolved = "examination" if has_findings else "findings"
+    return [s._replace(name=resolved) if s.name == _VIEW_TITLE else s for s in sections]
 
 
 def _with_paragraph_fallback(text: str, sections: list[ParsedSection]) -> list[ParsedSection]:

@@ -67,7 +67,6 @@ def test_official_example_report_is_split_exactly():
         ("COMPARISON", "comparison"), ("COMPARISONS", "comparison"), ("PRIOR", "comparison"),
         ("COMPARISION", "comparison"), ("PRIOR STUDIES", "comparison"), ("COMPARISON EXAM", "comparison"),
         ("TECHNIQUE", "technique"), ("EXAMINATION", "examination"), ("TYPE OF EXAMINATION", "examination"),
-        ("PA AND LATERAL CHEST RADIOGRAPHS", "examination"), ("PORTABLE AP CHEST RADIOGRAPH", "examination"),
         ("WET READ", "addendum"), ("ADDENDUM", "addendum"), ("AMENDMENT", "addendum"),
         ("NOTIFICATION", "other"), ("RECOMMENDATIONS", "other"), ("FOOBAR", "other"),
     ],
@@ -191,3 +190,15 @@ def test_parser_speed_and_no_pathological_inputs():
     sections = parse_sections(huge)
     assert time.perf_counter() - t0 < 1.0
     assert sections[-1].name == "findings"
+
+
+def test_view_title_heads_findings_only_when_there_is_no_findings_header():
+    assert normalize_header("PA AND LATERAL CHEST RADIOGRAPHS") == normalize_header("PORTABLE AP CHEST RADIOGRAPH")
+    assert normalize_header("PORTABLE AP CHEST RADIOGRAPH") == "view-title"
+    alone = " PORTABLE AP CHEST RADIOGRAPH:\n Small left pleural effusion.\n \n IMPRESSION:\n Effusion.\n"
+    names = [(sec.name, sec.body) for sec in parse_sections(alone)]
+    assert names == [("findings", "Small left pleural effusion."), ("impression", "Effusion.")]
+    with_findings = (" PA AND LATERAL CHEST RADIOGRAPHS:\n Two views.\n \n FINDINGS:\n Clear lungs.\n"
+                     " \n IMPRESSION:\n Normal.\n")
+    names = [sec.name for sec in parse_sections(with_findings)]
+    assert names == ["examination", "findings", "impression"]
