@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(RADCHAIN) run
+	$(RADCHAIN) run --train
 	$(RADCHAIN) sql "select count(*) as sections from stg_sections"
 
 test: setup

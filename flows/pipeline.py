@@ -58,7 +58,19 @@ def run_stages(
             continue
         t0 = time.perf_counter()
         mod = stage_module(name)
-        out = [batch_runner(name, ctx, b) for b in mod.plan(ctx)]
+        batches = mod.plan(ctx)
+        progress = None
+        if name == "mine" and ctx.options.get("show_progress", True):
+            from flows.progress import StageProgress
+
+            progress = StageProgress(name, sum(len(b["sample_ids"]) for b in batches))
+            ctx.options["progress"] = progress
+        try:
+            out = [batch_runner(name, ctx, b) for b in batches]
+        finally:
+            if progress is not None:
+                progress.close()
+                ctx.options.pop("progress", None)
         final = finalizer(name, ctx)
         if final is not None:
             out.append(final)

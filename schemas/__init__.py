@@ -10,6 +10,9 @@ from schemas.vqa import TASKS, VqaSample
 from schemas.chains import ChainRow, ChainStepRow, Evidence, ReasoningChain, ReasoningStep, StepFinding
 from schemas.llm import LlmCall
 from schemas.audit import Materialization, Rejection, StageCount
+from schemas.datasets import BenchmarkItem, DatasetVersion, RlPrompt, SftExample
+from schemas.training import TrainingRun
+from schemas.eval import EvalResult, PrmStep, ScoredPrediction
 
 __all__ = [
     "OBSERVATIONS", "TARGET_OBSERVATIONS", "TASKS",

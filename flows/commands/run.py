@@ -30,6 +30,11 @@ def register(app: typer.Typer) -> None:
         demo_studies: int = typer.Option(DEMO_STUDIES, help="size of the demo corpus generated when --source is absent"),
         seed: int | None = typer.Option(None, help="sampling seed (default from settings)"),
         batch_size: int | None = typer.Option(None, help="reports per batch (default from settings)"),
+        train: bool = typer.Option(False, "--train", help="then SFT → GRPO → evaluate on the new dataset version "
+                                                          "(tiny-cpu config unless --config)"),
+        config: str = typer.Option("tiny-cpu", help="training config for --train"),
+        max_examples: int | None = typer.Option(64, help="--train: cap training rows (smoke-sized by default)"),
+        max_eval_per_task: int | None = typer.Option(10, help="--train: cap benchmark samples per task"),
     ) -> None:
         """Run the pipeline stages as a Prefect flow and print per-stage counts."""
         from radchain.runtime import prepare_environment
@@ -69,6 +74,13 @@ def register(app: typer.Typer) -> None:
 
         print_arrow(pa.Table.from_pylist(stage_count_rows(results)), "table", title="radchain run")
         console.print(f"warehouse: {settings.duckdb_path}")
+        if train:
+            from flows.training_flows import train_flow
+
+            out = train_flow(config=config, max_examples=max_examples, max_eval_per_task=max_eval_per_task,
+                             max_new_tokens=64)
+            console.print(f"trained on {out['dataset_version']}: SFT {out['sft']['status']}, GRPO "
+                          f"{out['grpo']['status']}; eval chart {out['evaluation']['chart']}")
 
 
 def ensure_demo_corpus(out: Path, studies: int, seed: int) -> Path:

@@ -1,0 +1,76 @@
+"""`radchain train`, `radchain evaluate` and `radchain export`: the ML engineer's commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from flows.cli_support import UsageError, clear_errors, console
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    @clear_errors
+    def train(
+        dataset_version: str | None = typer.Option(None, help="default: the newest version in fct_dataset_versions"),
+        config: str = typer.Option("tiny-cpu", help="a name in configs/ or a YAML path"),
+        use_deployments: bool = typer.Option(False, help="trigger the sft/grpo/evaluate deployments on the gpu "
+                                                          "work pool (needs `radchain serve` or a Prefect server)"),
+        max_examples: int | None = typer.Option(None, help="cap the training rows (smoke runs)"),
+        max_eval_per_task: int | None = typer.Option(None, help="cap benchmark samples per task"),
+        max_new_tokens: int = typer.Option(256, help="generation budget in evaluation"),
+    ) -> None:
+        """SFT → GRPO from the SFT checkpoint → evaluate, recorded in fct_training_runs and fct_eval_results."""
+        from radchain.runtime import prepare_environment
+
+        prepare_environment()
+        from flows.training_flows import train_flow
+
+        out = train_flow(dataset_version=dataset_version, config=config, use_deployments=use_deployments,
+                         max_examples=max_examples, max_eval_per_task=max_eval_per_task, max_new_tokens=max_new_tokens)
+        console.print(f"dataset {out['dataset_version']}: SFT {out['sft']['status']} → GRPO {out['grpo']['status']} "
+                      f"→ checkpoint {out['grpo']['checkpoint']}")
+        if out.get("evaluation"):
+            console.print(f"evaluation {out['evaluation']['eval_id']}: chart {out['evaluation']['chart']}")
+
+    @app.command()
+    @clear_errors
+    def evaluate(
+        checkpoint: Path = typer.Option(..., help="a checkpoint folder (e.g. .radchain/runs/grpo/<id>/final)"),
+        dataset_version: str | None = typer.Option(None, help="default: the newest dataset version"),
+        max_per_task: int | None = typer.Option(None, help="cap benchmark samples per task"),
+        max_new_tokens: int = typer.Option(256),
+    ) -> None:
+        """Generate on mart_benchmark with a checkpoint and score accuracy and RadRScore per task."""
+        if not checkpoint.is_dir():
+            raise UsageError(f"checkpoint {checkpoint} is not a folder")
+        from radchain.runtime import prepare_environment
+
+        prepare_environment()
+        from flows.training_flows import evaluate_flow
+
+        out = evaluate_flow(checkpoint=str(checkpoint.resolve()), dataset_version=dataset_version,
+                            max_per_task=max_per_task, max_new_tokens=max_new_tokens)
+        console.print(f"evaluation {out['eval_id']} on {out['n']} samples: chart {out['chart']}")
+
+    @app.command()
+    @clear_errors
+    def export(
+        out: Path = typer.Option(..., help="folder; the export lands in OUT/<dataset_version>/<format>/"),
+        format: str = typer.Option("jsonl", "--format", "-f", help="jsonl | hf | verl"),
+        dataset_version: str | None = typer.Option(None, help="default: the newest dataset version"),
+    ) -> None:
+        """Export a dataset version for TRL (JSONL, Hugging Face datasets) or verl/EasyR1 (Parquet)."""
+        from radchain.settings import get_settings
+        from warehouse import Warehouse
+        from warehouse.exports import export_dataset
+
+        wh = Warehouse(get_settings().warehouse_dir)
+        if not wh.duckdb_path.exists():
+            raise UsageError(f"no warehouse at {wh.root}; run `radchain run` first")
+        from flows.training_flows import latest_dataset_version
+
+        version = dataset_version or latest_dataset_version(wh)
+        counts = export_dataset(wh, version, format, out)
+        console.print(f"exported {version} as {format} to {out / version / format}: {counts}")

@@ -1,0 +1,65 @@
+"""Stage `datasets`: versioned SFT, RL and benchmark marts from accepted chains.
+
+A dataset version is a hash of its inputs, so a re-run over unchanged chains rewrites the
+same partition; a changed input produces a new version beside the old one.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import polars as pl
+
+from flows.stages.common import BatchResult, RunContext, record_batch
+from schemas.datasets import BenchmarkItem, DatasetVersion, RlPrompt, SftExample
+from training.datasets import BUILDER_VERSION, DEFAULT_MIXTURE, build_marts
+
+NAME = "datasets"
+VERSION = BUILDER_VERSION
+
+
+def plan(ctx: RunContext) -> list[str]:
+    return ["all"]
+
+
+def _chains(ctx: RunContext) -> dict[str, dict[str, Any]]:
+    chains = ctx.warehouse.read("int_chains").select("chain_id", "sample_id", "text")
+    steps = ctx.warehouse.read("int_chain_steps")
+    by_chain: dict[str, list[dict]] = {}
+    for r in steps.iter_rows(named=True):
+        by_chain.setdefault(r["chain_id"], []).append(r)
+    return {r["sample_id"]: dict(text=r["text"], steps=by_chain.get(r["chain_id"], []))
+            for r in chains.iter_rows(named=True)}
+
+
+def run_batch(ctx: RunContext, batch: str) -> BatchResult:
+    started = time.perf_counter()
+    samples = ctx.warehouse.read("int_vqa_samples").to_dicts()
+    studies = list({s["study_id"] for s in samples})
+    labels: dict[str, dict[str, str]] = {}
+    for r in (ctx.warehouse.scan("int_labels").filter(pl.col("study_id").is_in(studies))
+              .select("study_id", "observation", "value").collect().iter_rows()):
+        labels.setdefault(r[0], {})[r[1]] = r[2]
+    mixture = ctx.options.get("mixture") or DEFAULT_MIXTURE
+    marts = build_marts(samples, _chains(ctx), labels, mixture)
+    v = marts.dataset_version
+    version_row = dict(
+        dataset_version=v, builder_version=BUILDER_VERSION, n_sft=len(marts.sft), n_rl=len(marts.rl),
+        n_benchmark=len(marts.benchmark), mixture_json=json.dumps(mixture, sort_keys=True),
+        built_at=datetime.now(UTC),
+    )
+    ctx.options["dataset_version"] = v
+    # Samples that feed no mart (no accepted chain on the test split, zero-weight tasks) are skipped, not lost.
+    return record_batch(
+        ctx, stage=NAME, stage_version=VERSION, batch_id=v, started=started,
+        frames={SftExample: marts.sft, RlPrompt: marts.rl, BenchmarkItem: marts.benchmark, DatasetVersion: [version_row]},
+        rejections=[], inputs=len(samples), outputs=len(marts.used_samples),
+        skipped=len(samples) - len(marts.used_samples),
+    )
+
+
+def finalize(ctx: RunContext) -> BatchResult | None:
+    return None

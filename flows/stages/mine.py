@@ -1,0 +1,169 @@
+"""Stage `mine`: one verified reasoning chain per VQA sample, or a dead-letter row saying why not.
+
+Samples are processed in batches grouped by the ingest partition of their study, so a batch
+reads one partition of reports and labels. The LLM backend runs a batch's samples
+concurrently (bounded by the client); every call lands in int_llm_calls, and the response
+cache makes a re-run (or a run resumed after a crash) repeat no completed call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import polars as pl
+
+from extractors.chains.types import LabelEvidence, MiningInput, MiningOutcome
+from flows.stages.common import BatchResult, RunContext, record_batch, rejection
+from schemas.base import stable_id
+from schemas.chains import ChainRow, ChainStepRow
+from schemas.llm import LlmCall
+
+NAME = "mine"
+VERSION = "mine-v1"
+
+
+def choose_extractor(ctx: RunContext) -> str:
+    wanted = ctx.options.get("extractor", "auto")
+    if wanted == "auto":
+        return "llm" if ctx.settings.llm.base_url else "rules"
+    return wanted
+
+
+def plan(ctx: RunContext) -> list[dict[str, Any]]:
+    samples = ctx.warehouse.scan("int_vqa_samples").select("sample_id", "study_id")
+    reports = ctx.warehouse.scan("raw_reports").select("study_id", pl.col("batch_id").alias("report_batch"))
+    grouped = (
+        samples.join(reports, on="study_id", how="left")
+        .with_columns(pl.col("report_batch").fill_null("orphan"))
+        .group_by("report_batch")
+        .agg(pl.col("sample_id").sort())
+        .sort("report_batch")
+        .collect()
+    )
+    return [dict(batch_id=r["report_batch"], sample_ids=r["sample_id"]) for r in grouped.iter_rows(named=True)]
+
+
+def _labels_by_study(frame: pl.DataFrame) -> dict[str, dict[str, LabelEvidence]]:
+    out: dict[str, dict[str, LabelEvidence]] = {}
+    for r in frame.iter_rows(named=True):
+        out.setdefault(r["study_id"], {})[r["observation"]] = LabelEvidence(
+            value=r["value"], sentence=r["sentence"], start=r["sentence_start"], end=r["sentence_end"]
+        )
+    return out
+
+
+def load_inputs(ctx: RunContext, sample_ids: Iterable[str]) -> tuple[list[MiningInput], list[dict]]:
+    """Join samples with report text and labels; samples whose report or labels are missing are rejected."""
+    ids = list(sample_ids)
+    samples = ctx.warehouse.scan("int_vqa_samples").filter(pl.col("sample_id").is_in(ids)).collect()
+    study_ids = set(samples["study_id"].to_list()) | set(x for x in samples["prior_study_id"].to_list() if x)
+    reports = dict(
+        ctx.warehouse.scan("raw_reports").filter(pl.col("study_id").is_in(list(study_ids)))
+        .select("study_id", "text").collect().iter_rows()
+    )
+    labels = _labels_by_study(
+        ctx.warehouse.scan("int_labels").filter(pl.col("study_id").is_in(list(study_ids))).collect()
+    )
+    items, rejected = [], []
+    for s in samples.sort("sample_id").iter_rows(named=True):
+        report, lab = reports.get(s["study_id"]), labels.get(s["study_id"])
+        if report is None or lab is None:
+            rejected.append(rejection(NAME, s["sample_id"], "MISSING_REPORT_OR_LABELS",
+                                      f"study {s['study_id']} has no report or no labels"))
+            continue
+        prior = s.get("prior_study_id")
+        items.append(MiningInput(
+            sample=s, report=report, labels=lab,
+            prior_report=reports.get(prior) if prior else None,
+            prior_labels=labels.get(prior) if prior else None,
+        ))
+    return items, rejected
+
+
+def _extract_rules(items: list[MiningInput], progress: Callable[[int], None]) -> list[MiningOutcome]:
+    from extractors.chains.rules_backend import RulesChainExtractor
+
+    ex = RulesChainExtractor()
+    out = []
+    for it in items:
+        out.append(ex.extract(it))
+        progress(1)
+    return out
+
+
+def _extract_llm(ctx: RunContext, items: list[MiningInput], progress: Callable[[int], None]) -> list[MiningOutcome]:
+    from extractors.chains.llm_backend import LLMChainExtractor
+    from extractors.chains.verify import verify_chain
+    from extractors.llm.client import LLMClient
+    from warehouse.llm_cache import SQLiteResponseCache
+
+    async def run_all() -> list[MiningOutcome]:
+        cache = SQLiteResponseCache.from_settings(ctx.settings)
+        async with LLMClient(ctx.settings.llm, cache=cache) as client:
+            extractor = LLMChainExtractor(client, protocol=ctx.options.get("protocol") or ctx.settings.llm.protocol)
+
+            async def one(it: MiningInput) -> MiningOutcome:
+                try:
+                    return await extractor.extract(it, verify_chain)
+                finally:
+                    progress(1)
+
+            return list(await asyncio.gather(*(one(it) for it in items)))
+
+    return asyncio.run(run_all())
+
+
+def outcome_rows(outcomes: list[MiningOutcome], by_id: dict[str, MiningInput]) -> tuple[list, list, list, list]:
+    chains, steps, calls, rejected = [], [], [], []
+    for o in outcomes:
+        calls.extend(o.llm_calls)
+        if not o.accepted:
+            codes = sorted({f.code for f in o.failures}) or ["NO_CHAIN"]
+            detail = "; ".join(f"{f.code}@{f.step_index}: {f.detail}" for f in o.failures)[:2000]
+            rejected.append(rejection(NAME, o.sample_id, "+".join(codes), detail or "no chain", o.raw_output))
+            continue
+        s = by_id[o.sample_id].sample
+        chain_id = stable_id("chain", o.sample_id, o.protocol, o.prompt_version)
+        chains.append(dict(
+            chain_id=chain_id, sample_id=o.sample_id, study_id=s["study_id"], task=s["task"], extractor=o.extractor,
+            protocol=o.protocol, model=o.model, prompt_version=o.prompt_version, request_hashes=o.request_hashes,
+            refine_rounds=o.refine_rounds, n_steps=len(o.chain.steps), text=o.chain.render(),
+        ))
+        for i, st in enumerate(o.chain.steps):
+            steps.append(dict(
+                chain_id=chain_id, sample_id=o.sample_id, step_index=i, kind=st.kind, text=st.text,
+                findings=[f.model_dump() for f in st.findings], evidence=[e.model_dump() for e in st.evidence],
+            ))
+    return chains, steps, calls, rejected
+
+
+def run_batch(ctx: RunContext, batch: dict[str, Any], progress: Callable[[int], None] | None = None) -> BatchResult:
+    started = time.perf_counter()
+    progress = progress or ctx.options.get("progress") or (lambda n: None)
+    items, rejected = load_inputs(ctx, batch["sample_ids"])
+    if choose_extractor(ctx) == "llm":
+        outcomes = _extract_llm(ctx, items, progress)
+    else:
+        outcomes = _extract_rules(items, progress)
+    chains, steps, calls, failed = outcome_rows(outcomes, {it.sample_id: it for it in items})
+    if calls:
+        # The call ledger is per run (cache hits included), so a re-run never erases the record of spend.
+        ctx.warehouse.write(LlmCall, f"{batch['batch_id']}--{ctx.run_id}", calls, ctx.lineage(batch["batch_id"], VERSION))
+    return record_batch(
+        ctx, stage=NAME, stage_version=VERSION, batch_id=batch["batch_id"], started=started,
+        frames={ChainRow: chains, ChainStepRow: steps},
+        rejections=rejected + failed, inputs=len(batch["sample_ids"]), outputs=len(chains),
+    )
+
+
+def finalize(ctx: RunContext) -> BatchResult | None:
+    # Partitions of batches that no longer exist (the sample set changed) would be stale.
+    keep = [b["batch_id"] for b in plan(ctx)]
+    for table in ("int_chains", "int_chain_steps"):
+        ctx.warehouse.delete_partitions(table, keep=keep)
+    ctx.warehouse.delete_partitions("int_rejections", keep=[f"{NAME}-{k}" for k in keep], prefix=f"{NAME}-")
+    ctx.warehouse.delete_partitions("audit_stage_counts", keep=[f"{NAME}-{k}" for k in keep], prefix=f"{NAME}-")
+    return None

@@ -1,0 +1,224 @@
+"""Training and evaluation jobs as Prefect flows: SFT, GRPO, evaluate, and the train DAG.
+
+Each job is its own flow so it can be deployed to a ``gpu`` work pool (see
+flows/deployments.py); ``train_flow`` chains them SFT → GRPO (from the SFT checkpoint) →
+evaluate. With ``use_deployments=True`` it triggers the deployed jobs with
+``run_deployment`` and waits; otherwise it calls them as subflows in this process (the
+demo, and tests without a server). Either way each job records itself in
+``fct_training_runs`` (or ``fct_eval_results``) under an id chosen up front, which is how
+the DAG reads a job's checkpoint back after the job ran somewhere else.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+from prefect import flow, get_run_logger
+
+from radchain.settings import get_settings
+from schemas.training import TrainingRun
+from warehouse import Warehouse
+
+VERSION = "train-v1"
+# Columns the GRPO reward functions read (everything else in the mart stays out of the batch).
+RL_COLUMNS = ("sample_id", "task", "prompt_json", "images", "solution", "gold_steps", "gold_labels")
+
+
+def _warehouse() -> Warehouse:
+    return Warehouse(get_settings().warehouse_dir).ensure()
+
+
+def latest_dataset_version(wh: Warehouse) -> str:
+    versions = wh.read("fct_dataset_versions")
+    if versions.is_empty():
+        raise ValueError("no dataset version in the warehouse; run `radchain run` (the datasets stage) first")
+    return versions.sort("built_at", descending=True)["dataset_version"][0]
+
+
+def mart_rows(wh: Warehouse, table: str, version: str, splits: tuple[str, ...] | None = ("train",),
+              columns: tuple[str, ...] | None = None, limit: int | None = None,
+              per_task: int | None = None) -> tuple[list[dict], int]:
+    """Rows of one dataset version whose image files exist; returns (rows, skipped for missing images).
+
+    ``per_task`` keeps the first n rows of each task (by sample id), so a capped evaluation still
+    covers every task; ``limit`` caps the total.
+    """
+    q = wh.scan(table).filter(pl.col("dataset_version") == version)
+    if splits is not None:
+        q = q.filter(pl.col("split").is_in(list(splits)))
+    rows = q.sort("sample_id").collect().to_dicts()
+    kept = [r for r in rows if all(Path(p).is_file() for p in r["images"])]
+    skipped = len(rows) - len(kept)
+    if per_task is not None:
+        taken: dict[str, int] = {}
+        capped = []
+        for r in kept:
+            taken[r["task"]] = taken.get(r["task"], 0) + 1
+            if taken[r["task"]] <= per_task:
+                capped.append(r)
+        kept = capped
+    if limit is not None:
+        kept = kept[:limit]
+    if columns:
+        kept = [{c: r[c] for c in columns} for r in kept]
+    return kept, skipped
+
+
+def _record_run(wh: Warehouse, row: dict[str, Any]) -> None:
+    from radchain import __version__
+    from schemas.base import Lineage
+
+    lineage = Lineage(run_id=row["training_run_id"], batch_id=row["training_run_id"],
+                      code_version=f"radchain-{__version__}/{VERSION}")
+    wh.write(TrainingRun, row["training_run_id"], [row], lineage)
+    wh.refresh_views()
+
+
+def _run_job(kind: str, training_run_id: str, config: str, version: str, rows: list[dict], skipped: int,
+             init_checkpoint: str | None, job) -> dict[str, Any]:
+    """Run a training job, record it (also when it fails), and return its registry row."""
+    from training.config import load_config
+
+    wh = _warehouse()
+    cfg = load_config(config)
+    started_at, t0 = datetime.now(UTC), time.perf_counter()
+    row: dict[str, Any] = dict(
+        training_run_id=training_run_id, kind=kind, config_name=cfg.name, config_json=cfg.model_dump_json(),
+        dataset_version=version, init_checkpoint=init_checkpoint, n_examples=len(rows), n_skipped=skipped,
+        started_at=started_at, checkpoint=None, metrics_json="{}", error=None,
+    )
+    try:
+        if not rows:
+            raise ValueError(f"{kind}: dataset {version} has no usable training rows (missing images?)")
+        out_dir = get_settings().runs_dir / kind / training_run_id
+        result = job(cfg, rows, out_dir)
+        row.update(status=result.status, checkpoint=result.checkpoint, metrics_json=json.dumps(result.metrics, default=str))
+    except Exception as e:
+        row.update(status="failed", error=f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=5)}"[:4000])
+        raise
+    finally:
+        row.update(wall_s=time.perf_counter() - t0, finished_at=datetime.now(UTC))
+        _record_run(wh, row)
+    return row
+
+
+@flow(name="radchain-sft", log_prints=False, persist_result=False)
+def sft_flow(dataset_version: str | None = None, config: str = "tiny-cpu", max_examples: int | None = None,
+             training_run_id: str | None = None) -> dict[str, Any]:
+    from training.sft import run_sft
+
+    wh = _warehouse()
+    version = dataset_version or latest_dataset_version(wh)
+    rows, skipped = mart_rows(wh, "mart_sft_examples", version, limit=max_examples)
+    row = _run_job("sft", training_run_id or f"sft-{uuid.uuid4().hex[:12]}", config, version, rows, skipped, None,
+                   lambda cfg, rows, out: run_sft(cfg, rows, out_dir=out))
+    get_run_logger().info("SFT %s: %s, checkpoint %s", row["training_run_id"], row["status"], row["checkpoint"])
+    return row
+
+
+def reward_functions(cfg) -> tuple[list, list[float]]:
+    import training.rewards as rewards
+
+    funcs, weights = [], []
+    for name, weight in cfg.rewards.items():
+        fn = getattr(rewards, f"{name}_reward", None)
+        if fn is None:
+            raise ValueError(f"config {cfg.name}: unknown reward {name!r} (training.rewards.{name}_reward)")
+        funcs.append(fn)
+        weights.append(float(weight))
+    return funcs, weights
+
+
+@flow(name="radchain-grpo", log_prints=False, persist_result=False)
+def grpo_flow(dataset_version: str | None = None, config: str = "tiny-cpu", init_checkpoint: str | None = None,
+              max_prompts: int | None = None, training_run_id: str | None = None) -> dict[str, Any]:
+    from training.grpo import run_grpo
+
+    wh = _warehouse()
+    version = dataset_version or latest_dataset_version(wh)
+    rows, skipped = mart_rows(wh, "mart_rl_prompts", version, columns=RL_COLUMNS, limit=max_prompts)
+
+    def job(cfg, rows, out):
+        funcs, weights = reward_functions(cfg)
+        return run_grpo(cfg, rows, funcs, weights, out_dir=out, init_checkpoint=init_checkpoint)
+
+    row = _run_job("grpo", training_run_id or f"grpo-{uuid.uuid4().hex[:12]}", config, version, rows, skipped,
+                   init_checkpoint, job)
+    get_run_logger().info("GRPO %s: %s, checkpoint %s", row["training_run_id"], row["status"], row["checkpoint"])
+    return row
+
+
+@flow(name="radchain-evaluate", log_prints=False, persist_result=False)
+def evaluate_flow(checkpoint: str, dataset_version: str | None = None, max_per_task: int | None = None,
+                  max_new_tokens: int = 256, model_name: str | None = None) -> dict[str, Any]:
+    """Generate on mart_benchmark with a checkpoint, score accuracy and RadRScore per task."""
+    from flows.evaluation import publish_eval, score_outputs
+    from training.generate import generate
+
+    wh = _warehouse()
+    version = dataset_version or latest_dataset_version(wh)
+    rows, skipped = mart_rows(wh, "mart_benchmark", version, splits=None, per_task=max_per_task)
+    if not rows:
+        raise ValueError(f"dataset {version} has no benchmark rows with images to evaluate")
+    outputs = generate(checkpoint, rows, max_new_tokens=max_new_tokens)
+    out_dir = get_settings().runs_dir / "eval" / f"{Path(checkpoint).parent.name}-{version}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    preds = out_dir / "predictions.jsonl"
+    with preds.open("w", encoding="utf-8") as fh:
+        for r, o in zip(rows, outputs, strict=True):
+            fh.write(json.dumps({"sample_id": r["sample_id"], "output": o}) + "\n")
+    eval_id, results = score_outputs(wh, preds, model=model_name or Path(checkpoint).parent.name, checkpoint=checkpoint)
+    chart = publish_eval(results, out_dir / "eval.png", key="eval-results")
+    return dict(eval_id=eval_id, predictions=str(preds), chart=str(chart), n=len(rows), skipped=skipped, results=results)
+
+
+def _run_job_deployment(name: str, parameters: dict[str, Any]) -> None:
+    from prefect.deployments import run_deployment
+
+    fr = run_deployment(name=name, parameters=parameters, timeout=None)
+    if not fr.state or not fr.state.is_completed():
+        raise RuntimeError(f"deployment {name} ended {fr.state.type if fr.state else 'without a state'}")
+
+
+def _registry_row(training_run_id: str) -> dict[str, Any]:
+    runs = _warehouse().read("fct_training_runs").filter(pl.col("training_run_id") == training_run_id)
+    if runs.is_empty():
+        raise RuntimeError(f"training run {training_run_id} left no row in fct_training_runs")
+    return runs.to_dicts()[0]
+
+
+@flow(name="radchain-train", log_prints=False, persist_result=False)
+def train_flow(dataset_version: str | None = None, config: str = "tiny-cpu", use_deployments: bool = False,
+               max_examples: int | None = None, max_eval_per_task: int | None = None,
+               max_new_tokens: int = 256) -> dict[str, Any]:
+    """SFT → GRPO from the SFT checkpoint → evaluate, as separate jobs."""
+    version = dataset_version or latest_dataset_version(_warehouse())
+    sft_id, grpo_id = f"sft-{uuid.uuid4().hex[:12]}", f"grpo-{uuid.uuid4().hex[:12]}"
+    sft_params = dict(dataset_version=version, config=config, max_examples=max_examples, training_run_id=sft_id)
+    if use_deployments:
+        _run_job_deployment("radchain-sft/sft", sft_params)
+    else:
+        sft_flow(**sft_params)
+    sft = _registry_row(sft_id)
+    grpo_params = dict(dataset_version=version, config=config, init_checkpoint=sft["checkpoint"],
+                       max_prompts=max_examples, training_run_id=grpo_id)
+    if use_deployments:
+        _run_job_deployment("radchain-grpo/grpo", grpo_params)
+    else:
+        grpo_flow(**grpo_params)
+    grpo = _registry_row(grpo_id)
+    eval_params = dict(checkpoint=grpo["checkpoint"], dataset_version=version, max_per_task=max_eval_per_task,
+                       max_new_tokens=max_new_tokens)
+    if use_deployments:
+        _run_job_deployment("radchain-evaluate/evaluate", eval_params)
+        evaluation = None
+    else:
+        evaluation = evaluate_flow(**eval_params)
+    return dict(dataset_version=version, sft=sft, grpo=grpo, evaluation=evaluation)

@@ -1,0 +1,146 @@
+"""The whole data DAG through the real Prefect flow on a synthetic MIMIC corpus, then training.
+
+One warehouse is built per module (the flow runs once; the re-run and training reuse it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from flows.stages.common import SourceSpec
+
+DATA_TABLES = ("raw_reports", "stg_sections", "stg_studies", "stg_images", "int_labels", "int_vqa_samples",
+               "int_chains", "int_chain_steps", "mart_sft_examples", "mart_rl_prompts", "mart_benchmark",
+               "fct_dataset_versions", "audit_stage_counts", "fct_materializations")
+
+
+def _row_hash(wh, table: str) -> str:
+    """Order-independent hash of a table's rows; lineage and wall-clock columns excluded (they name the run)."""
+    df = wh.read(table).drop("run_id", "batch_id", "code_version", "built_at", strict=False)
+    rows = sorted(json.dumps(r, sort_keys=True, default=str) for r in df.to_dicts())
+    return hashlib.sha256("\n".join(rows).encode()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    import os
+
+    from extractors.synthetic import generate_corpus
+    from radchain.settings import get_settings, reset_settings_cache
+
+    home = tmp_path_factory.mktemp("e2e-home")
+    old = os.environ.get("RADCHAIN_HOME")
+    os.environ["RADCHAIN_HOME"] = str(home)
+    reset_settings_cache()
+    corpus = tmp_path_factory.mktemp("corpus")
+    generate_corpus(corpus, studies=160, seed=5)
+
+    from flows.pipeline import pipeline_flow
+    from warehouse import Warehouse
+
+    results = pipeline_flow(source=SourceSpec(path=corpus), options={"show_progress": False})
+    wh = Warehouse(get_settings().warehouse_dir)
+    yield dict(wh=wh, results=results, corpus=corpus, home=home)
+    if old is None:
+        os.environ.pop("RADCHAIN_HOME", None)
+    else:
+        os.environ["RADCHAIN_HOME"] = old
+    reset_settings_cache()
+
+
+def test_every_stage_fills_its_tables_and_balances(built):
+    wh = built["wh"]
+    for table in DATA_TABLES:
+        assert wh.count(table) > 0, f"{table} is empty"
+    counts = wh.sql("select stage, sum(inputs) i, sum(outputs) o, sum(rejected) r, sum(skipped) s "
+                    "from audit_stage_counts group by stage").to_pylist()
+    assert {c["stage"] for c in counts} == {"ingest", "label", "tasks", "mine", "datasets"}
+    for c in counts:
+        assert c["i"] == c["o"] + c["r"] + c["s"], c
+    rejected = wh.sql("select count(*) n from int_rejections").to_pylist()[0]["n"]
+    assert rejected == sum(c["r"] for c in counts)
+
+
+def test_rule_backend_accepts_at_least_90_percent_of_samples(built):
+    wh = built["wh"]
+    n_samples = wh.count("int_vqa_samples")
+    n_chains = wh.count("int_chains")
+    assert n_chains >= 0.9 * n_samples
+    # every accepted chain's evidence points at the report text exactly
+    rows = wh.sql("""
+        select r.text, e.quote, e."start", e."end"
+        from (select sample_id, unnest(evidence) as e from int_chain_steps) s
+        join int_vqa_samples v using (sample_id) join raw_reports r on r.study_id = v.study_id
+        where v.task <> 'temporal'
+    """).to_pylist()
+    assert rows
+    for r in rows:
+        assert r["text"][r["start"]:r["end"]] == r["quote"]
+
+
+def test_all_five_tasks_and_no_test_sample_in_training_marts(built):
+    wh = built["wh"]
+    tasks = {r["task"] for r in wh.sql("select distinct task from int_vqa_samples").to_pylist()}
+    assert tasks == {"binary", "single", "multi", "open", "temporal"}
+    leaked = wh.sql("""
+        select count(*) n from (select sample_id from mart_sft_examples union all select sample_id from mart_rl_prompts) t
+        join int_vqa_samples s using (sample_id) where s.split = 'test'
+    """).to_pylist()[0]["n"]
+    assert leaked == 0
+    bench_splits = wh.sql("select distinct s.split from mart_benchmark b join int_vqa_samples s using (sample_id)")
+    assert bench_splits.to_pylist() == [{"split": "test"}]
+
+
+def test_rerun_is_idempotent(built):
+    from flows.pipeline import pipeline_flow
+
+    wh = built["wh"]
+    before = {t: _row_hash(wh, t) for t in DATA_TABLES if t not in ("audit_stage_counts", "fct_materializations")}
+    version = wh.read("fct_dataset_versions")["dataset_version"].to_list()
+    pipeline_flow(source=SourceSpec(path=built["corpus"]), options={"show_progress": False})
+    after = {t: _row_hash(wh, t) for t in before}
+    assert after == before
+    assert wh.read("fct_dataset_versions")["dataset_version"].to_list() == version
+
+
+def test_exports_are_readable_by_their_consumers(built, tmp_path):
+    from datasets import load_from_disk
+
+    from flows.training_flows import latest_dataset_version
+    from warehouse.exports import export_dataset
+
+    wh = built["wh"]
+    v = latest_dataset_version(wh)
+    counts = export_dataset(wh, v, "hf", tmp_path)
+    sft = load_from_disk(str(tmp_path / v / "hf" / "sft"))
+    assert len(sft) == counts["sft"] and sft[0]["messages"][0]["role"] == "user"
+    export_dataset(wh, v, "verl", tmp_path)
+    train = pl.read_parquet(tmp_path / v / "verl" / "train.parquet")
+    assert train.height == counts["rl"]
+    assert {"prompt", "images", "reward_model", "extra_info", "problem", "answer"} <= set(train.columns)
+    export_dataset(wh, v, "jsonl", tmp_path)
+    first = json.loads((tmp_path / v / "jsonl" / "rl.jsonl").read_text().splitlines()[0])
+    assert first["prompt"][0]["content"][-1]["type"] == "text" and first["solution"]
+
+
+def test_train_dag_sft_grpo_evaluate_records_runs_and_results(built):
+    """SFT → GRPO (from the SFT checkpoint) → evaluate on the tiny config, from the marts."""
+    from flows.training_flows import train_flow
+
+    wh = built["wh"]
+    out = train_flow(max_examples=8, max_eval_per_task=2, max_new_tokens=16)
+    runs = wh.read("fct_training_runs").sort("kind", descending=True)
+    assert runs["kind"].to_list() == ["sft", "grpo"]
+    assert runs["status"].to_list() == ["completed", "completed"]
+    grpo = runs.filter(pl.col("kind") == "grpo").to_dicts()[0]
+    sft = runs.filter(pl.col("kind") == "sft").to_dicts()[0]
+    assert grpo["init_checkpoint"] == sft["checkpoint"] and Path(grpo["checkpoint"]).is_dir()
+    assert json.loads(grpo["metrics_json"])["reward_names"] == ["outcome_reward", "format_reward", "process_reward"]
+    results = wh.read("fct_eval_results").filter(pl.col("eval_id") == out["evaluation"]["eval_id"])
+    assert set(results["task"]) == {"binary", "single", "multi", "open", "temporal", "all"}
+    assert Path(out["evaluation"]["chart"]).stat().st_size > 1000
