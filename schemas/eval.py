@@ -66,8 +66,9 @@ class PrmStep(TableRecord):
         "completions = steps, labels = one bool per step); accepted chains plus perturbed negatives."
     )
     __grain__ = "one (chain, perturbation)"
-    __key__ = ("prm_id",)
+    __key__ = ("dataset_version", "prm_id")
 
+    dataset_version: str
     prm_id: str
     chain_id: str
     sample_id: str

@@ -15,7 +15,7 @@ import pytest
 from flows.stages.common import SourceSpec
 
 DATA_TABLES = ("raw_reports", "stg_sections", "stg_studies", "stg_images", "int_labels", "int_vqa_samples",
-               "int_chains", "int_chain_steps", "mart_sft_examples", "mart_rl_prompts", "mart_benchmark",
+               "int_chains", "int_chain_steps", "mart_sft_examples", "mart_rl_prompts", "mart_benchmark", "mart_prm_steps",
                "fct_dataset_versions", "audit_stage_counts", "fct_materializations")
 
 
@@ -94,6 +94,18 @@ def test_all_five_tasks_and_no_test_sample_in_training_marts(built):
     assert leaked == 0
     bench_splits = wh.sql("select distinct s.split from mart_benchmark b join int_vqa_samples s using (sample_id)")
     assert bench_splits.to_pylist() == [{"split": "test"}]
+
+
+def test_prm_steps_hold_clean_chains_and_labelled_perturbations(built):
+    prm = built["wh"].read("mart_prm_steps")
+    clean = prm.filter(pl.col("perturbation") == "none")
+    assert clean.height > 0 and all(all(x) for x in clean["labels"].to_list())
+    bad = prm.filter(pl.col("perturbation") != "none").to_dicts()
+    assert bad
+    for r in bad:
+        i = r["perturbed_step"]
+        assert r["labels"][:i] == [True] * i and r["labels"][i] is False
+    assert set(prm["split"]) <= {"train", "validate"}
 
 
 def test_rerun_is_idempotent(built):
