@@ -179,6 +179,7 @@ def test_prm_rows_fit_the_table_schema():
 
     samples = [dict(sample_id="s1", task="binary", split="train", question="Q?", study_id="st1")]
     rows = build_prm_rows([dict(chain_id="c1", sample_id="s1", steps=STEPS)], samples, seed=1)
+    rows = [dict(r, dataset_version="ds-test") for r in rows]  # the datasets stage adds the version
     table = Warehouse("/nonexistent")._to_arrow(PrmStep, rows, Lineage(run_id="r", batch_id="b", code_version="v"))
     assert table.num_rows == len(rows)
 
