@@ -16,7 +16,8 @@ from schemas.eval import EvalResult, PrmStep, ScoredPrediction
 
 __all__ = [
     "OBSERVATIONS", "TARGET_OBSERVATIONS", "TASKS",
-    "ChainRow", "ChainStepRow", "Evidence", "Image", "Label", "Lineage", "LlmCall", "Materialization",
-    "RawReport", "ReasoningChain", "ReasoningStep", "Rejection", "Section", "StageCount", "StepFinding",
-    "Study", "TableRecord", "VqaSample", "stable_id",
+    "BenchmarkItem", "ChainRow", "ChainStepRow", "DatasetVersion", "EvalResult", "Evidence", "Image", "Label",
+    "Lineage", "LlmCall", "Materialization", "PrmStep", "RawReport", "ReasoningChain", "ReasoningStep",
+    "Rejection", "RlPrompt", "ScoredPrediction", "Section", "SftExample", "StageCount", "StepFinding", "Study",
+    "TableRecord", "TrainingRun", "VqaSample", "stable_id",
 ]

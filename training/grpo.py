@@ -12,8 +12,6 @@ each reward function as a keyword argument holding one value per completion, in 
 
 from __future__ import annotations
 
-import math
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,13 +28,11 @@ from training.sft import (
     TrainResult,
     conversation_texts,
     count_image_placeholders,
+    finish,
     normalize_messages,
-    reset_gpu_peak_memory,
-    save_final,
-    summarize,
+    timed_train,
     trainer_arguments,
     with_images,
-    write_result,
 )
 
 RewardFunc = Callable[..., list[float | None]]
@@ -171,12 +167,7 @@ def run_grpo(
         processing_class=loaded.processor,
         callbacks=[timer],
     )
-    reset_gpu_peak_memory()
-    started = time.perf_counter()
-    train_output = trainer.train()
-    wall_s = time.perf_counter() - started
-
-    metrics = summarize(trainer, train_output, timer, wall_s)
+    metrics = timed_train(trainer, timer)
     rewards = [entry["reward"] for entry in trainer.state.log_history if entry.get("reward") is not None]
     metrics.update(
         gradient_accumulation_steps=accumulation,
@@ -187,11 +178,7 @@ def run_grpo(
         num_parameters=loaded.num_parameters,
         model_source=loaded.source,
     )
-    status = "completed" if math.isfinite(metrics["train_loss"]) else "diverged"
-    final = save_final(trainer, loaded, out_dir)
-    result = TrainResult(checkpoint=str(final), metrics=metrics, status=status)
-    write_result(trainer, result, out_dir)
-    return result
+    return finish(trainer, loaded, out_dir, metrics)
 
 
 def resolve_reward(spec: str) -> tuple[RewardFunc, float]:

@@ -261,16 +261,24 @@ def run_sft(
         processing_class=loaded.processor,
         callbacks=[timer],
     )
-    reset_gpu_peak_memory()
-    started = time.perf_counter()
-    train_output = trainer.train()
-    wall_s = time.perf_counter() - started
-
-    metrics = summarize(trainer, train_output, timer, wall_s)
+    metrics = timed_train(trainer, timer)
     metrics.update(gradient_accumulation_steps=accumulation, train_rows=len(train_dataset),
                    num_parameters=loaded.num_parameters, model_source=loaded.source)
     if eval_dataset is not None:
         metrics["eval_loss"] = float(trainer.evaluate()["eval_loss"])
+    return finish(trainer, loaded, out_dir, metrics)
+
+
+def timed_train(trainer: Any, timer: "StepTimer") -> dict[str, Any]:
+    """Train, timing the whole run (and resetting the GPU memory peak first); the summary metrics."""
+    reset_gpu_peak_memory()
+    started = time.perf_counter()
+    train_output = trainer.train()
+    return summarize(trainer, train_output, timer, time.perf_counter() - started)
+
+
+def finish(trainer: Any, loaded: LoadedModel, out_dir: Path, metrics: dict[str, Any]) -> TrainResult:
+    """Save the final checkpoint and the result record; a non-finite loss marks the run diverged."""
     status = "completed" if math.isfinite(metrics["train_loss"]) else "diverged"
     final = save_final(trainer, loaded, out_dir)
     result = TrainResult(checkpoint=str(final), metrics=metrics, status=status)
