@@ -304,6 +304,8 @@ def _with_paragraph_fallback(text: str, sections: list[ParsedSection]) -> list[P
     head: tuple[int, int] | None = None  # the part that keeps the last section's name
     region_start = last.start
     if last.name == "preamble":
+        if _is_title_line(text, last.start, last.end):
+            return sections  # only a title ("FINAL REPORT" above empty headers): nothing to infer
         # A title line ("FINAL REPORT") stays preamble even without a blank line after it.
         newline = text.find("\n", last.start, last.end)
         if newline != -1 and _is_title_line(text, last.start, newline):

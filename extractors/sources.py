@@ -13,9 +13,11 @@ path order (MIMIC) or row order (table) wins and later ones are rejected as DUPL
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +51,7 @@ class Reason:
     DUPLICATE_ID = "DUPLICATE_ID"  # study id seen earlier in the source
     MISSING_ID = "MISSING_ID"  # table row without a study id
     UNREADABLE = "UNREADABLE"  # the file vanished or cannot be opened
+    UNSUPPORTED_LANGUAGE = "UNSUPPORTED_LANGUAGE"  # not English: the labeler would read it as normal
 
 
 class SourceError(ValueError):
@@ -223,10 +226,33 @@ def study_attributes(spec: SourceLike) -> pl.DataFrame:
 
 
 def image_rows(spec: SourceLike, reports: pl.DataFrame) -> pl.DataFrame:
-    """Images of the given reports (columns study_id, patient_id, source) with an exists flag."""
+    """Images of the given reports (columns study_id, patient_id, source) with an exists flag.
+
+    ``exists`` means usable: the file is there and starts like an image (JPEG, PNG or DICOM),
+    so a truncated download or a garbage file named .jpg never reaches a training batch.
+    """
     if source_kind(spec) == "mimic":
-        return MimicTree(Path(spec.path)).images(reports)
-    return ReportTable(spec).images(reports)
+        df = MimicTree(Path(spec.path)).images(reports)
+    else:
+        df = ReportTable(spec).images(reports)
+    if df.is_empty():
+        return df
+    usable = [bool(e) and looks_like_image(p) for p, e in df.select("path", "exists").iter_rows()]
+    return df.with_columns(pl.Series("exists", usable, dtype=pl.Boolean))
+
+
+# File signatures: JPEG, PNG, and DICOM's "DICM" after its 128-byte preamble.
+_IMAGE_MAGIC = (b"\xff\xd8", b"\x89PNG\r\n\x1a\n")
+
+
+def looks_like_image(path: str) -> bool:
+    """Cheap signature check (one 132-byte read), not a full decode."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return head.startswith(_IMAGE_MAGIC) or head[128:132] == b"DICM"
 
 
 IMAGE_SCHEMA = {"dicom_id": pl.String, "study_id": pl.String, "patient_id": pl.String, "path": pl.String,
@@ -275,14 +301,17 @@ class MimicTree:
         prefix = "" if rel_files == "." else rel_files.replace(os.sep, "/") + "/"
         out: list[str] = []
         with os.scandir(self.files_dir) as groups:
-            group_names = sorted(e.name for e in groups if e.is_dir() and e.name.startswith("p"))
+            group_names = sorted(e.name for e in groups if _is_dir(e) and e.name.startswith("p"))
         for g in group_names:
             with os.scandir(self.files_dir / g) as patients:
-                patient_names = sorted(e.name for e in patients if e.is_dir())
+                patient_names = sorted(e.name for e in patients if _is_dir(e))
             for p in patient_names:
                 with os.scandir(self.files_dir / g / p) as entries:
                     for e in entries:
-                        if e.name.endswith(".txt") and e.is_file():
+                        # Everything named like a report is listed, also a folder or a broken or
+                        # looping link: reading it makes it an UNREADABLE rejection, never a crash
+                        # or a silent skip.
+                        if e.name.endswith(".txt"):
                             out.append(f"{prefix}{g}/{p}/{e.name}")
         out.sort()
         return out
@@ -437,6 +466,14 @@ def _image_files(study_dirs: list[str]) -> pl.DataFrame:
     )
 
 
+def _is_dir(entry: os.DirEntry) -> bool:
+    """DirEntry.is_dir that says False for a looping or unreadable link instead of raising."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
 def _mimic_id(col: pl.Expr) -> pl.Expr:
     """Vectorised _strip_prefix: "s50414267" or "50414267" -> "50414267"."""
     return col.str.strip_chars().str.replace(r"^[ps](\d+)$", "$1").alias("study_id")
@@ -448,9 +485,14 @@ def _read_capped(path: str) -> bytes | None:
     os.open/fstat/read is about four times faster than open().read(limit), which
     allocates a buffer of the full limit for every small report.
     """
-    fd = os.open(path, os.O_RDONLY)
+    # O_NONBLOCK: a FIFO named like a report must not block the open (it is rejected below).
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     try:
-        size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+            raise OSError(errno.EISDIR if stat.S_ISDIR(st.st_mode) else errno.EINVAL, f"{kind}, not a report file")
+        size = st.st_size
         if size > MAX_REPORT_BYTES:
             return None
         data = os.read(fd, size + 1)  # one byte more reveals a file that grew meanwhile

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -12,6 +13,7 @@ from typing import Any, TypeVar
 
 import pyarrow as pa
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 console = Console()
@@ -24,6 +26,19 @@ class UsageError(Exception):
     """Unusable arguments or input: printed as one line, exit code 2."""
 
 
+# Characters that must not reach a terminal raw: C0/C1 controls, DEL, bidi overrides and isolates.
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff]")
+MAX_ERROR_CHARS = 1000
+
+
+def one_line(message: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """An error message as one printable line: line breaks and runs of blanks become one space,
+    other control characters are shown escaped, and an overlong message is cut."""
+    text = " ".join(message.split())
+    text = _UNPRINTABLE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
 def clear_errors(fn: F) -> F:
     """Turn expected failures into one line on stderr and exit code 2, never a traceback."""
     from warehouse import WarehouseError
@@ -33,7 +48,8 @@ def clear_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except (UsageError, WarehouseError, FileNotFoundError, ValueError) as e:
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            # escape(): text from the input (a column name such as "[/x]") is not Rich markup.
+            err_console.print(f"[bold red]error:[/] {escape(one_line(str(e)))}", highlight=False, soft_wrap=True)
             sys.exit(2)
 
     return wrapper  # type: ignore[return-value]

@@ -42,6 +42,13 @@ def latest_dataset_version(wh: Warehouse) -> str:
     return versions.sort("built_at", descending=True)["dataset_version"][0]
 
 
+def has_usable_images(row: dict) -> bool:
+    """Every image of the row is on disk and starts like an image (a garbage .jpg would crash a trainer)."""
+    from extractors.sources import looks_like_image
+
+    return all(looks_like_image(p) for p in row["images"])
+
+
 def mart_rows(wh: Warehouse, table: str, version: str, splits: tuple[str, ...] | None = ("train",),
               columns: tuple[str, ...] | None = None, limit: int | None = None,
               per_task: int | None = None) -> tuple[list[dict], int]:
@@ -54,7 +61,7 @@ def mart_rows(wh: Warehouse, table: str, version: str, splits: tuple[str, ...] |
     if splits is not None:
         q = q.filter(pl.col("split").is_in(list(splits)))
     rows = q.sort("sample_id").collect().to_dicts()
-    kept = [r for r in rows if all(Path(p).is_file() for p in r["images"])]
+    kept = [r for r in rows if has_usable_images(r)]
     skipped = len(rows) - len(kept)
     if per_task is not None:
         taken: dict[str, int] = {}

@@ -40,9 +40,23 @@ class LLMSettings(BaseSettings):
         "gpt-4o": (2.5, 10.0),
         "gpt-4o-mini": (0.15, 0.6),
     }
-    # PHI guard: endpoints (hosts) that may receive text the guard flags; loopback is always allowed.
+    # A Prefect Secret block holding the key, read when OPENAI_API_KEY is not set (radchain.secrets).
+    api_key_block: str | None = None
+    # PHI guard (extractors.phi): endpoints (hosts, or host:port) that may receive text the guard
+    # flags, or all of them; loopback endpoints are exempt unless phi_enforce_loopback is set.
     phi_allow_hosts: list[str] = []
     phi_allow_all: bool = False
+    phi_enforce_loopback: bool = False
+
+
+class _CheckedTomlSource(TomlConfigSettingsSource):
+    """The TOML file, refused when it holds an API key (keys come from the environment or a Secret block)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], toml_file: Path) -> None:
+        super().__init__(settings_cls, toml_file=toml_file)
+        from radchain.secrets import reject_secrets_in_config
+
+        reject_secrets_in_config(self.toml_data, toml_file)
 
 
 class Settings(BaseSettings):
@@ -62,7 +76,7 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=_toml_path()))
+        return (init_settings, env_settings, _CheckedTomlSource(settings_cls, toml_file=_toml_path()))
 
     # Derived locations: one folder holds everything a run writes.
     @property

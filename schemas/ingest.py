@@ -54,7 +54,7 @@ class Image(TableRecord):
     patient_id: str
     path: str
     view_position: str | None = None
-    exists: bool
+    exists: bool  # the file is there and starts like an image (JPEG/PNG/DICOM signature)
 
 
 class Study(TableRecord):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pytest
@@ -103,8 +104,17 @@ def _failing_cases():
     yield "OBSERVATION_WITHOUT_EVIDENCE", with_step(base, 1, obs_step.model_copy(update={"evidence": []})), binary_item()
     yield "STATUS_CONTRADICTS_LABEL", ReasoningChain(steps=[
         *base.steps[:2],
-        step("observation", "The heart is enlarged.", [("Cardiomegaly", "present")], ["The heart size is normal."]),
+        step("observation", "The heart is enlarged.", [("Cardiomegaly", "present")],
+             ["Large left pleural effusion is new."]),
         base.steps[3]]), binary_item()
+    # The label source (e.g. a CSV) says pneumothorax; the quoted sentence says there is none.
+    csv_disagrees = binary_item()
+    csv_disagrees = dataclasses.replace(
+        csv_disagrees, labels={**csv_disagrees.labels, "Pneumothorax": label("positive", "There is no\n pneumothorax.")})
+    yield "EVIDENCE_CONTRADICTS_FINDING", ReasoningChain(steps=[
+        *base.steps[:2],
+        step("observation", "There is a pneumothorax.", [("Pneumothorax", "present")], ["There is no pneumothorax."]),
+        base.steps[3]]), csv_disagrees
     yield "ANSWER_MISMATCH", with_step(base, 3, step(
         "conclusion", "Therefore, the answer is B) No.", [("Pleural Effusion", "present")])), binary_item()
     yield "NO_CONCLUSION", ReasoningChain(steps=base.steps[:3]), binary_item()
@@ -242,8 +252,9 @@ def test_prior_steps_are_checked_against_prior_labels():
         "observation", "On the prior image, no effusion.", [("Pleural Effusion", "absent")],
         ["Small left pleural effusion."]))
     failures = v.verify_chain(chain, temporal_item("worsening"))
-    assert [f.code for f in failures] == [v.STATUS_CONTRADICTS_LABEL]
-    assert "prior" in failures[0].detail
+    # the quote itself says "effusion" too, so the step also contradicts its own evidence
+    assert sorted(f.code for f in failures) == [v.EVIDENCE_CONTRADICTS_FINDING, v.STATUS_CONTRADICTS_LABEL]
+    assert "prior" in next(f.detail for f in failures if f.code == v.STATUS_CONTRADICTS_LABEL)
 
 
 def test_comparison_contradicting_the_progression_is_a_mismatch():

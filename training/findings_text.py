@@ -203,13 +203,17 @@ def chain_text_steps(steps: Iterable[str | Mapping[str, Any] | Any]) -> list[Ste
 def structured_findings(findings: Sequence[Mapping[str, Any] | Any] | None) -> frozenset[StatedFinding]:
     """Structured step findings (StepFinding objects or their dicts) as StatedFinding tuples."""
     out = set()
-    for f in findings or ():
+    if isinstance(findings, (str, bytes, Mapping)) or not isinstance(findings, Iterable):
+        return frozenset()  # None, or malformed gold data: not a list of findings
+    for f in findings:
         if isinstance(f, Mapping):
             obs, status, anatomy = f.get("observation"), f.get("status"), f.get("anatomy")
-        else:
+        elif hasattr(f, "observation") and hasattr(f, "status"):
             obs, status, anatomy = f.observation, f.status, getattr(f, "anatomy", None)
+        else:
+            continue  # not a finding (malformed gold data): ignored, never fatal
         if obs and status:
-            out.add((str(obs), str(status), anatomy or None))
+            out.add((str(obs), str(status), str(anatomy) if anatomy else None))
     return frozenset(out)
 
 

@@ -130,11 +130,15 @@ class GoldChain:
     def from_steps(cls, steps: Iterable[Mapping[str, Any] | Any] | None) -> "GoldChain":
         """From step dicts ({"text", "findings": [...]}), ChainStepRow-like rows or ReasoningStep objects."""
         out = []
-        for step in steps or ():
+        if isinstance(steps, (str, bytes, Mapping)) or not isinstance(steps, Iterable):
+            steps = ()  # None, or a malformed gold_steps value
+        for step in steps:
             if isinstance(step, Mapping):
                 text, findings = step.get("text") or "", step.get("findings")
+            elif hasattr(step, "text"):
+                text, findings = step.text, getattr(step, "findings", None)
             else:
-                text, findings = step.text, step.findings
+                continue  # not a step (a malformed gold_steps column): ignored, never fatal
             keys = frozenset((o, s) for o, s, _ in structured_findings(findings))
             out.append(GoldStep(str(text), keys))
         return cls(tuple(out))

@@ -65,10 +65,14 @@ STEP_EMPTY = "STEP_EMPTY"
 TEMPORAL_NO_COMPARISON = "TEMPORAL_NO_COMPARISON"
 UNKNOWN_OBSERVATION = "UNKNOWN_OBSERVATION"
 UNKNOWN_TASK = "UNKNOWN_TASK"  # the sample's task is none of TASKS: there is no gold answer to check
+# The quote exists but says the opposite of the step ("No pleural effusion." cited for an
+# effusion): happens when a label source (e.g. a CSV) disagrees with the report text.
+EVIDENCE_CONTRADICTS_FINDING = "EVIDENCE_CONTRADICTS_FINDING"
 REASON_CODES = (
     EVIDENCE_NOT_FOUND, OBSERVATION_WITHOUT_EVIDENCE, STATUS_CONTRADICTS_LABEL, ANSWER_MISMATCH,
     NO_CONCLUSION, OPTION_NOT_ADDRESSED, LEAKAGE, TOO_FEW_STEPS, TOO_MANY_STEPS, STEP_TOO_LONG,
     CHAIN_TOO_LONG, STEP_EMPTY, TEMPORAL_NO_COMPARISON, UNKNOWN_OBSERVATION, UNKNOWN_TASK,
+    EVIDENCE_CONTRADICTS_FINDING,
 )
 
 # --- bounds --------------------------------------------------------------------------
@@ -388,6 +392,8 @@ def _check_step_grounding(
             failures.append(
                 VerificationFailure(OBSERVATION_WITHOUT_EVIDENCE, "observation step cites no evidence quote", i)
             )
+    if step.kind == "observation":
+        failures += _check_quote_polarity(i, step)
     if step.kind != "comparison" and labels is not None:
         for finding in step.findings:
             name = canonical_observation(finding.observation)
@@ -519,6 +525,32 @@ def _check_addressed(steps: list[ReasoningStep], gold: _Gold) -> list[Verificati
         for name in required
         if name not in addressed
     ]
+
+
+def _check_quote_polarity(i: int, step: ReasoningStep) -> list[VerificationFailure]:
+    """A present/absent finding must not be backed only by quotes that state the opposite.
+
+    Reads the quotes with the labeler's mention finder; a quote that does not mention the
+    observation at all (a sign such as "blunting of the costophrenic angle") is not judged.
+    """
+    from extractors.mentions import find_mentions
+
+    quotes = " ".join(str(ev.quote) for ev in step.evidence if str(ev.quote).strip())
+    if not quotes:
+        return []
+    said: dict[str, set[str]] = {}
+    for m in find_mentions(quotes, with_anatomy=False):
+        said.setdefault(m.observation, set()).add(m.status)
+    failures = []
+    for finding in step.findings:
+        name = canonical_observation(finding.observation)
+        statuses = said.get(name or "")
+        opposite = {"present": "absent", "absent": "present"}.get(finding.status)
+        if statuses and opposite and statuses == {opposite}:
+            failures.append(VerificationFailure(
+                EVIDENCE_CONTRADICTS_FINDING, f"{name} stated {finding.status}; the quoted text says {opposite}", i
+            ))
+    return failures
 
 
 def verify_chain(chain: ReasoningChain, item: MiningInput) -> list[VerificationFailure]:

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 import polars as pl
 import pyarrow as pa
 
+from extractors.language import looks_english
 from extractors.sections import parse_sections
 from extractors.sources import (
     Reason,
@@ -116,6 +117,10 @@ def _parse(read: ReportBatch) -> tuple[pa.Table, pa.Table, list[dict]]:
         if not any(s.name != "preamble" and _WORD_RE.search(s.body) for s in secs):
             no_sections.append(_rejection_row(sid, read.source[i], Reason.NO_SECTIONS,
                                               "no section header and no usable text"))
+            continue
+        if not looks_english(" ".join(s.body for s in secs if s.name in ("findings", "impression"))):
+            no_sections.append(_rejection_row(sid, read.source[i], Reason.UNSUPPORTED_LANGUAGE,
+                                              "findings/impression are not in English"))
             continue
         keep.append(i)
         flat.extend(secs)

@@ -94,18 +94,48 @@ def _extract_rules(items: list[MiningInput], progress: Callable[[int], None]) ->
     return out
 
 
+def screen_phi(ctx: RunContext, items: list[MiningInput]) -> tuple[list[MiningInput], list[dict]]:
+    """Samples whose texts the PHI guard flags become PHI_DETECTED rejections before any call
+    (only for endpoints the guard applies to: see extractors.phi)."""
+    from extractors.phi import REASON_CODE, PhiGuard, describe, endpoint_host
+
+    llm = ctx.settings.llm
+    guard = PhiGuard.from_settings(llm)
+    if not guard.applies_to(llm.base_url):
+        return items, []
+    host = endpoint_host(llm.base_url)
+    kept, rejected = [], []
+    for it in items:
+        s = it.sample
+        question = " ".join([str(s.get("question") or ""), *map(str, s.get("options") or [])])
+        for where, text in (("the report", it.report), ("the prior report", it.prior_report), ("the question", question)):
+            kinds = guard.kinds_in(text)
+            if kinds:
+                rejected.append(rejection(NAME, it.sample_id, REASON_CODE, describe(kinds, host, where)))
+                break
+        else:
+            kept.append(it)
+    return kept, rejected
+
+
 def _extract_llm(ctx: RunContext, items: list[MiningInput], progress: Callable[[int], None]) -> list[MiningOutcome]:
     from extractors.chains.llm_backend import LLMChainExtractor
     from extractors.chains.verify import verify_chain
     from extractors.llm.client import LLMClient
+    from extractors.phi import CURRENT_SAMPLE, PhiGuard
+    from radchain.secrets import with_api_key
     from warehouse.llm_cache import SQLiteResponseCache
+
+    llm = with_api_key(ctx.settings.llm)  # the key lives in this copy only, never in ctx.settings
+    guard = PhiGuard.from_settings(llm)  # in front of every request (refine and repair calls too)
 
     async def run_all() -> list[MiningOutcome]:
         cache = SQLiteResponseCache.from_settings(ctx.settings)
-        async with LLMClient(ctx.settings.llm, cache=cache) as client:
-            extractor = LLMChainExtractor(client, protocol=ctx.options.get("protocol") or ctx.settings.llm.protocol)
+        async with LLMClient(llm, cache=cache, request_guard=guard) as client:
+            extractor = LLMChainExtractor(client, protocol=ctx.options.get("protocol") or llm.protocol)
 
             async def one(it: MiningInput) -> MiningOutcome:
+                CURRENT_SAMPLE.set(it.sample_id)  # this task's own context: tells the guard whose request it saw
                 try:
                     return await extractor.extract(it, verify_chain)
                 finally:
@@ -113,7 +143,20 @@ def _extract_llm(ctx: RunContext, items: list[MiningInput], progress: Callable[[
 
             return list(await asyncio.gather(*(one(it) for it in items)))
 
-    return asyncio.run(run_all())
+    return [_phi_outcome(o, guard, llm.base_url) for o in asyncio.run(run_all())]
+
+
+def _phi_outcome(outcome: MiningOutcome, guard: Any, base_url: str | None) -> MiningOutcome:
+    """A sample one of whose requests the PHI guard stopped is rejected as PHI_DETECTED."""
+    from extractors.chains.types import VerificationFailure
+    from extractors.phi import REASON_CODE, describe, endpoint_host
+
+    kinds = guard.blocked.get(outcome.sample_id)
+    if kinds and any(f.code == "LLM_BLOCKED" for f in outcome.failures):
+        outcome.chain = None
+        outcome.failures = [VerificationFailure(REASON_CODE, describe(kinds, endpoint_host(base_url),
+                                                                      "a request (e.g. a refinement quoting the model)"))]
+    return outcome
 
 
 def outcome_rows(outcomes: list[MiningOutcome], by_id: dict[str, MiningInput]) -> tuple[list, list, list, list]:
@@ -127,9 +170,13 @@ def outcome_rows(outcomes: list[MiningOutcome], by_id: dict[str, MiningInput]) -
             continue
         s = by_id[o.sample_id].sample
         chain_id = stable_id("chain", o.sample_id, o.protocol, o.prompt_version)
+        # A repaired answer is cached under its original request's hash, so a re-run never sees the
+        # repair turn: keep only the logical requests' hashes, or the re-run would write a different row.
+        repairs = {c["request_hash"] for c in o.llm_calls if c.get("stage") == "repair"}
+        request_hashes = [h for h in o.request_hashes if h not in repairs]
         chains.append(dict(
             chain_id=chain_id, sample_id=o.sample_id, study_id=s["study_id"], task=s["task"], extractor=o.extractor,
-            protocol=o.protocol, model=o.model, prompt_version=o.prompt_version, request_hashes=o.request_hashes,
+            protocol=o.protocol, model=o.model, prompt_version=o.prompt_version, request_hashes=request_hashes,
             refine_rounds=o.refine_rounds, n_steps=len(o.chain.steps), text=o.chain.render(),
         ))
         for i, st in enumerate(o.chain.steps):
@@ -145,6 +192,9 @@ def run_batch(ctx: RunContext, batch: dict[str, Any], progress: Callable[[int], 
     progress = progress or ctx.options.get("progress") or (lambda n: None)
     items, rejected = load_inputs(ctx, batch["sample_ids"])
     if choose_extractor(ctx) == "llm":
+        items, flagged = screen_phi(ctx, items)
+        rejected += flagged
+        progress(len(flagged))
         outcomes = _extract_llm(ctx, items, progress)
     else:
         outcomes = _extract_rules(items, progress)
