@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
+import polars as pl
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.stages.common import BatchResult, RunContext
+from warehouse import Warehouse
+
+# Artifact keys: one key per kind, so the UI (Artifacts → key) lists every run's version of it.
+STAGE_COUNTS_KEY = "stage-counts"
+REJECTIONS_KEY = "rejection-reasons"
+LLM_SPEND_KEY = "llm-spend"
+DATASET_VERSIONS_KEY = "dataset-versions"
 
 
 def stage_count_rows(results: Mapping[str, Sequence[BatchResult]]) -> list[dict]:
@@ -24,9 +33,66 @@ def stage_count_rows(results: Mapping[str, Sequence[BatchResult]]) -> list[dict]
     return rows
 
 
+def llm_spend_rows(wh: Warehouse, run_id: str) -> list[dict[str, Any]]:
+    """LLM calls of one run by stage, model and prompt version, plus a 'total' row (always present)."""
+    calls = wh.scan("int_llm_calls").filter(pl.col("run_id") == run_id)
+    aggs = [
+        pl.len().alias("calls"),
+        pl.col("cache_hit").cast(pl.Int64).sum().alias("cache_hits"),
+        (pl.col("status") != "ok").cast(pl.Int64).sum().alias("failed"),
+        pl.col("prompt_tokens").sum().alias("prompt_tokens"),
+        pl.col("completion_tokens").sum().alias("completion_tokens"),
+        pl.col("cost_usd").sum().alias("cost_usd"),
+    ]
+    groups = calls.group_by("stage", "model", "prompt_version").agg(aggs).sort("stage", "model", "prompt_version")
+    rows = groups.collect().to_dicts()
+    total = calls.select(aggs).collect().to_dicts()[0]
+    rows.append(dict(stage="total", model="", prompt_version="", **total))
+    for r in rows:
+        for k in ("calls", "cache_hits", "failed", "prompt_tokens", "completion_tokens"):
+            r[k] = int(r[k] or 0)
+        r["cost_usd"] = round(float(r["cost_usd"] or 0.0), 6)
+        r["cache_hit_rate"] = round(r["cache_hits"] / r["calls"], 3) if r["calls"] else 0.0
+    return rows
+
+
+def dataset_version_rows(wh: Warehouse, run_id: str) -> list[dict[str, Any]]:
+    """Dataset versions this run wrote (fct_dataset_versions rows whose lineage is the run)."""
+    frame = (wh.scan("fct_dataset_versions").filter(pl.col("run_id") == run_id)
+             .select("dataset_version", "builder_version", "n_sft", "n_rl", "n_benchmark", "built_at")
+             .sort("built_at").collect())
+    return [{**r, "built_at": r["built_at"].isoformat(timespec="seconds") if r["built_at"] else None}
+            for r in frame.to_dicts()]
+
+
+def publish_llm_spend(wh: Warehouse, run_id: str) -> list[dict[str, Any]]:
+    rows = llm_spend_rows(wh, run_id)
+    total = rows[-1]
+    create_table_artifact(
+        key=LLM_SPEND_KEY,
+        table=rows,
+        description=f"LLM spend of run {run_id}: {total['calls']} calls, {total['cache_hits']} cache hits, "
+                    f"{total['prompt_tokens'] + total['completion_tokens']} tokens, ${total['cost_usd']:.4f} "
+                    "(from int_llm_calls)",
+    )
+    return rows
+
+
+def publish_dataset_versions(wh: Warehouse, run_id: str) -> list[dict[str, Any]]:
+    rows = dataset_version_rows(wh, run_id)
+    if rows:
+        create_table_artifact(
+            key=DATASET_VERSIONS_KEY,
+            table=rows,
+            description=f"Dataset versions written by run {run_id} (fct_dataset_versions); train with "
+                        f"`dataset_version={rows[-1]['dataset_version']}`",
+        )
+    return rows
+
+
 def publish_run_artifacts(ctx: RunContext, results: Mapping[str, Sequence[BatchResult]]) -> None:
     create_table_artifact(
-        key="stage-counts",
+        key=STAGE_COUNTS_KEY,
         table=stage_count_rows(results),
         description=f"Per-stage counts of run {ctx.run_id}: inputs = outputs + rejected + skipped.",
     )
@@ -37,7 +103,9 @@ def publish_run_artifacts(ctx: RunContext, results: Mapping[str, Sequence[BatchR
     md = ["| stage | reason | n | examples |", "|---|---|---|---|"]
     md += [f"| {r['stage']} | {r['reason_code']} | {r['n']} | {', '.join(r['examples'])} |" for r in reasons]
     create_markdown_artifact(
-        key="rejection-reasons",
+        key=REJECTIONS_KEY,
         markdown="## Top rejection reasons\n\n" + ("\n".join(md) if reasons else "No rejections."),
         description=f"Rejections of run {ctx.run_id}",
     )
+    publish_llm_spend(ctx.warehouse, ctx.run_id)
+    publish_dataset_versions(ctx.warehouse, ctx.run_id)

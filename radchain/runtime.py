@@ -21,4 +21,7 @@ def prepare_environment(settings: Settings | None = None) -> Settings:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # The temporary API server Prefect starts per run may take longer than its 20 s default on a
+    # loaded 2-core machine (two runs starting at once share one SQLite database).
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     return settings

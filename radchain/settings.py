@@ -27,11 +27,18 @@ class LLMSettings(BaseSettings):
     api_key: SecretStr | None = Field(default=None, validation_alias="OPENAI_API_KEY", repr=False)
     model: str = "gpt-4o-2024-08-06"
     protocol: str = "single"  # "single" (default) or "paper" (the release's three calls)
-    max_concurrency: int = 16
+    max_concurrency: int = 16  # requests in flight per mine batch
+    # A Prefect global concurrency limit shared by every worker (created by `radchain serve/deploy`).
+    concurrency_limit_name: str = "llm-calls"
+    global_concurrency: int = 32
     requests_per_minute: int = 500
     tokens_per_minute: int = 800_000
     timeout_s: float = 60.0
     max_attempts: int = 6
+    # Retry backoff (extractors.llm.client): exponential from backoff_initial_s, capped at backoff_max_s, plus
+    # jitter; a Retry-After header from the server takes precedence.
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 30.0
     refine_rounds: int = 2
     temperature: float = 0.0
     # USD per 1M tokens (input, output); a user edits this for their model.

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -66,7 +67,16 @@ class Warehouse:
         return self
 
     def refresh_views(self) -> None:
-        with duckdb.connect(str(self.duckdb_path)) as con:
+        # The views are built in a private file that is then renamed over the old one, so a reader
+        # holding the old file open (the duckdb CLI, a notebook, `radchain sql`) never blocks a run,
+        # and a reader opening it meanwhile sees the old views or the new ones, never half of them.
+        tmp = self.duckdb_path.with_name(f".{self.duckdb_path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+        tmp.unlink(missing_ok=True)
+        self._build_views(tmp)
+        os.replace(tmp, self.duckdb_path)
+
+    def _build_views(self, path: Path) -> None:
+        with duckdb.connect(str(path)) as con:
             for spec in catalog():
                 glob = str(self.table_dir(spec.name) / "*.parquet").replace("'", "''")
                 con.execute(

@@ -21,9 +21,18 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     @clear_errors
-    def tables(format: str = typer.Option("table", "--format", "-f", help="table | csv | json")) -> None:
+    def tables(
+        format: str = typer.Option("table", "--format", "-f", help="table | csv | json"),
+        markdown: bool = typer.Option(False, "--markdown", help="print the catalog as Markdown (the README's)"),
+    ) -> None:
         """List every table with its layer, row count and description."""
         import pyarrow as pa
+
+        if markdown:
+            from warehouse.catalog_doc import catalog_markdown
+
+            console.print(catalog_markdown(), markup=False, highlight=False, soft_wrap=True)
+            return
 
         wh = Warehouse(get_settings().warehouse_dir)
         rows = [
