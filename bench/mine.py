@@ -121,6 +121,14 @@ class RemoteServer:
     def set_faults(self, faults: dict[str, float], seed: int = 0) -> None:
         self._ask("faults", {**faults, "_seed": seed})
 
+    def cpu_s(self) -> float | None:
+        """CPU seconds the server process has used (Linux /proc), to tell client from server cost."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            return None
+
     def stop(self) -> None:
         try:
             self._ask("stop")
@@ -145,6 +153,9 @@ class LocalServer:
 
     def set_faults(self, faults: dict[str, float], seed: int = 0) -> None:
         self.server.faults, self.server.seed = dict(faults), seed
+
+    def cpu_s(self) -> float | None:
+        return None  # one process: client and server CPU cannot be told apart
 
     def stop(self) -> None:
         self.server.stop()
@@ -201,9 +212,12 @@ def mine_once(home: Path, base_url: str, protocol: str, concurrency: int, server
     ))
     ctx = make_context(settings, extractor="llm", show_progress=False)
     server.reset()
+    server_cpu0 = server.cpu_s()
     cpu0, t0 = time.process_time(), time.perf_counter()
     results = run_stages(ctx, ["mine"])["mine"]
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    server_cpu1 = server.cpu_s()
+    server_cpu = None if server_cpu0 is None or server_cpu1 is None else server_cpu1 - server_cpu0
     stats = server.stats()
     calls = ctx.warehouse.read("int_llm_calls").filter(pl.col("run_id") == ctx.run_id)
     fresh = calls.filter(~pl.col("cache_hit"))
@@ -211,7 +225,7 @@ def mine_once(home: Path, base_url: str, protocol: str, concurrency: int, server
     inputs = sum(r.inputs for r in results)
     tokens = int(fresh["prompt_tokens"].sum() + fresh["completion_tokens"].sum()) if fresh.height else 0
     return dict(
-        protocol=protocol, wall_s=wall, cpu_s=cpu, requests=stats["requests"], max_in_flight=stats["max_in_flight"],
+        protocol=protocol, wall_s=wall, cpu_s=cpu, server_cpu_s=server_cpu, requests=stats["requests"], max_in_flight=stats["max_in_flight"],
         misses=stats["misses"], faults=stats["faults"], samples=inputs, accepted=accepted,
         acceptance=accepted / inputs if inputs else 0.0, ledger_rows=calls.height, fresh_rows=fresh.height,
         attempts=int(fresh["attempts"].sum()) if fresh.height else 0, tokens=tokens,
@@ -219,15 +233,15 @@ def mine_once(home: Path, base_url: str, protocol: str, concurrency: int, server
     )
 
 
-def clear_cache(home: Path) -> None:
-    shutil.rmtree(home / "cache", ignore_errors=True)
-
-
 def copy_home(warehouse_dir: Path, home: Path) -> Path:
     if home.exists():
         shutil.rmtree(home)
     shutil.copytree(warehouse_dir, home / "warehouse")
     return home
+
+
+def _ms(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f} ms/request"
 
 
 # ---- main ----------------------------------------------------------------------------------------------
@@ -271,20 +285,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # (a) + (c): no faults, single protocol; each repeat on a fresh cache, then the re-run on the full one.
         server.set_faults({})
         firsts, reruns = [], []
-        home = copy_home(warehouse_dir, tmp / "a" / "home")
         for rep in range(args.repeats):
-            clear_cache(home)
+            # A fresh warehouse and an empty cache each time: the mine stage reuses batches whose inputs did not
+            # change, so a first run over partitions already mined would mine nothing.
+            home = copy_home(warehouse_dir, tmp / "a" / "home")
             first = mine_once(home, server.base_url, "single", args.concurrency, server)
             again = mine_once(home, server.base_url, "single", args.concurrency, server)
             first["req_per_s"] = first["requests"] / first["wall_s"]
             first["fraction_of_ideal"] = first["req_per_s"] / ideal
             first["client_cpu_ms_per_request"] = 1000 * first["cpu_s"] / max(1, first["requests"])
+            first["server_cpu_ms_per_request"] = (None if first["server_cpu_s"] is None else
+                                                  1000 * first["server_cpu_s"] / max(1, first["requests"]))
+            first["load_avg"] = os.getloadavg()[0]
             again["fraction_of_first"] = again["wall_s"] / first["wall_s"]
             firsts.append(first)
             reruns.append(again)
             print(f"(a) rep {rep + 1}: {first['requests']} requests in {first['wall_s']:.2f}s = "
                   f"{first['req_per_s']:.0f} req/s = {first['fraction_of_ideal']:.3f} of ideal {ideal:.0f}; "
-                  f"client CPU {first['client_cpu_ms_per_request']:.2f} ms/request; max in flight "
+                  f"client CPU {first['client_cpu_ms_per_request']:.2f} ms/request (server "
+                  f"{_ms(first['server_cpu_ms_per_request'])}); load average {first['load_avg']:.1f}; max in flight "
                   f"{first['max_in_flight']}; accepted {first['accepted']}/{first['samples']}", flush=True)
             print(f"(c) rep {rep + 1}: re-run {again['wall_s']:.2f}s = {again['fraction_of_first']:.3f} of the first; "
                   f"{again['requests']} requests; {again['cache_hits']} cache hits", flush=True)
@@ -295,6 +314,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             fraction_of_ideal_all=[round(f["fraction_of_ideal"], 3) for f in firsts],
             wall_s_median=med(f["wall_s"] for f in firsts),
             client_cpu_ms_per_request_median=med(f["client_cpu_ms_per_request"] for f in firsts),
+            server_cpu_ms_per_request=[f["server_cpu_ms_per_request"] for f in firsts],
+            load_avg=[f["load_avg"] for f in firsts],
             max_in_flight=max(f["max_in_flight"] for f in firsts),
             floor=FLOOR_THROUGHPUT,
         )

@@ -82,10 +82,13 @@ def _record_run(wh: Warehouse, row: dict[str, Any]) -> None:
     from radchain import __version__
     from schemas.base import Lineage
 
+    from flows.locking import warehouse_lock
+
     lineage = Lineage(run_id=row["training_run_id"], batch_id=row["training_run_id"],
                       code_version=f"radchain-{__version__}/{VERSION}")
-    wh.write(TrainingRun, row["training_run_id"], [row], lineage)
-    wh.refresh_views()
+    with warehouse_lock(wh.root, purpose=f"{row['kind']} job {row['training_run_id']}"):  # held for the write only
+        wh.write(TrainingRun, row["training_run_id"], [row], lineage)
+        wh.refresh_views()
 
 
 def _run_job(kind: str, training_run_id: str, config: str, version: str, rows: list[dict], skipped: int,
@@ -181,7 +184,11 @@ def evaluate_flow(checkpoint: str, dataset_version: str | None = None, max_per_t
     with preds.open("w", encoding="utf-8") as fh:
         for r, o in zip(rows, outputs, strict=True):
             fh.write(json.dumps({"sample_id": r["sample_id"], "output": o}) + "\n")
-    eval_id, results = score_outputs(wh, preds, model=model_name or Path(checkpoint).parent.name, checkpoint=checkpoint)
+    from flows.locking import warehouse_lock
+
+    with warehouse_lock(wh.root, purpose="evaluation: writing fct_eval_results"):
+        eval_id, results = score_outputs(wh, preds, model=model_name or Path(checkpoint).parent.name,
+                                         checkpoint=checkpoint)
     chart = publish_eval(results, out_dir / "eval.png", key="eval-results")
     return dict(eval_id=eval_id, predictions=str(preds), chart=str(chart), n=len(rows), skipped=skipped, results=results)
 

@@ -110,7 +110,7 @@ def test_single_protocol_is_one_call(server):
     assert outcome.accepted, outcome.failures
     assert server.requests == 1
     assert [c["stage"] for c in outcome.llm_calls] == ["single"]
-    assert (outcome.extractor, outcome.protocol, outcome.prompt_version) == ("llm", "single", "single-v1")
+    assert (outcome.extractor, outcome.protocol, outcome.prompt_version) == ("llm", "single", "single-v2")
     assert outcome.model == "gpt-4o-2024-08-06" and outcome.refine_rounds == 0
     assert outcome.request_hashes == [outcome.llm_calls[0]["request_hash"]]
     assert outcome.chain.steps[-1].kind == "conclusion"
@@ -168,8 +168,11 @@ def test_refinement_when_verify_fails_then_passes(server):
 
 
 def test_refinement_is_bounded_and_failures_are_kept(server):
-    def never(chain, item):
-        return [VerificationFailure("LEAKAGE", "mentions the report", 0)]
+    checks = []
+
+    def never(chain, item):  # a different complaint each time, so no refinement request repeats another
+        checks.append(1)
+        return [VerificationFailure("LEAKAGE", f"mentions the report (check {len(checks)})", 0)]
 
     outcome = mine(extractor(server, "single", refine_rounds=2), never)
     assert not outcome.accepted and outcome.chain is None
@@ -177,6 +180,19 @@ def test_refinement_is_bounded_and_failures_are_kept(server):
     assert [c["stage"] for c in outcome.llm_calls] == ["single", "refine", "refine"]
     assert [f.code for f in outcome.failures] == ["LEAKAGE"]
     assert ReasoningChain.model_validate_json(outcome.raw_output)  # the last raw reply, for the dead-letter table
+
+
+def test_refinement_stops_instead_of_repeating_a_request(server):
+    """The fake model answers every refinement with the same chain and the verifier gives the same failures:
+    a second round would be byte-identical to the first, so it is not sent."""
+    def never(chain, item):
+        return [VerificationFailure("LEAKAGE", "mentions the report", 0)]
+
+    outcome = mine(extractor(server, "single", refine_rounds=3), never)
+    assert not outcome.accepted and outcome.refine_rounds == 1
+    assert [c["stage"] for c in outcome.llm_calls] == ["single", "refine"] and server.requests == 2
+    assert len({c["request_hash"] for c in outcome.llm_calls}) == 2
+    assert [f.code for f in outcome.failures] == ["LEAKAGE"]
 
 
 def test_ungrounded_chain_is_refined_into_a_grounded_one(server):
@@ -276,11 +292,11 @@ def test_temporal_prior_report_is_included(server):
 
 def test_templates_render_without_leftover_placeholders():
     templates = PromptTemplates(PROMPTS_DIR)
-    assert {"single-v1", "paper-v1"} <= set(templates.versions())
+    assert {"single-v1", "single-v2", "paper-v1"} <= set(templates.versions())
     values = dict(task="binary", question="Q?", options_block="Options:\nA) Yes", answer="A) Yes",
                   labels_block="- x", report_block=fence("r"), prior_block="", plan="1. p", chain="{}",
                   failures="- [X] y")
-    parts = {"single-v1": ["system", "user", "feedback"],
+    parts = {"single-v1": ["system", "user", "feedback"], "single-v2": ["system", "user", "feedback"],
              "paper-v1": ["plan.system", "plan.user", "steps.system", "steps.user", "refine.system", "refine.user",
                           "feedback"]}
     for version, names in parts.items():

@@ -148,6 +148,22 @@ def test_dropped_connections_are_retried_then_reported():
     assert result.calls[0]["attempts"] == 3
 
 
+def test_backoff_comes_from_settings(server):
+    settings = llm_settings_for(server, api_key=SECRET, backoff_initial_s=0.03, backoff_max_s=0.07)
+    client = LLMClient(settings)
+    assert (client.backoff_initial_s, client.backoff_max_s) == (0.03, 0.07)
+    # Exponential from the initial value, capped (jitter included) at the maximum.
+    waits = [client.backoff_s(None, n) for n in range(1, 8)]
+    assert 0.03 <= waits[0] <= 0.06 and all(w <= 0.07 for w in waits) and max(waits) == 0.07
+    server.enqueue_faults("server_error", "server_error")
+    t0 = time.perf_counter()
+    assert one(client).ok
+    assert time.perf_counter() - t0 < 1.0  # not the default 1 s + 2 s of backoff
+    assert LLMClient(settings, backoff_initial_s=0.5).backoff_initial_s == 0.5  # an argument overrides
+    defaults = LLMClient(llm_settings_for(server, api_key=SECRET))
+    assert (defaults.backoff_initial_s, defaults.backoff_max_s) == (1.0, 30.0)
+
+
 def test_auth_errors_are_not_retried():
     with FakeOpenAIServer(api_key="the-right-key") as srv:
         result = one(make_client(srv, api_key="a-wrong-key"))

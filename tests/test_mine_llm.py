@@ -33,7 +33,7 @@ import pytest
 CORPUS_STUDIES = 60
 CORPUS_SEED = 7
 BATCH_SIZE = 40  # reports per ingest partition -> two mine batches
-FAULT_SEED = 1
+FAULT_SEED = 3
 FAULTS = dict(rate_limit=0.05, server_error=0.02, timeout=0.01, malformed_json=0.02, schema_invalid=0.02,
               ungrounded=0.02, contradiction=0.02)
 CLIENT_TIMEOUT_S = 2.0
@@ -43,6 +43,9 @@ LLM_ENV = {
     "RADCHAIN_LLM_REQUESTS_PER_MINUTE": "0",  # 0 = no limit
     "RADCHAIN_LLM_TOKENS_PER_MINUTE": "0",
     "RADCHAIN_BATCH_SIZE": str(BATCH_SIZE),
+    # Small backoffs (LLMSettings.backoff_*): 500s and timeouts are retried without the production 1 s+ waits.
+    "RADCHAIN_LLM_BACKOFF_INITIAL_S": "0.02",
+    "RADCHAIN_LLM_BACKOFF_MAX_S": "0.2",
 }
 LINEAGE_RUN = "run_id"
 
@@ -104,6 +107,7 @@ def mined(tmp_path_factory):
             reset_settings_cache()
             assert get_settings().llm.base_url == server.base_url
             assert get_settings().llm.timeout_s == CLIENT_TIMEOUT_S
+            assert (get_settings().llm.backoff_initial_s, get_settings().llm.backoff_max_s) == (0.02, 0.2)
 
             # Run 1: the real Prefect flow, the LLM extractor chosen through ctx.options.
             results1 = pipeline_flow(stages=["mine"], options={"extractor": "llm", "show_progress": False})
@@ -118,20 +122,24 @@ def mined(tmp_path_factory):
             run1["run_id"] = run1["run_id"][0]
             run1["calls"] = _mine_calls(wh, run1["run_id"])
 
-            # Run 2: the same samples again (stage functions called directly this time).
-            server.reset_counters()
-            ctx2 = make_context(source=SourceSpec(path=corpus), extractor="llm", show_progress=False)
-            results2 = run_stages(ctx2, ["mine"])
-            run2 = dict(
-                requests=server.requests, bodies=list(server.bodies), results=results2["mine"], run_id=ctx2.run_id,
-                chains=wh.read("int_chains"), steps=wh.read("int_chain_steps"), rejections=_mine_rejections(wh),
-                calls=_mine_calls(wh, ctx2.run_id),
-            )
+            # Run 2: the same samples again (stage functions called directly this time): unchanged batches are
+            # reused. Run 3: the same with reuse switched off (options["force"]): every answer from the cache.
+            runs = {}
+            for n, options in ((2, {}), (3, {"force": True})):
+                server.reset_counters()
+                ctx_n = make_context(source=SourceSpec(path=corpus), extractor="llm", show_progress=False, **options)
+                results_n = run_stages(ctx_n, ["mine"])
+                runs[n] = dict(
+                    requests=server.requests, bodies=list(server.bodies), results=results_n["mine"],
+                    run_id=ctx_n.run_id, chains=wh.read("int_chains"), steps=wh.read("int_chain_steps"),
+                    rejections=_mine_rejections(wh), calls=_mine_calls(wh, ctx_n.run_id),
+                    audit=wh.read("audit_stage_counts").filter(pl.col("stage") == "mine"),
+                )
         finally:
             server.stop()
             reset_settings_cache()
-    yield dict(ctx=ctx, wh=wh, samples=samples, responder=responder, run1=run1, run2=run2, root=root,
-               pristine=pristine)
+    yield dict(ctx=ctx, wh=wh, samples=samples, responder=responder, run1=run1, run2=runs[2], run3=runs[3],
+               root=root, pristine=pristine)
 
 
 # ---- run 1: faults everywhere, every sample accounted for -------------------------------------------
@@ -163,7 +171,7 @@ def test_every_sample_is_accepted_or_dead_lettered(mined):
 
 
 def test_no_duplicate_rows(mined):
-    for run in (mined["run1"], mined["run2"]):
+    for run in (mined["run1"], mined["run2"], mined["run3"]):
         chains, steps, rej = run["chains"], run["steps"], run["rejections"]
         assert chains["chain_id"].n_unique() == chains.height
         assert chains["sample_id"].n_unique() == chains.height
@@ -173,18 +181,10 @@ def test_no_duplicate_rows(mined):
         check_ledger_keys(run["calls"])
 
 
-def check_ledger_keys(calls: pl.DataFrame) -> int:
-    """The ledger's key is (run_id, request_hash): every request sent is one row. The one known exception
-    (test_refine_rounds_never_repeat_an_identical_request): a refinement round byte-identical to the previous
-    one is served from the cache and adds a second, cache-hit row with the same key. Returns how many."""
-    fresh = calls.filter(~pl.col("cache_hit"))
-    assert fresh.select("run_id", "request_hash").unique().height == fresh.height
-    dup = (calls.group_by("run_id", "request_hash")
-           .agg(pl.len().alias("n"), pl.col("stage").unique().alias("stages"), pl.col("cache_hit").sum().alias("hits"))
-           .filter(pl.col("n") > 1))
-    for row in dup.iter_rows(named=True):
-        assert row["stages"] == ["refine"] and row["hits"] >= row["n"] - 1, row
-    return dup.height
+def check_ledger_keys(calls: pl.DataFrame) -> None:
+    """The ledger's key is (run_id, request_hash): every logical request is one row (a refinement round that
+    would repeat the previous request byte for byte is not made: test_refine_rounds_never_repeat_an_identical_request)."""
+    assert calls.select("run_id", "request_hash").unique().height == calls.height
 
 
 def llm_failed_samples(rejections: pl.DataFrame) -> set[str]:
@@ -212,7 +212,7 @@ def test_accepted_chains_reverify_from_the_stored_steps(mined):
         item = items[row["sample_id"]]
         assert verify_chain(chain, item) == [], row["sample_id"]
         assert chain.render() == row["text"]
-        assert (row["extractor"], row["protocol"], row["prompt_version"]) == ("llm", "single", "single-v1")
+        assert (row["extractor"], row["protocol"], row["prompt_version"]) == ("llm", "single", "single-v2")
         document = evidence_document(item)
         for step in chain.steps:
             for ev in step.evidence:
@@ -229,9 +229,8 @@ def test_llm_call_ledger(mined):
     calls, chains = run1["calls"], run1["chains"]
     # One row per logical request; every HTTP attempt the server saw is counted on one of them.
     assert calls["attempts"].sum() == run1["requests"]
-    hits = calls.filter(pl.col("cache_hit"))  # only the known refine repeat is answered from the cache in run 1
-    assert set(hits["stage"].to_list()) <= {"refine"}
-    assert set(hits["request_hash"].to_list()) <= set(calls.filter(~pl.col("cache_hit"))["request_hash"].to_list())
+    hits = calls.filter(pl.col("cache_hit"))  # run 1 starts on an empty cache and never repeats a request
+    assert hits.height == 0
     assert set(calls["status"].unique().to_list()) <= {"ok", "invalid", "error"}
     stages = Counter(calls["stage"].to_list())
     assert stages["single"] == mined["samples"].height  # the single protocol: one first call per sample
@@ -251,34 +250,136 @@ def test_llm_call_ledger(mined):
         assert hashes and set(hashes) <= ledger
 
 
-# ---- run 2: the cache answers everything ------------------------------------------------------------
-def test_rerun_makes_no_requests_and_writes_identical_rows(mined):
-    """Zero requests, identical rows. The only requests a re-run may make are for samples whose LLM call
-    failed in run 1 (a double fault: failures are not cached, by design); with FAULT_SEED there are none."""
+# ---- run 2: unchanged batches are reused; run 3 (reuse off): the cache answers everything ----------------
+def _batches_of(samples: pl.DataFrame, wh) -> dict[str, set[str]]:
+    chains = wh.read("int_chains").select("sample_id", "batch_id")
+    rejections = _mine_rejections(wh).select(pl.col("entity_id").alias("sample_id"), "batch_id")
+    out: dict[str, set[str]] = {}
+    for sample_id, batch_id in pl.concat([chains, rejections]).iter_rows():
+        out.setdefault(batch_id, set()).add(sample_id)
+    return out
+
+
+def test_rerun_reuses_unchanged_batches(mined):
+    """Run 2 mines nothing: every batch whose inputs, prompts and verifier are unchanged keeps its rows, and only
+    a new audit row is written. A batch with a sample whose LLM call failed in run 1 (a double fault; failures
+    are not cached) is mined again instead; with FAULT_SEED there is none."""
     run1, run2 = mined["run1"], mined["run2"]
     failed = llm_failed_samples(run1["rejections"])
-    asked_for = {mined["responder"].find(body)[0].sample_id for body in run2["bodies"]}
+    batches = _batches_of(mined["samples"], mined["wh"])
+    remined = {b for b, ids in batches.items() if ids & failed}
+    assert {c["sample_id"] for c in run2["calls"].to_dicts()} <= set().union(*[batches[b] for b in remined] or [set()])
+    if not failed:
+        assert run2["requests"] == 0 and run2["calls"].height == 0
+    for table, key in (("chains", "sample_id"), ("steps", "sample_id"), ("rejections", "entity_id")):
+        reused_ids = set().union(*[ids for b, ids in batches.items() if b not in remined])
+        one, two = (run[table].filter(pl.col(key).is_in(list(reused_ids))) for run in (run1, run2))
+        assert one.height == two.height > 0 or table == "rejections"
+        assert row_set_hash(one, exclude=()) == row_set_hash(two, exclude=()), table  # untouched, run_id included
+    audit = run2["audit"]
+    assert audit.height == len(run2["results"]) == len(batches)
+    assert set(audit["run_id"].to_list()) == {run2["run_id"]}
+    by_batch = {r["batch_id"]: r for r in run1["audit"].iter_rows(named=True)}
+    for row in audit.iter_rows(named=True):
+        assert row["inputs"] == row["outputs"] + row["rejected"] + row["skipped"] and row["skipped"] == 0
+        if row["batch_id"] not in remined:
+            before = by_batch[row["batch_id"]]
+            assert (row["inputs"], row["outputs"], row["rejected"]) == (
+                before["inputs"], before["outputs"], before["rejected"])
+            assert row["code_version"] == before["code_version"] and "+in." in row["code_version"]
+    for res in run2["results"]:
+        assert res.inputs == res.outputs + res.rejected + res.skipped
+
+
+def test_forced_rerun_makes_no_requests_and_writes_identical_rows(mined):
+    """Zero requests, identical rows. The only requests a re-run may make are for samples whose LLM call
+    failed in run 1 (a double fault: failures are not cached, by design); with FAULT_SEED there are none."""
+    run1, run3 = mined["run1"], mined["run3"]
+    failed = llm_failed_samples(run1["rejections"])
+    asked_for = {mined["responder"].find(body)[0].sample_id for body in run3["bodies"]}
     assert asked_for <= failed, "a re-run must not call the model for a sample whose calls completed"
     if not failed:
-        assert run2["requests"] == 0, "a re-run over the same samples must be served from the response cache"
-    calls = run2["calls"].filter(~pl.col("sample_id").is_in(list(failed)))
+        assert run3["requests"] == 0, "a re-run over the same samples must be served from the response cache"
+    calls = run3["calls"].filter(~pl.col("sample_id").is_in(list(failed)))
     assert calls.height > 0 and calls["cache_hit"].all()
     assert calls["attempts"].sum() == 0 and calls["cost_usd"].sum() == 0
     assert set(calls["request_hash"].to_list()) == set(
         run1["calls"].filter((pl.col("stage") != "repair") & ~pl.col("sample_id").is_in(list(failed)))[
             "request_hash"].to_list()
     )
-    assert run2["run_id"] != run1["run_id"]
+    assert run3["run_id"] != run1["run_id"]
     for table, key in (("chains", "sample_id"), ("steps", "sample_id"), ("rejections", "entity_id")):
-        one, two = (run[table].filter(~pl.col(key).is_in(list(failed))) for run in (run1, run2))
+        one, two = (run[table].filter(~pl.col(key).is_in(list(failed))) for run in (run1, run3))
         assert one.height == two.height
         differing = [c for c in one.columns
                      if c != LINEAGE_RUN and row_set_hash(one.select(c)) != row_set_hash(two.select(c))]
         assert differing == [], f"{table}: columns {differing} differ between runs"
         assert row_set_hash(one) == row_set_hash(two), table
-    # Both runs' ledgers are kept (spend is never erased by a re-run).
+    # Every run's ledger is kept (spend is never erased by a re-run); a reused batch makes no ledger row.
     all_calls = mined["wh"].read("int_llm_calls")
-    assert set(all_calls["run_id"].unique().to_list()) == {run1["run_id"], run2["run_id"]}
+    assert set(all_calls["run_id"].unique().to_list()) >= {run1["run_id"], run3["run_id"]}
+
+
+def test_changed_inputs_invalidate_reuse(mined, tmp_path):
+    """On a copy of the mined warehouse (and its response cache): an unchanged re-run reuses every batch; a changed
+    sample re-mines its batch only; another prompt version re-mines every batch; a run killed mid-way (only some
+    batches written by the last run) re-mines every batch."""
+    from flows.pipeline import make_context, run_stages
+    from radchain.settings import Settings
+    from radchain.testing import FakeOpenAIServer, llm_settings_for
+    from radchain.testing.chain_responder import ChainResponder
+    from schemas.vqa import VqaSample
+
+    home = tmp_path / "home"
+    shutil.copytree(mined["root"] / "home" / "warehouse", home / "warehouse")
+    shutil.copytree(mined["root"] / "home" / "cache", home / "cache")
+    settings = Settings(home=home)
+    responder = ChainResponder.from_warehouse(settings.warehouse_dir).warm()
+    with FakeOpenAIServer(responder=responder) as server:
+        settings.llm = llm_settings_for(server, max_concurrency=16, requests_per_minute=0, tokens_per_minute=0,
+                                        timeout_s=CLIENT_TIMEOUT_S)
+
+        def mine(**options):
+            ctx = make_context(settings, extractor="llm", show_progress=False, **options)
+            before = server.requests
+            results = run_stages(ctx, ["mine"])["mine"]
+            calls = _mine_calls(ctx.warehouse, ctx.run_id)
+            return ctx, results, server.requests - before, set(calls["sample_id"].to_list())
+
+        ctx, results, requests, called = mine()
+        wh = ctx.warehouse
+        batches = _batches_of(wh.read("int_vqa_samples"), wh)
+        assert len(batches) >= 2 and requests == 0 and called == set()
+
+        # One sample's question changes: its batch (only) is mined again.
+        samples = wh.read("int_vqa_samples")
+        target = samples.sort("sample_id").row(0, named=True)
+        part = samples.filter(pl.col("task") == target["task"])
+        edited = part.with_columns(pl.when(pl.col("sample_id") == target["sample_id"])
+                                   .then(pl.col("question") + " (edited)").otherwise(pl.col("question"))
+                                   .alias("question"))
+        wh.write(VqaSample, target["task"], edited, ctx.lineage(part["batch_id"][0], "tasks-v1"))
+        target_batch = next(b for b, ids in batches.items() if target["sample_id"] in ids)
+        _, results, requests, called = mine()
+        assert called == batches[target_batch]
+        assert requests >= 1  # the edited question is a new request; the rest of its batch comes from the cache
+        assert sum(r.inputs for r in results) == samples.height
+
+        _, _, requests, called = mine()  # and then it is reused again
+        assert requests == 0 and called == set()
+
+        # Another prompt version: every batch is mined again (and then reused).
+        _, results, requests, called = mine(prompt_version="single-v1")
+        assert called == set(samples["sample_id"].to_list()) and requests > 0
+        assert set(wh.read("int_chains")["prompt_version"].to_list()) == {"single-v1"}
+        _, _, requests, called = mine(prompt_version="single-v1")
+        assert requests == 0 and called == set()
+
+        # A run that did not finish every batch (here: one batch's audit row is gone) leaves nothing reusable.
+        wh.delete_partitions("audit_stage_counts", keep=[p for p in wh.partitions("audit_stage_counts")
+                                                         if p != f"mine-{target_batch}"], prefix="mine-")
+        _, results, requests, called = mine(prompt_version="single-v1")
+        assert requests == 0 and called == set(samples["sample_id"].to_list())  # re-derived from the cache
 
 
 # ---- paper versus single ---------------------------------------------------------------------------
@@ -328,11 +429,7 @@ def test_paper_protocol_makes_three_calls_per_sample_and_single_one(mined, tmp_p
     assert tokens["single"] <= 0.6 * tokens["paper"], tokens
 
 
-# ---- a refinement bug found here -------------------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason=(
-    "llm_backend refines with only the last chain + feedback: when a refine round returns the same failing "
-    "chain again, the next round is byte-identical to the previous one, so it is a cache hit returning the "
-    "same bad chain (a wasted round, and two int_llm_calls rows with the same (run_id, request_hash) key)"))
+# ---- refinement: a round that would repeat the previous request is not sent -----------------------
 def test_refine_rounds_never_repeat_an_identical_request(mined):
     from extractors.chains.llm_backend import LLMChainExtractor
     from extractors.chains.verify import verify_chain
@@ -353,3 +450,7 @@ def test_refine_rounds_never_repeat_an_identical_request(mined):
         outcome = asyncio.run(go())
     hashes = [c["request_hash"] for c in outcome.llm_calls]
     assert len(hashes) == len(set(hashes)), [(c["stage"], c["cache_hit"]) for c in outcome.llm_calls]
+    # The first refinement got the same ungrounded chain back: the second round would have been identical.
+    assert [c["stage"] for c in outcome.llm_calls] == ["single", "refine"]
+    assert outcome.refine_rounds == 1 and not outcome.accepted
+    assert not any(c["cache_hit"] for c in outcome.llm_calls)

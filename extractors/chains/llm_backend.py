@@ -1,6 +1,7 @@
 """Chain mining with an LLM: the "single" protocol (default) and the release's "paper" protocol.
 
-``single`` (prompt version ``single-v1``): one structured call writes the plan and the
+``single`` (prompt version ``single-v2``; ``single-v1`` is kept for reproducibility: v2 is
+the same instructions with a shorter system prompt): one structured call writes the plan and the
 evidence steps in the ReasoningChain schema, given the report, the question, the answer
 and the study's labels for the findings asked about.
 
@@ -13,7 +14,9 @@ transitions, drop irrelevant steps, end at the answer). The release stops there 
 whatever parses. Here both protocols then go through the same acceptance rule: the chain
 is verified, and each failing chain gets up to ``refine_rounds`` ``refine`` calls that send
 the verifier's failure codes and details back (the last chain plus the feedback, not the
-whole history, so prompts stay bounded). With ``refine_rounds=0`` the paper protocol
+whole history, so prompts stay bounded). A round whose request would repeat an earlier one
+byte for byte (the model answered with the same failing chain) is not sent: refinement stops
+there and the sample is dead-lettered. With ``refine_rounds=0`` the paper protocol
 makes exactly the release's three calls.
 
 Reports go into prompts as fenced, quoted data, and every system prompt says text inside
@@ -39,7 +42,7 @@ Grounder = Callable[[ReasoningChain, MiningInput], ReasoningChain]
 
 PROMPTS_DIR = Path(__file__).parent / "prompts"
 PROTOCOLS = ("single", "paper")
-DEFAULT_PROMPT_VERSIONS = {"single": "single-v1", "paper": "paper-v1"}
+DEFAULT_PROMPT_VERSIONS = {"single": "single-v2", "paper": "paper-v1"}
 
 # How a label is turned into the status a chain must state (unmentioned = normal = absent).
 _STATUS_OF_LABEL = {"positive": "present", "negative": "absent", "uncertain": "uncertain", "not_mentioned": "absent"}
@@ -152,10 +155,17 @@ class LLMChainExtractor:
         failures = verify(chain, item)
         rounds = 0
         last_text = result.text
+        sent: set[tuple[str, str]] = set()  # (chain, feedback) of each refinement request already made
         while failures and rounds < self.refine_rounds:
-            rounds += 1
             feedback = self.templates.render(self.prompt_version, "feedback", failures=failures_block(failures))
-            refine_messages = [*messages, {"role": "assistant", "content": chain_json(chain)},
+            turn = (chain_json(chain), feedback)
+            if turn in sent:
+                # The model answered the last refinement with the same failing chain: the next request would be
+                # byte-identical to the previous one (a cache hit returning that chain again). Stop here.
+                break
+            sent.add(turn)
+            rounds += 1
+            refine_messages = [*messages, {"role": "assistant", "content": turn[0]},
                                {"role": "user", "content": feedback}]
             refined = await self._structured(refine_messages, "refine", item, outcome)
             if refined.parsed is None:

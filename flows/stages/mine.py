@@ -4,20 +4,37 @@ Samples are processed in batches grouped by the ingest partition of their study,
 reads one partition of reports and labels. The LLM backend runs a batch's samples
 concurrently (bounded by the client); every call lands in int_llm_calls, and the response
 cache makes a re-run (or a run resumed after a crash) repeat no completed call.
+
+A batch whose inputs did not change is not mined again (LLM extractor): its *input hash*
+covers the rows ``load_inputs`` reads for it (samples, report texts, labels, prior reports),
+the extractor settings that shape the answers (protocol, prompt version and template text,
+model, temperature, refinement rounds, output schema, PHI guard settings) and the
+verifier (its module source: reason codes and bounds). It is kept in the batch's lineage
+(``code_version`` = ``radchain-<version>/mine-v1+in.<hash>``). A batch is reused when the
+last run of the stage wrote every batch of the current plan (a run resumed after a crash
+re-derives its batches, from the response cache), its audit row, chains and rejections carry
+this hash with matching counts, and none of its rejections is an LLM call failure (those
+were not cached, so a re-run asks again). A reused batch writes only a new audit row
+(outputs and rejections as stored, skipped 0); ``options["force"]`` turns reuse off.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import inspect
+import json
 import time
 from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
 from typing import Any
 
 import polars as pl
 
 from extractors.chains.types import LabelEvidence, MiningInput, MiningOutcome
 from flows.stages.common import BatchResult, RunContext, record_batch, rejection
-from schemas.base import stable_id
+from schemas.audit import StageCount
+from schemas.base import Lineage, stable_id
 from schemas.chains import ChainRow, ChainStepRow
 from schemas.llm import LlmCall
 
@@ -43,7 +60,19 @@ def plan(ctx: RunContext) -> list[dict[str, Any]]:
         .sort("report_batch")
         .collect()
     )
-    return [dict(batch_id=r["report_batch"], sample_ids=r["sample_id"]) for r in grouped.iter_rows(named=True)]
+    batches = [dict(batch_id=r["report_batch"], sample_ids=r["sample_id"]) for r in grouped.iter_rows(named=True)]
+    if batches and _last_run_complete(ctx, [b["batch_id"] for b in batches]):
+        for b in batches:
+            b["reusable"] = True
+    return batches
+
+
+def _last_run_complete(ctx: RunContext, batch_ids: list[str]) -> bool:
+    """Did one run of this stage write the audit row of every batch of the plan (it was not killed mid-way)?"""
+    audit = (ctx.warehouse.scan("audit_stage_counts").filter(pl.col("stage") == NAME)
+             .select("batch_id", "run_id").collect())
+    runs = dict(audit.iter_rows())
+    return all(b in runs for b in batch_ids) and len({runs[b] for b in batch_ids}) == 1
 
 
 def _labels_by_study(frame: pl.DataFrame) -> dict[str, dict[str, LabelEvidence]]:
@@ -131,8 +160,10 @@ def _extract_llm(ctx: RunContext, items: list[MiningInput], progress: Callable[[
 
     async def run_all() -> list[MiningOutcome]:
         cache = SQLiteResponseCache.from_settings(ctx.settings)
-        async with LLMClient(llm, cache=cache, request_guard=guard) as client:
-            extractor = LLMChainExtractor(client, protocol=ctx.options.get("protocol") or llm.protocol)
+        async with LLMClient(llm, cache=cache, request_guard=guard, backoff_initial_s=llm.backoff_initial_s,
+                             backoff_max_s=llm.backoff_max_s) as client:
+            extractor = LLMChainExtractor(client, protocol=ctx.options.get("protocol") or llm.protocol,
+                                          prompt_version=ctx.options.get("prompt_version"))
 
             async def one(it: MiningInput) -> MiningOutcome:
                 CURRENT_SAMPLE.set(it.sample_id)  # this task's own context: tells the guard whose request it saw
@@ -143,7 +174,12 @@ def _extract_llm(ctx: RunContext, items: list[MiningInput], progress: Callable[[
 
             return list(await asyncio.gather(*(one(it) for it in items)))
 
-    return [_phi_outcome(o, guard, llm.base_url) for o in asyncio.run(run_all())]
+    from flows.locking import llm_slots
+
+    # Slots of the global "llm-calls" limit (created by `radchain serve`), shared by every worker.
+    with llm_slots(min(len(items), llm.max_concurrency), ctx.settings):
+        outcomes = asyncio.run(run_all())
+    return [_phi_outcome(o, guard, llm.base_url) for o in outcomes]
 
 
 def _phi_outcome(outcome: MiningOutcome, guard: Any, base_url: str | None) -> MiningOutcome:
@@ -187,11 +223,113 @@ def outcome_rows(outcomes: list[MiningOutcome], by_id: dict[str, MiningInput]) -
     return chains, steps, calls, rejected
 
 
+# ---- reusing an unchanged batch ------------------------------------------------------------------
+_LINEAGE_COLS = frozenset(Lineage.model_fields)
+_VERIFIER_FINGERPRINT: str | None = None
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+
+
+def verifier_fingerprint() -> str:
+    """A digest of the verifier: its reason codes, bounds and code (a change re-mines every batch)."""
+    global _VERIFIER_FINGERPRINT
+    if _VERIFIER_FINGERPRINT is None:
+        from extractors.chains import verify
+
+        parts = [_canonical(list(verify.REASON_CODES)),
+                 _canonical([verify.MIN_STEPS, verify.MAX_STEPS, verify.MAX_STEP_CHARS, verify.MAX_CHAIN_CHARS,
+                             verify.MIN_QUOTE_CHARS]),
+                 inspect.getsource(verify)]
+        _VERIFIER_FINGERPRINT = hashlib.sha256("\x00".join(parts).encode()).hexdigest()
+    return _VERIFIER_FINGERPRINT
+
+
+def _labels_json(labels: dict[str, LabelEvidence] | None) -> Any:
+    if labels is None:
+        return None
+    return [[k, v.value, v.sentence, v.start, v.end] for k, v in sorted(labels.items())]
+
+
+def llm_extractor_config(ctx: RunContext) -> dict[str, Any]:
+    """What, besides the inputs, decides a batch's LLM-mined rows."""
+    from extractors.chains.llm_backend import DEFAULT_PROMPT_VERSIONS, PROMPTS_DIR
+    from extractors.llm.hashing import schema_version
+    from extractors.phi import PhiGuard
+    from schemas.chains import ReasoningChain
+
+    llm = ctx.settings.llm
+    protocol = ctx.options.get("protocol") or llm.protocol
+    version = ctx.options.get("prompt_version") or DEFAULT_PROMPT_VERSIONS.get(protocol, "")
+    templates = {p.name: p.read_text(encoding="utf-8") for p in sorted(PROMPTS_DIR.glob(f"{version}.*.txt"))}
+    return dict(
+        stage=VERSION, extractor="llm", protocol=protocol, prompt_version=version,
+        templates=hashlib.sha256(_canonical(templates).encode()).hexdigest(), model=llm.model,
+        temperature=llm.temperature, refine_rounds=llm.refine_rounds, schema=schema_version(ReasoningChain),
+        verifier=verifier_fingerprint(),
+        phi=[llm.phi_allow_hosts, llm.phi_allow_all, llm.phi_enforce_loopback,
+             PhiGuard.from_settings(llm).applies_to(llm.base_url)],
+    )
+
+
+def batch_input_hash(items: list[MiningInput], rejected: list[dict], config: dict[str, Any]) -> str:
+    """SHA-256 over a batch's inputs (as load_inputs read them, lineage columns left out) and ``config``."""
+    h = hashlib.sha256(_canonical(config).encode())
+    for it in sorted(items, key=lambda i: i.sample_id):
+        sample = {k: v for k, v in it.sample.items() if k not in _LINEAGE_COLS}
+        h.update(b"\x00")
+        h.update(_canonical([sample, it.report, _labels_json(it.labels), it.prior_report,
+                             _labels_json(it.prior_labels)]).encode())
+    h.update(_canonical(sorted(r["entity_id"] for r in rejected)).encode())
+    return h.hexdigest()
+
+
+def _reuse(ctx: RunContext, batch: dict[str, Any], stage_version: str, started: float) -> BatchResult | None:
+    """The batch's stored result when it was produced from the same inputs; else None (mine it)."""
+    wh, batch_id = ctx.warehouse, batch["batch_id"]
+    code_version = ctx.lineage(batch_id, stage_version).code_version
+    audit = (wh.scan("audit_stage_counts").filter((pl.col("stage") == NAME) & (pl.col("batch_id") == batch_id))
+             .collect())
+    if audit.height != 1 or audit["code_version"][0] != code_version:
+        return None
+    row = audit.row(0, named=True)
+    if row["inputs"] != len(batch["sample_ids"]) or row["skipped"] != 0:
+        return None
+    partition = f"{NAME}-{batch_id}"
+    if partition not in wh.partitions("int_rejections") or batch_id not in wh.partitions("int_chains"):
+        return None
+    rejections = (wh.scan("int_rejections").filter((pl.col("stage") == NAME) & (pl.col("batch_id") == batch_id))
+                  .select("code_version", "reason_code").collect())
+    chains = wh.scan("int_chains").filter(pl.col("batch_id") == batch_id).select("code_version", "chain_id").collect()
+    steps = wh.scan("int_chain_steps").filter(pl.col("batch_id") == batch_id).select("chain_id").unique().collect()
+    if (chains.height != row["outputs"] or rejections.height != row["rejected"]
+            or set(chains["code_version"].to_list()) - {code_version}
+            or set(rejections["code_version"].to_list()) - {code_version}
+            or steps.height != chains.height
+            or rejections["reason_code"].str.contains("LLM_").any()):  # failed calls were not cached: ask again
+        return None
+    result = BatchResult(NAME, batch_id, row["inputs"], row["outputs"], row["rejected"], 0, 0.0)
+    result.wall_s = time.perf_counter() - started
+    wh.write(StageCount, partition, [dict(stage=NAME, inputs=result.inputs, outputs=result.outputs,
+                                          rejected=result.rejected, skipped=0, wall_s=result.wall_s,
+                                          finished_at=datetime.now(UTC))],
+             ctx.lineage(batch_id, stage_version))
+    return result
+
+
 def run_batch(ctx: RunContext, batch: dict[str, Any], progress: Callable[[int], None] | None = None) -> BatchResult:
     started = time.perf_counter()
     progress = progress or ctx.options.get("progress") or (lambda n: None)
     items, rejected = load_inputs(ctx, batch["sample_ids"])
+    stage_version = VERSION
     if choose_extractor(ctx) == "llm":
+        stage_version = f"{VERSION}+in.{batch_input_hash(items, rejected, llm_extractor_config(ctx))[:20]}"
+        if batch.get("reusable") and not ctx.options.get("force"):
+            reused = _reuse(ctx, batch, stage_version, started)
+            if reused is not None:
+                progress(len(batch["sample_ids"]))
+                return reused
         items, flagged = screen_phi(ctx, items)
         rejected += flagged
         progress(len(flagged))
@@ -203,7 +341,7 @@ def run_batch(ctx: RunContext, batch: dict[str, Any], progress: Callable[[int], 
         # The call ledger is per run (cache hits included), so a re-run never erases the record of spend.
         ctx.warehouse.write(LlmCall, f"{batch['batch_id']}--{ctx.run_id}", calls, ctx.lineage(batch["batch_id"], VERSION))
     return record_batch(
-        ctx, stage=NAME, stage_version=VERSION, batch_id=batch["batch_id"], started=started,
+        ctx, stage=NAME, stage_version=stage_version, batch_id=batch["batch_id"], started=started,
         frames={ChainRow: chains, ChainStepRow: steps},
         rejections=rejected + failed, inputs=len(batch["sample_ids"]), outputs=len(chains),
     )
