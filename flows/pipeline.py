@@ -1,17 +1,34 @@
-"""The radchain pipeline as a Prefect flow: each stage plans batches, each batch is a task run."""
+"""The radchain pipeline as a Prefect flow: each stage plans batches, each batch is a task run.
+
+By default the batches of a stage run one after another in the flow's process. With
+``options={"runner": "dask"}`` (``radchain run --runner dask``) they are submitted as task runs
+to a Dask cluster through prefect-dask and gathered before the stage's ``finalize``; a flow
+given another task runner (``pipeline_flow.with_options(task_runner=RayTaskRunner(...))``)
+fans out on that one. See flows/runners.py.
+"""
 
 from __future__ import annotations
 
 import importlib
+import logging
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from typing import Any
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import MissingContextError
 from prefect.runtime import flow_run
 
+from flows.locking import warehouse_lock
+from flows.runners import (
+    RunnerSpec,
+    StageRunner,
+    open_task_runner,
+    submitting_stage_runner,
+)
 from flows.stages.common import BatchResult, RunContext, SourceSpec
 from radchain.settings import Settings, get_settings
 from warehouse import Warehouse
@@ -25,6 +42,8 @@ STAGE_MODULES = {
     "datasets": "flows.stages.datasets",
 }
 ALL_STAGES = tuple(STAGE_MODULES)
+# Seconds per stage of the most recent pipeline flow run in this process (benchmarks read it).
+LAST_STAGE_WALLS: dict[str, float] = {}
 
 
 def stage_module(name: str) -> Any:
@@ -47,9 +66,14 @@ def run_stages(
     batch_runner: Callable[[str, RunContext, Any], BatchResult] | None = None,
     finalizer: Callable[[str, RunContext], BatchResult | None] | None = None,
     on_stage: Callable[[str, list[BatchResult], float], None] | None = None,
+    stage_runner: StageRunner | None = None,
 ) -> dict[str, list[BatchResult]]:
     """Run stages in DAG order. With no runners given, stage functions are called directly
-    (benchmarks use this to measure orchestration overhead)."""
+    (benchmarks use this to measure orchestration overhead).
+
+    ``batch_runner`` runs one batch at a time, in this process. ``stage_runner`` instead gets all
+    of a stage's batches at once (to fan them out) and returns their results; either way every
+    batch of a stage finishes before its ``finalize`` and before the next stage starts."""
     batch_runner = batch_runner or (lambda s, c, b: stage_module(s).run_batch(c, b))
     finalizer = finalizer or (lambda s, c: stage_module(s).finalize(c))
     results: dict[str, list[BatchResult]] = {}
@@ -64,9 +88,14 @@ def run_stages(
             from flows.progress import StageProgress
 
             progress = StageProgress(name, sum(len(b["sample_ids"]) for b in batches))
-            ctx.options["progress"] = progress
         try:
-            out = [batch_runner(name, ctx, b) for b in batches]
+            if stage_runner is not None:
+                # Remote batches cannot call back into this process: the runner ticks per batch.
+                out = stage_runner(name, ctx, batches, progress)
+            else:
+                if progress is not None:
+                    ctx.options["progress"] = progress
+                out = [batch_runner(name, ctx, b) for b in batches]
         finally:
             if progress is not None:
                 progress.close()
@@ -99,18 +128,44 @@ def pipeline_flow(
     stages: list[str] = list(ALL_STAGES),
     options: dict[str, Any] | None = None,
 ) -> dict[str, list[BatchResult]]:
+    """Run the stages; ``options`` are stage options plus the runner (``runner``: default | dask,
+    ``dask_address``, ``dask_workers``; see flows/runners.py)."""
     unknown = [s for s in stages if s not in STAGE_MODULES]
     if unknown:
         raise ValueError(f"unknown stages {unknown}; known: {', '.join(ALL_STAGES)}")
+    spec = RunnerSpec.from_options(options)
     run_id = str(flow_run.get_id() or uuid.uuid4())
-    ctx = make_context(source=source, run_id=run_id, **(options or {}))
-    results = run_stages(
-        ctx,
-        stages,
-        batch_runner=lambda s, c, b: run_batch_task.with_options(name=f"{s}-batch")(s, c, b),
-        finalizer=lambda s, c: finalize_task.with_options(name=f"{s}-finalize")(s, c),
-    )
-    from flows import artifacts
+    # One writer per warehouse: a second run waits (RADCHAIN_LOCK_TIMEOUT_S), then fails naming the holder.
+    with warehouse_lock(get_settings().warehouse_dir, purpose=f"pipeline run {run_id}"):
+        ctx = make_context(source=source, run_id=run_id, **(options or {}))
+        logger = _logger()
+        LAST_STAGE_WALLS.clear()
+        finalizer = lambda s, c: finalize_task.with_options(name=f"{s}-finalize")(s, c)
+        with ExitStack() as stack:
+            task_runner = open_task_runner(spec, stack)
+            where = spec.describe() if task_runner is None or spec.kind == "dask" else type(task_runner).__name__
 
-    artifacts.publish_run_artifacts(ctx, results)
+            def on_stage(name: str, out: list[BatchResult], wall: float) -> None:
+                LAST_STAGE_WALLS[name] = wall
+                logger.info("stage %s: %d batch results in %.2f s (%s)", name, len(out), wall, where)
+
+            if task_runner is None:
+                results = run_stages(
+                    ctx, stages,
+                    batch_runner=lambda s, c, b: run_batch_task.with_options(name=f"{s}-batch")(s, c, b),
+                    finalizer=finalizer, on_stage=on_stage,
+                )
+            else:
+                results = run_stages(ctx, stages, stage_runner=submitting_stage_runner(task_runner, run_batch_task),
+                                     finalizer=finalizer, on_stage=on_stage)
+        from flows import artifacts
+
+        artifacts.publish_run_artifacts(ctx, results)
     return results
+
+
+def _logger() -> logging.Logger | logging.LoggerAdapter:
+    try:
+        return get_run_logger()
+    except MissingContextError:  # the flow function called outside a flow run
+        return logging.getLogger("radchain.pipeline")

@@ -62,6 +62,10 @@ class Warehouse:
                 self._atomic_write(schema.empty_table(), schema_file)
             for stale in d.glob(".*.tmp-*"):
                 # A temporary file is left only by a writer that crashed before its rename.
+                if _writer_gone(stale):
+                    stale.unlink(missing_ok=True)
+        for stale in self.root.glob(f".{self.duckdb_path.name}.tmp-*"):  # a views file (+ .wal) of a killed writer
+            if _writer_gone(stale):
                 stale.unlink(missing_ok=True)
         self.refresh_views()
         return self
@@ -222,3 +226,21 @@ class Warehouse:
 def _without(schema: pa.Schema, names: Iterable[str]) -> pa.Schema:
     drop = set(names)
     return pa.schema([f for f in schema if f.name not in drop])
+
+
+def _writer_gone(tmp: Path) -> bool:
+    """True when the process named in a temporary file's name (``.tmp-<pid>``) no longer runs.
+
+    A live writer's file must survive: ``ensure`` may run in another process (a training job,
+    a Dask worker) while a pipeline is still writing.
+    """
+    m = re.search(r"\.tmp-(\d+)", tmp.name)
+    if m is None:
+        return True
+    try:
+        os.kill(int(m.group(1)), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):
+        return False
+    return False

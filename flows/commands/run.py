@@ -35,6 +35,15 @@ def register(app: typer.Typer) -> None:
         config: str = typer.Option("tiny-cpu", help="training config for --train"),
         max_examples: int | None = typer.Option(64, help="--train: cap training rows (smoke-sized by default)"),
         max_eval_per_task: int | None = typer.Option(10, help="--train: cap benchmark samples per task"),
+        runner: str = typer.Option("default", help="where a stage's batches run: default (one after another "
+                                                   "in this process) | dask (a Dask cluster, through prefect-dask)"),
+        dask_address: str | None = typer.Option(None, "--dask-address",
+                                                help="--runner dask: scheduler of an existing cluster, e.g. "
+                                                     "tcp://host:8786 (default: a local cluster, one worker "
+                                                     "process per core)"),
+        dask_workers: int | None = typer.Option(None, "--dask-workers",
+                                                help="--runner dask without --dask-address: worker processes "
+                                                     "of the local cluster (default: cores)"),
     ) -> None:
         """Run the pipeline stages as a Prefect flow and print per-stage counts."""
         from radchain.runtime import prepare_environment
@@ -56,6 +65,15 @@ def register(app: typer.Typer) -> None:
             raise UsageError(f"unknown stages {unknown}; choose from {', '.join(ALL_STAGES)}")
         if extractor not in ("auto", "rules", "llm"):
             raise UsageError("--extractor must be rules, llm or auto")
+        options: dict = {"extractor": extractor}
+        if runner != "default" or dask_address or dask_workers is not None:
+            from flows.runners import RunnerError, RunnerSpec
+
+            options.update(runner=runner, dask_address=dask_address, dask_workers=dask_workers)
+            try:
+                RunnerSpec.from_options(options)
+            except RunnerError as e:
+                raise UsageError(f"--runner: {e}") from None
 
         if source is None:
             source = ensure_demo_corpus(settings.demo_corpus_dir, demo_studies, settings.seed)
@@ -66,7 +84,7 @@ def register(app: typer.Typer) -> None:
             impression_col=impression_col, patient_col=patient_col, split_col=split_col, date_col=date_col,
             image_col=image_col,
         )
-        results = pipeline_flow(source=spec, stages=chosen, options={"extractor": extractor})
+        results = pipeline_flow(source=spec, stages=chosen, options=options)
 
         import pyarrow as pa
 
