@@ -28,7 +28,7 @@ with reason codes rather than papered over.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +40,14 @@ from extractors.chains.knowledge import (
     mention_phrases,
     sign_phrase,
 )
-from extractors.chains.types import LabelEvidence, MiningInput, MiningOutcome, VerificationFailure
+from extractors.chains.types import (
+    LabelEvidence,
+    MiningInput,
+    MiningOutcome,
+    VerificationFailure,
+    gold_answer,
+    string_list,
+)
 from extractors.chains.verify import (
     MAX_STEP_CHARS,
     MAX_STEPS,
@@ -162,17 +169,8 @@ def _labels_by_name(labels: Any) -> dict[str, LabelEvidence]:
     return out
 
 
-def _strings(value: Any) -> list[str]:
-    """A list of strings from a list, tuple, array or single string (rows may come from Arrow)."""
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, Iterable) and not isinstance(value, (bytes, Mapping)):
-        return [str(v) for v in value if v is not None]
-    return []
-
-
 def _names(value: Any) -> list[str]:
-    return list(dict.fromkeys(canonical_observation(v) or v for v in _strings(value)))
+    return list(dict.fromkeys(canonical_observation(v) or v for v in string_list(value)))
 
 
 @dataclass
@@ -191,12 +189,7 @@ class _Sample:
     @classmethod
     def of(cls, item: MiningInput) -> "_Sample":
         sample = item.sample if isinstance(item.sample, Mapping) else {}
-        options = _strings(sample.get("options"))
-        letter = sample.get("answer_letter")
-        letter = letter.strip().upper() if isinstance(letter, str) and letter.strip() else None
-        answer_text = str(sample.get("answer_text") or "").strip()
-        if letter is None and answer_text in options:
-            letter = chr(ord("A") + options.index(answer_text))
+        options, letter, answer_text = gold_answer(sample)
         return cls(
             item=item,
             task=str(sample.get("task") or "").strip().lower(),

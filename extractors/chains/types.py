@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,3 +66,25 @@ class MiningOutcome:
     @property
     def accepted(self) -> bool:
         return self.chain is not None and not self.failures
+
+
+def string_list(value: Any) -> list[str]:
+    """A list of strings from a list, tuple, array or single string (rows may come from Arrow)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, Iterable) and not isinstance(value, (bytes, Mapping)):
+        return [str(v) for v in value if v is not None]
+    return []
+
+
+def gold_answer(sample: Any) -> tuple[list[str], str | None, str]:
+    """(options, answer letter, answer text) of a sample row; the letter is recovered from the
+    answer text when a row lacks it. The rule backend and the verifier must read it the same way."""
+    sample = sample if isinstance(sample, Mapping) else {}
+    options = string_list(sample.get("options"))
+    letter = sample.get("answer_letter")
+    letter = letter.strip().upper() if isinstance(letter, str) and letter.strip() else None
+    answer_text = str(sample.get("answer_text") or "").strip()
+    if letter is None and answer_text and answer_text in options:
+        letter = chr(ord("A") + options.index(answer_text))
+    return options, letter, answer_text

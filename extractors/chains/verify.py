@@ -45,7 +45,7 @@ from functools import lru_cache
 from typing import Any, Literal
 
 from extractors.chains.knowledge import PROGRESSIONS, canonical_observation, load_knowledge_map
-from extractors.chains.types import LabelEvidence, MiningInput, VerificationFailure
+from extractors.chains.types import LabelEvidence, MiningInput, VerificationFailure, gold_answer, string_list
 from schemas.chains import Evidence, ReasoningChain, ReasoningStep
 from schemas.vqa import TASKS
 
@@ -245,14 +245,6 @@ def _task(item: MiningInput) -> str:
     return str(sample.get("task") or "").strip().lower()
 
 
-def _string_list(value: Any) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, Iterable):
-        return [str(v) for v in value if v is not None]
-    return []
-
-
 def _name_key(name: str) -> str:
     return canonical_observation(name) or " ".join(str(name).split()).casefold()
 
@@ -282,12 +274,7 @@ class _Gold:
     @classmethod
     def of(cls, item: MiningInput) -> "_Gold":
         sample = item.sample if isinstance(item.sample, Mapping) else {}
-        options = _string_list(sample.get("options"))
-        letter = sample.get("answer_letter")
-        letter = letter.strip().upper() if isinstance(letter, str) and letter.strip() else None
-        answer_text = str(sample.get("answer_text") or "").strip()
-        if letter is None and answer_text and answer_text in options:
-            letter = chr(ord("A") + options.index(answer_text))
+        options, letter, answer_text = gold_answer(sample)
         letters = "".join(chr(ord("A") + i) for i in range(min(len(options), 26)))
         if letter and letter not in letters:
             letters += letter
@@ -297,8 +284,8 @@ class _Gold:
             letters=letters,
             letter=letter,
             answer_text=answer_text,
-            findings=list(dict.fromkeys(_name_key(f) for f in _string_list(sample.get("findings")))),
-            answer_findings=list(dict.fromkeys(_name_key(f) for f in _string_list(sample.get("answer_findings")))),
+            findings=list(dict.fromkeys(_name_key(f) for f in string_list(sample.get("findings")))),
+            answer_findings=list(dict.fromkeys(_name_key(f) for f in string_list(sample.get("answer_findings")))),
             labels=_canonical_labels(item.labels) or {},
             prior_labels=_canonical_labels(item.prior_labels),
         )
