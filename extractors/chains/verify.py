@@ -520,14 +520,10 @@ def _check_quote_polarity(i: int, step: ReasoningStep) -> list[VerificationFailu
     Reads the quotes with the labeler's mention finder; a quote that does not mention the
     observation at all (a sign such as "blunting of the costophrenic angle") is not judged.
     """
-    from extractors.mentions import find_mentions
-
     quotes = " ".join(str(ev.quote) for ev in step.evidence if str(ev.quote).strip())
     if not quotes:
         return []
-    said: dict[str, set[str]] = {}
-    for m in find_mentions(quotes, with_anatomy=False):
-        said.setdefault(m.observation, set()).add(m.status)
+    said = _statuses_said(quotes)
     failures = []
     for finding in step.findings:
         name = canonical_observation(finding.observation)
@@ -538,6 +534,18 @@ def _check_quote_polarity(i: int, step: ReasoningStep) -> list[VerificationFailu
                 EVIDENCE_CONTRADICTS_FINDING, f"{name} stated {finding.status}; the quoted text says {opposite}", i
             ))
     return failures
+
+
+@lru_cache(maxsize=65536)
+def _statuses_said(quotes: str) -> dict[str, frozenset[str]]:
+    """Observation -> statuses the text states. Cached: reports repeat sentences ("No pneumothorax.")
+    across studies, and the mention finder is the verifier's most expensive step."""
+    from extractors.mentions import find_mentions
+
+    said: dict[str, set[str]] = {}
+    for m in find_mentions(quotes, with_anatomy=False):
+        said.setdefault(m.observation, set()).add(m.status)
+    return {k: frozenset(v) for k, v in said.items()}
 
 
 def verify_chain(chain: ReasoningChain, item: MiningInput) -> list[VerificationFailure]:

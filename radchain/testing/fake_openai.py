@@ -180,6 +180,10 @@ class FakeOpenAIServer:
         self.faults_served: Counter[str] = Counter()
         self.in_flight = 0
         self.max_in_flight = 0
+        # time.monotonic() of the first request received and the last answer finished since the
+        # last reset (CLOCK_MONOTONIC is system-wide on Linux, so another process can compare).
+        self.first_request_at: float | None = None
+        self.last_response_at: float | None = None
         self.bodies: list[dict[str, Any]] = []
 
         self._gate: asyncio.Semaphore | None = None
@@ -259,6 +263,7 @@ class FakeOpenAIServer:
             self.statuses.clear()
             self.faults_served.clear()
             self.max_in_flight = self.in_flight
+            self.first_request_at = self.last_response_at = None
             self.bodies.clear()
 
     def received_text(self) -> str:
@@ -302,6 +307,8 @@ class FakeOpenAIServer:
         raw = await request.body()
         with self._lock:
             self.requests += 1
+            if self.first_request_at is None:
+                self.first_request_at = time.monotonic()
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
@@ -309,6 +316,7 @@ class FakeOpenAIServer:
         finally:
             with self._lock:
                 self.in_flight -= 1
+                self.last_response_at = time.monotonic()
 
     async def _answer(self, request: Request, raw: bytes) -> Response:
         try:
