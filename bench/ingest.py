@@ -28,10 +28,11 @@ sys.path.insert(0, str(REPO))
 
 # Offline, quiet Prefect in a throwaway home (set before Prefect is imported).
 _TMP = Path(tempfile.mkdtemp(prefix="radchain-bench-"))
-os.environ.setdefault("PREFECT_HOME", str(_TMP / "prefect"))
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+from radchain.runtime import prepare_environment  # noqa: E402
+from radchain.settings import Settings  # noqa: E402
+
+prepare_environment(Settings(home=_TMP))
 
 FLOOR_END_TO_END = 10_000
 FLOOR_PARSER = 30_000

@@ -36,12 +36,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 _TMP = Path(tempfile.mkdtemp(prefix="radchain-mimic-bench-"))
-os.environ.setdefault("PREFECT_HOME", str(_TMP / "prefect"))
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 # A busy machine may need more than the default 20 s to start the temporary Prefect API.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+from radchain.runtime import prepare_environment  # noqa: E402
+from radchain.settings import Settings  # noqa: E402
+
+prepare_environment(Settings(home=_TMP))
 
 MIMIC_STUDIES = 227_835
 STAGES = ["ingest", "label", "tasks", "mine", "datasets"]

@@ -40,8 +40,6 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 
@@ -50,7 +48,10 @@ def workdir() -> Path:
     global _TMP
     if _TMP is None:
         _TMP = Path(tempfile.mkdtemp(prefix="radchain-bench-mine-"))
-        os.environ.setdefault("PREFECT_HOME", str(_TMP / "prefect"))  # before Prefect is imported
+        from radchain.runtime import prepare_environment
+        from radchain.settings import Settings
+
+        prepare_environment(Settings(home=_TMP))  # PREFECT_HOME etc., before Prefect is imported
     return _TMP
 
 
