@@ -28,9 +28,9 @@ from flows.locking import (
     read_holder,
     warehouse_lock,
 )
+from radchain.testing import radchain_command
 
-_SCRIPT = Path(sys.executable).with_name("radchain")
-RADCHAIN = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-c", "from flows.cli import app; app()"]
+RADCHAIN = radchain_command()
 STUDIES = 40
 
 

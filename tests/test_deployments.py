@@ -14,9 +14,7 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -28,9 +26,9 @@ from flows.deployments import (
     schedule_rows,
     to_runner_deployment,
 )
+from radchain.testing import radchain_command
 
-_SCRIPT = Path(sys.executable).with_name("radchain")
-RADCHAIN = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-c", "from flows.cli import app; app()"]
+RADCHAIN = radchain_command()
 STUDIES = 40
 
 

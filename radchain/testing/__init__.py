@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Any
 
 from pydantic import SecretStr
@@ -23,4 +25,12 @@ def llm_settings_for(
     return base.model_copy(update=update)
 
 
-__all__ = ["FAULT_KINDS", "FakeOpenAIServer", "default_responder", "llm_settings_for"]
+
+
+def radchain_command() -> list[str]:
+    """The argv prefix that runs the `radchain` CLI of this interpreter (tests start it as a subprocess)."""
+    script = Path(sys.executable).with_name("radchain")
+    return [str(script)] if script.exists() else [sys.executable, "-c", "from flows.cli import app; app()"]
+
+
+__all__ = ["FAULT_KINDS", "FakeOpenAIServer", "default_responder", "llm_settings_for", "radchain_command"]
