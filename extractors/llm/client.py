@@ -400,10 +400,9 @@ class LLMClient:
         )
         row_base = dict(sample_id=sample_id, prompt_version=prompt_version)
 
-        hit = self._cached(key, schema)
+        hit = self._from_cache(key, schema, stage, row_base)
         if hit is not None:
-            entry, parsed, lookup_ms = hit
-            return StructuredResult(parsed, entry.text, [self._hit_row(key, stage, lookup_ms, **row_base)], None, key)
+            return hit
 
         started = time.perf_counter()
         first = await self._call(messages, schema=schema, max_tokens=max_tokens)
@@ -449,10 +448,9 @@ class LLMClient:
         messages = [dict(m) for m in messages]
         key = self.hash_request(messages, prompt_version=prompt_version, max_tokens=max_tokens)
         row_base = dict(sample_id=sample_id, prompt_version=prompt_version)
-        hit = self._cached(key, None)
+        hit = self._from_cache(key, None, stage, row_base)
         if hit is not None:
-            entry, _, lookup_ms = hit
-            return StructuredResult(None, entry.text, [self._hit_row(key, stage, lookup_ms, **row_base)], None, key)
+            return hit
         started = time.perf_counter()
         out = await self._call(messages, schema=None, max_tokens=max_tokens)
         if out.error_code is None and not (out.text or "").strip():
@@ -553,9 +551,10 @@ class LLMClient:
         return min(self.backoff_max_s, ceiling + random.uniform(0, self.backoff_initial_s))
 
     # ---- cache and rows ------------------------------------------------------------------
-    def _cached(
-        self, key: str, schema: type[BaseModel] | None
-    ) -> tuple[CachedResponse, BaseModel | None, float] | None:
+    def _from_cache(
+        self, key: str, schema: type[BaseModel] | None, stage: str, row_base: dict[str, str]
+    ) -> StructuredResult | None:
+        """The cached answer as a result with its cache-hit ledger row, or None (ask the model)."""
         if self.cache is None:
             return None
         t0 = time.perf_counter()
@@ -568,7 +567,8 @@ class LLMClient:
             if parsed is None:  # a stale or damaged entry: ask the model again
                 log.warning("ignoring a cached answer that no longer validates (%s)", code)
                 return None
-        return entry, parsed, (time.perf_counter() - t0) * 1000
+        row = self._hit_row(key, stage, (time.perf_counter() - t0) * 1000, **row_base)
+        return StructuredResult(parsed, entry.text, [row], None, key)
 
     def _store(
         self, key: str, stage: str, prompt_version: str, schema_version: str | None, text: str, *outs: _CallOutcome
