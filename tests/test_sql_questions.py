@@ -302,7 +302,7 @@ def test_a_reader_holding_the_file_open_does_not_block_a_writer(demo):
     try:
         first = reader.stdout.readline().strip()
         assert first.isdigit(), reader.stderr.read()
-        demo.refresh_views()  # what every stage of a run does
+        assert demo.refresh_views(force=True)  # what a stage does when a view's definition changed
         assert one(demo, "SELECT count(*) FROM int_labels") == int(first)
         out, err = reader.communicate(timeout=120)
         assert reader.returncode == 0, err

@@ -87,6 +87,30 @@ def test_duckdb_file_is_readable_by_other_clients(wh):
         assert con.sql("select reason_code from int_rejections").fetchall() == [("EMPTY",)]
 
 
+def test_views_are_rebuilt_only_when_their_definition_or_file_changed(wh, monkeypatch):
+    assert wh.refresh_views() is False  # ensure() just built them
+    wh.write(Rejection, "b0", [_rej(1), _rej(2)], LIN)
+    assert wh.refresh_views() is False  # a new partition needs no rebuild: the views glob the folder
+    assert wh.sql("select count(*) as n from int_rejections").to_pylist() == [{"n": 2}]
+
+    with duckdb.connect(str(wh.duckdb_path)) as con:  # someone rewrote the file (duckdb CLI, read-write)
+        con.execute("CREATE OR REPLACE VIEW int_rejections AS SELECT 1 AS n")
+    assert wh.refresh_views() is True
+    assert wh.sql("select count(*) as n from int_rejections").to_pylist() == [{"n": 2}]
+
+    wh.duckdb_path.unlink()
+    assert wh.refresh_views() is True and wh.duckdb_path.is_file()
+
+    from warehouse import views  # a derived view's SQL changed (a new release)
+
+    monkeypatch.setitem(views.VIEWS, "v_test_only", "SELECT 42 AS answer")
+    assert wh.refresh_views() is True
+    assert wh.sql("select answer from v_test_only").to_pylist() == [{"answer": 42}]
+    assert wh.refresh_views() is False
+    assert wh.refresh_views(force=True) is True
+    assert not list(wh.root.glob(".*.tmp-*"))
+
+
 def test_polars_scan_reads_all_partitions(wh):
     wh.write(Rejection, "b0", [_rej(1)], LIN)
     wh.write(Rejection, "b1", [_rej(2), _rej(3)], LIN)
