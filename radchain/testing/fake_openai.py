@@ -32,7 +32,8 @@ chain schema), ``ungrounded`` (a valid chain whose evidence quotes are not in th
 ``contradiction`` (a valid chain whose finding statuses are flipped and whose conclusion
 denies the answer). Content faults apply to requests that ask for JSON only.
 
-Counters (``requests``, ``statuses``, ``faults``, ``max_in_flight``) and ``bodies`` (every
+Counters (``requests``, ``statuses``, ``faults``, ``max_in_flight``, ``served_s``: the sum of
+the time from receiving each request to finishing its answer) and ``bodies`` (every
 request body received, parsed) are there for assertions, e.g. that a given text never
 reached the server. Request headers are not recorded.
 """
@@ -184,6 +185,7 @@ class FakeOpenAIServer:
         # last reset (CLOCK_MONOTONIC is system-wide on Linux, so another process can compare).
         self.first_request_at: float | None = None
         self.last_response_at: float | None = None
+        self.served_s = 0.0
         self.bodies: list[dict[str, Any]] = []
 
         self._gate: asyncio.Semaphore | None = None
@@ -264,6 +266,7 @@ class FakeOpenAIServer:
             self.faults_served.clear()
             self.max_in_flight = self.in_flight
             self.first_request_at = self.last_response_at = None
+            self.served_s = 0.0
             self.bodies.clear()
 
     def received_text(self) -> str:
@@ -304,6 +307,7 @@ class FakeOpenAIServer:
                 self.faults_served[fault] += 1
 
     async def _chat(self, request: Request) -> Response:
+        received = time.monotonic()
         raw = await request.body()
         with self._lock:
             self.requests += 1
@@ -317,6 +321,7 @@ class FakeOpenAIServer:
             with self._lock:
                 self.in_flight -= 1
                 self.last_response_at = time.monotonic()
+                self.served_s += self.last_response_at - received
 
     async def _answer(self, request: Request, raw: bytes) -> Response:
         try:
@@ -349,6 +354,7 @@ class FakeOpenAIServer:
                 await self._sleep(self.timeout_sleep_s)
             elif self.latency_s:
                 await self._sleep(self.latency_s)
+            # Made after the wait: a request stalled there (a test raising latency_s) never reaches the responder.
             content = self._content(body, fault)
         self._finish(200, fault)
         return JSONResponse(self._completion(body, content))
