@@ -112,15 +112,12 @@ def load_inputs(ctx: RunContext, sample_ids: Iterable[str]) -> tuple[list[Mining
     return items, rejected
 
 
-def _extract_rules(items: list[MiningInput], progress: Callable[[int], None]) -> list[MiningOutcome]:
+def _extract_rules(items: list[MiningInput], done: Callable[[MiningOutcome], None]) -> None:
     from extractors.chains.rules_backend import RulesChainExtractor
 
     ex = RulesChainExtractor()
-    out = []
     for it in items:
-        out.append(ex.extract(it))
-        progress(1)
-    return out
+        done(ex.extract(it))
 
 
 def screen_phi(ctx: RunContext, items: list[MiningInput]) -> tuple[list[MiningInput], list[dict]]:
@@ -147,7 +144,9 @@ def screen_phi(ctx: RunContext, items: list[MiningInput]) -> tuple[list[MiningIn
     return kept, rejected
 
 
-def _extract_llm(ctx: RunContext, items: list[MiningInput], progress: Callable[[int], None]) -> list[MiningOutcome]:
+def _extract_llm(ctx: RunContext, items: list[MiningInput], done: Callable[[MiningOutcome], None]) -> None:
+    """Mine ``items`` concurrently; ``done`` gets each outcome as its sample finishes (while
+    others are still in flight, so turning outcomes into rows costs no time after the last answer)."""
     from extractors.chains.llm_backend import LLMChainExtractor
     from extractors.chains.verify import verify_chain
     from extractors.llm.client import LLMClient
@@ -158,32 +157,27 @@ def _extract_llm(ctx: RunContext, items: list[MiningInput], progress: Callable[[
     llm = with_api_key(ctx.settings.llm)  # the key lives in this copy only, never in ctx.settings
     guard = PhiGuard.from_settings(llm)  # in front of every request (refine and repair calls too)
 
-    async def run_all() -> list[MiningOutcome]:
+    async def run_all() -> None:
         cache = SQLiteResponseCache.from_settings(ctx.settings)
         async with LLMClient(llm, cache=cache, request_guard=guard, backoff_initial_s=llm.backoff_initial_s,
                              backoff_max_s=llm.backoff_max_s) as client:
             extractor = LLMChainExtractor(client, protocol=ctx.options.get("protocol") or llm.protocol,
                                           prompt_version=ctx.options.get("prompt_version"))
 
-            async def one(it: MiningInput) -> MiningOutcome:
-                CURRENT_SAMPLE.set(it.sample_id)  # this task's own context: tells the guard whose request it saw
-                try:
-                    return await extractor.extract(it, verify_chain)
-                finally:
-                    progress(1)
-
-            return list(await asyncio.gather(*(one(it) for it in items)))
+            # CURRENT_SAMPLE is set in the worker task's own context: it tells the guard whose request it saw.
+            await extractor.extract_many(items, verify_chain, before=lambda it: CURRENT_SAMPLE.set(it.sample_id),
+                                         after=lambda o: done(_phi_outcome(o, guard, llm.base_url)))
 
     from flows.locking import llm_slots
 
     # Slots of the global "llm-calls" limit (created by `radchain serve`), shared by every worker.
     with llm_slots(min(len(items), llm.max_concurrency), ctx.settings):
-        outcomes = asyncio.run(run_all())
-    return [_phi_outcome(o, guard, llm.base_url) for o in outcomes]
+        asyncio.run(run_all())
 
 
 def _phi_outcome(outcome: MiningOutcome, guard: Any, base_url: str | None) -> MiningOutcome:
-    """A sample one of whose requests the PHI guard stopped is rejected as PHI_DETECTED."""
+    """A sample one of whose requests the PHI guard stopped is rejected as PHI_DETECTED (the guard
+    records a sample before its request fails, so this holds as soon as the sample is done)."""
     from extractors.chains.types import VerificationFailure
     from extractors.phi import REASON_CODE, describe, endpoint_host
 
@@ -195,16 +189,27 @@ def _phi_outcome(outcome: MiningOutcome, guard: Any, base_url: str | None) -> Mi
     return outcome
 
 
-def outcome_rows(outcomes: list[MiningOutcome], by_id: dict[str, MiningInput]) -> tuple[list, list, list, list]:
-    chains, steps, calls, rejected = [], [], [], []
-    for o in outcomes:
-        calls.extend(o.llm_calls)
+class OutcomeRows:
+    """The table rows of a batch's outcomes, added one outcome at a time as samples finish.
+
+    Rows come out in the order of the batch's items (not the order samples finished in), so a
+    forced re-run writes the same Parquet rows."""
+
+    def __init__(self, items: list[MiningInput]) -> None:
+        self.by_id = {it.sample_id: it for it in items}
+        self._rows: dict[str, tuple[list[dict], list[dict], list[dict], list[dict]]] = {}
+
+    def add(self, o: MiningOutcome) -> None:
+        chains: list[dict] = []
+        steps: list[dict] = []
+        rejected: list[dict] = []
+        self._rows[o.sample_id] = (chains, steps, list(o.llm_calls), rejected)
         if not o.accepted:
             codes = sorted({f.code for f in o.failures}) or ["NO_CHAIN"]
             detail = "; ".join(f"{f.code}@{f.step_index}: {f.detail}" for f in o.failures)[:2000]
             rejected.append(rejection(NAME, o.sample_id, "+".join(codes), detail or "no chain", o.raw_output))
-            continue
-        s = by_id[o.sample_id].sample
+            return
+        s = self.by_id[o.sample_id].sample
         chain_id = stable_id("chain", o.sample_id, o.protocol, o.prompt_version)
         # A repaired answer is cached under its original request's hash, so a re-run never sees the
         # repair turn: keep only the logical requests' hashes, or the re-run would write a different row.
@@ -220,7 +225,25 @@ def outcome_rows(outcomes: list[MiningOutcome], by_id: dict[str, MiningInput]) -
                 chain_id=chain_id, sample_id=o.sample_id, step_index=i, kind=st.kind, text=st.text,
                 findings=[f.model_dump() for f in st.findings], evidence=[e.model_dump() for e in st.evidence],
             ))
-    return chains, steps, calls, rejected
+
+    def _column(self, k: int) -> list[dict]:
+        return [row for sid in self.by_id if sid in self._rows for row in self._rows[sid][k]]
+
+    @property
+    def chains(self) -> list[dict]:
+        return self._column(0)
+
+    @property
+    def steps(self) -> list[dict]:
+        return self._column(1)
+
+    @property
+    def calls(self) -> list[dict]:
+        return self._column(2)
+
+    @property
+    def rejected(self) -> list[dict]:
+        return self._column(3)
 
 
 # ---- reusing an unchanged batch ------------------------------------------------------------------
@@ -323,7 +346,8 @@ def run_batch(ctx: RunContext, batch: dict[str, Any], progress: Callable[[int], 
     progress = progress or ctx.options.get("progress") or (lambda n: None)
     items, rejected = load_inputs(ctx, batch["sample_ids"])
     stage_version = VERSION
-    if choose_extractor(ctx) == "llm":
+    extractor = choose_extractor(ctx)
+    if extractor == "llm":
         stage_version = f"{VERSION}+in.{batch_input_hash(items, rejected, llm_extractor_config(ctx))[:20]}"
         if batch.get("reusable") and not ctx.options.get("force"):
             reused = _reuse(ctx, batch, stage_version, started)
@@ -333,17 +357,24 @@ def run_batch(ctx: RunContext, batch: dict[str, Any], progress: Callable[[int], 
         items, flagged = screen_phi(ctx, items)
         rejected += flagged
         progress(len(flagged))
-        outcomes = _extract_llm(ctx, items, progress)
+    rows = OutcomeRows(items)
+
+    def done(outcome: MiningOutcome) -> None:
+        rows.add(outcome)
+        progress(1)
+
+    if extractor == "llm":
+        _extract_llm(ctx, items, done)
     else:
-        outcomes = _extract_rules(items, progress)
-    chains, steps, calls, failed = outcome_rows(outcomes, {it.sample_id: it for it in items})
+        _extract_rules(items, done)
+    calls, chains = rows.calls, rows.chains
     if calls:
         # The call ledger is per run (cache hits included), so a re-run never erases the record of spend.
         ctx.warehouse.write(LlmCall, f"{batch['batch_id']}--{ctx.run_id}", calls, ctx.lineage(batch["batch_id"], VERSION))
     return record_batch(
         ctx, stage=NAME, stage_version=stage_version, batch_id=batch["batch_id"], started=started,
-        frames={ChainRow: chains, ChainStepRow: steps},
-        rejections=rejected + failed, inputs=len(batch["sample_ids"]), outputs=len(chains),
+        frames={ChainRow: chains, ChainStepRow: rows.steps},
+        rejections=rejected + rows.rejected, inputs=len(batch["sample_ids"]), outputs=len(chains),
     )
 
 
