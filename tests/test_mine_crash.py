@@ -188,6 +188,31 @@ def test_killed_mine_run_resumes_without_duplicates_or_repeated_calls(tmp_path, 
     assert fresh["attempts"].sum() == run2_requests
     assert not set(fresh["request_hash"].to_list()) & cached_after_kill
 
+    # ---- ... and the killed run's spend is in the ledger too, under its own run id ------------------
+    # Batches it finished wrote their ledger partition; the calls of the batches it was killed in were
+    # journaled as they were made and written by run 2 (warehouse/llm_journal.py).
+    run1 = wh.read("int_llm_calls").filter(pl.col("run_id") != run2_id)
+    assert run1["run_id"].n_unique() == 1 and not run1["cache_hit"].any()
+    run1_ok = run1.filter(pl.col("status") == "ok")
+    assert run1_ok["request_hash"].n_unique() == run1_ok.height, "no call recorded twice"
+    # Every answer the killed run received and cached is a row of its own (a repaired answer is cached
+    # under the hash of the request whose first answer was invalid).
+    assert cached_after_kill <= set(run1_ok["request_hash"].to_list()) | _repaired_originals(run1)
+    killed_batches = set(run1["batch_id"].to_list()) - set(written)
+    assert killed_batches, "some of run 1's ledger rows came from the journal"
+    assert int(run1["prompt_tokens"].sum()) > 0 and float(run1["cost_usd"].sum()) >= 0.0
+    assert not list((home / "cache").glob("*.sqlite3-journal"))
+    con = sqlite3.connect(f"file:{home / 'cache' / 'llm-call-journal.sqlite3'}?mode=ro", uri=True)
+    try:
+        assert con.execute("SELECT count(*) FROM llm_call_journal").fetchone()[0] == 0, "journal emptied"
+    finally:
+        con.close()
+
+
+def _repaired_originals(calls: pl.DataFrame) -> set[str]:
+    """Hashes whose first answer was invalid and repaired: the cache holds them under the original hash."""
+    return set(calls.filter(pl.col("status") == "invalid")["request_hash"].to_list())
+
 
 def _log_tail(folder: Path) -> str:
     logs = sorted(folder.glob("run-*.log"))

@@ -111,6 +111,30 @@ def test_views_are_rebuilt_only_when_their_definition_or_file_changed(wh, monkey
     assert not list(wh.root.glob(".*.tmp-*"))
 
 
+def test_call_journal_keeps_rows_per_run_and_batch_until_discarded(tmp_path):
+    from datetime import UTC, datetime
+
+    from warehouse.llm_journal import SQLiteCallJournal
+
+    when = datetime(2026, 11, 30, 4, 5, 6, tzinfo=UTC)
+    journal = SQLiteCallJournal(tmp_path / "cache")
+    journal.append("dead", "b1", dict(request_hash="h1", cost_usd=0.5, error_code=None, created_at=when))
+    journal.append("dead", "b1", dict(request_hash="h2", cost_usd=0.25, error_code="TIMEOUT", created_at=when))
+    journal.append("dead", "b2", dict(request_hash="h3", cost_usd=0.0, error_code=None, created_at=when))
+    journal.append("live", "b1", dict(request_hash="h4", cost_usd=0.0, error_code=None, created_at=when))
+    journal.close()
+
+    journal = SQLiteCallJournal(tmp_path / "cache")  # what a later process sees
+    left = journal.left_by_other_runs("b1", "live")
+    assert list(left) == ["dead"]
+    assert [r["request_hash"] for r in left["dead"]] == ["h1", "h2"]  # in the order they were made
+    assert left["dead"][1] == dict(request_hash="h2", cost_usd=0.25, error_code="TIMEOUT", created_at=when)
+    journal.discard("dead", "b1")
+    assert journal.left_by_other_runs("b1", "live") == {}
+    assert len(journal) == 2  # b2's row and the live run's own row stay
+    journal.close()
+
+
 def test_polars_scan_reads_all_partitions(wh):
     wh.write(Rejection, "b0", [_rej(1)], LIN)
     wh.write(Rejection, "b1", [_rej(2), _rej(3)], LIN)

@@ -263,6 +263,8 @@ class LLMClient:
     ``cache`` is anything with ``get(hash)``/``put(entry)`` (extractors.llm.cache.ResponseCache;
     warehouse.llm_cache.SQLiteResponseCache in production). ``request_guard`` is called with
     the messages and base URL before a request is sent and may raise ``RequestBlocked``.
+    ``call_log`` gets each fresh call's ledger row as soon as it is made, before its answer is
+    cached (the mine stage journals them durably, so a killed run's spend is not lost).
     Backoff parameters come from the settings (``backoff_initial_s``, ``backoff_max_s``); the
     constructor arguments override them (tests shrink them).
     """
@@ -280,8 +282,10 @@ class LLMClient:
         limiter_window_s: float = 1.0,
         seed: int | None = None,
         request_guard: RequestGuard | None = None,
+        call_log: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.settings = settings
+        self.call_log = call_log
         self.cache = cache
         self.strict_schema = strict_schema
         # None: LLMSettings.backoff_initial_s / backoff_max_s (1 s and 30 s by default).
@@ -411,8 +415,9 @@ class LLMClient:
             return StructuredResult(None, first.text, [row], first.error_code, key)
         parsed, code, detail = parse_structured(first.text, schema)
         if parsed is not None:
+            row = self._row(key, stage, first, "ok", started, **row_base)  # logged before the answer is cached
             self._store(key, stage, prompt_version, schema_version, first.text or "", first)
-            return StructuredResult(parsed, first.text, [self._row(key, stage, first, "ok", started, **row_base)], None, key)
+            return StructuredResult(parsed, first.text, [row], None, key)
 
         # One repair turn: the model sees its own reply and what was wrong with it.
         first_row = self._row(key, stage, first, "invalid", started, error_code=code, **row_base)
@@ -459,8 +464,9 @@ class LLMClient:
             status = "invalid" if out.error_code == EMPTY_RESPONSE else "error"
             return StructuredResult(None, out.text, [self._row(key, stage, out, status, started, **row_base)],
                                     out.error_code, key)
+        row = self._row(key, stage, out, "ok", started, **row_base)
         self._store(key, stage, prompt_version, None, out.text or "", out)
-        return StructuredResult(None, out.text, [self._row(key, stage, out, "ok", started, **row_base)], None, key)
+        return StructuredResult(None, out.text, [row], None, key)
 
     # ---- one logical request over HTTP (with the JSON-mode fallback) ----------------------
     async def _call(
@@ -602,7 +608,8 @@ class LLMClient:
         prompt_version: str,
         error_code: str | None = None,
     ) -> dict[str, Any]:
-        return dict(
+        """The ledger row of one fresh call (after its retries), handed to ``call_log`` too."""
+        row = dict(
             request_hash=key,
             sample_id=sample_id,
             stage=stage,
@@ -618,6 +625,9 @@ class LLMClient:
             error_code=error_code if error_code is not None else out.error_code,
             created_at=datetime.now(UTC),
         )
+        if self.call_log is not None:
+            self.call_log(row)
+        return row
 
     def _hit_row(self, key: str, stage: str, lookup_ms: float, *, sample_id: str, prompt_version: str) -> dict[str, Any]:
         # Tokens and cost are what this call spent: nothing. The original spend is on the row that filled the cache.

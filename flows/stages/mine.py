@@ -144,9 +144,11 @@ def screen_phi(ctx: RunContext, items: list[MiningInput]) -> tuple[list[MiningIn
     return kept, rejected
 
 
-def _extract_llm(ctx: RunContext, items: list[MiningInput], done: Callable[[MiningOutcome], None]) -> None:
+def _extract_llm(ctx: RunContext, items: list[MiningInput], done: Callable[[MiningOutcome], None],
+                 call_log: Callable[[dict], None] | None = None) -> None:
     """Mine ``items`` concurrently; ``done`` gets each outcome as its sample finishes (while
-    others are still in flight, so turning outcomes into rows costs no time after the last answer)."""
+    others are still in flight, so turning outcomes into rows costs no time after the last answer);
+    ``call_log`` gets each fresh call's ledger row as it is made."""
     from extractors.chains.llm_backend import LLMChainExtractor
     from extractors.chains.verify import verify_chain
     from extractors.llm.client import LLMClient
@@ -160,7 +162,7 @@ def _extract_llm(ctx: RunContext, items: list[MiningInput], done: Callable[[Mini
     async def run_all() -> None:
         cache = SQLiteResponseCache.from_settings(ctx.settings)
         async with LLMClient(llm, cache=cache, request_guard=guard, backoff_initial_s=llm.backoff_initial_s,
-                             backoff_max_s=llm.backoff_max_s) as client:
+                             backoff_max_s=llm.backoff_max_s, call_log=call_log) as client:
             extractor = LLMChainExtractor(client, protocol=ctx.options.get("protocol") or llm.protocol,
                                           prompt_version=ctx.options.get("prompt_version"))
 
@@ -363,19 +365,38 @@ def run_batch(ctx: RunContext, batch: dict[str, Any], progress: Callable[[int], 
         rows.add(outcome)
         progress(1)
 
+    journal = None
     if extractor == "llm":
-        _extract_llm(ctx, items, done)
+        from warehouse.llm_journal import SQLiteCallJournal
+
+        journal = SQLiteCallJournal.from_settings(ctx.settings)
+        recover_journaled_calls(ctx, batch["batch_id"], journal)
+        _extract_llm(ctx, items, done, call_log=lambda row: journal.append(ctx.run_id, batch["batch_id"], row))
     else:
         _extract_rules(items, done)
     calls, chains = rows.calls, rows.chains
     if calls:
         # The call ledger is per run (cache hits included), so a re-run never erases the record of spend.
         ctx.warehouse.write(LlmCall, f"{batch['batch_id']}--{ctx.run_id}", calls, ctx.lineage(batch["batch_id"], VERSION))
+    if journal is not None:
+        journal.discard(ctx.run_id, batch["batch_id"])  # the rows are in the ledger now
+        journal.close()
     return record_batch(
         ctx, stage=NAME, stage_version=stage_version, batch_id=batch["batch_id"], started=started,
         frames={ChainRow: chains, ChainStepRow: rows.steps},
         rejections=rejected + rows.rejected, inputs=len(batch["sample_ids"]), outputs=len(chains),
     )
+
+
+def recover_journaled_calls(ctx: RunContext, batch_id: str, journal: Any) -> int:
+    """Write the ledger rows that runs killed during this batch journaled but never wrote, under
+    their own run id and the partition name they would have used (see warehouse.llm_journal)."""
+    recovered = 0
+    for dead_run, rows in journal.left_by_other_runs(batch_id, ctx.run_id).items():
+        lineage = Lineage(run_id=dead_run, batch_id=batch_id, code_version=ctx.lineage(batch_id, VERSION).code_version)
+        recovered += ctx.warehouse.write(LlmCall, f"{batch_id}--{dead_run}", rows, lineage)
+        journal.discard(dead_run, batch_id)
+    return recovered
 
 
 def finalize(ctx: RunContext) -> BatchResult | None:
