@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import re
 import stat
@@ -512,6 +513,25 @@ def synthesize_report(findings: str | None, impression: str | None) -> str:
     return "\n \n".join(parts) + "\n" if parts else ""
 
 
+def first_broken_json_line(path: Path) -> tuple[int, str] | None:
+    """(1-based line number, why) of the first non-blank line of a JSONL file that is not a JSON
+    object; None when every line is one (or the file cannot be read as UTF-8 text)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    value = json.loads(line.rstrip("\r\n"))
+                except json.JSONDecodeError as e:
+                    return number, f"{e.msg}, column {e.colno}"
+                if not isinstance(value, dict):
+                    return number, f"a JSON {type(value).__name__}, not an object"
+    except (OSError, UnicodeDecodeError):
+        return None
+    return None
+
+
 class ReportTable:
     """A CSV / Parquet / JSONL table of reports with a column mapping, read lazily with polars."""
 
@@ -539,7 +559,18 @@ class ReportTable:
         try:
             return list(self.scan().collect_schema().names())
         except (pl.exceptions.PolarsError, OSError) as e:
-            raise SourceError(f"cannot read {self.path}: {e}") from e
+            raise self._unreadable(e) from e
+
+    def _unreadable(self, error: Exception) -> SourceError:
+        """The error for a table polars cannot read; for JSONL it names the first broken line,
+        since polars only says e.g. "Syntax at character 0"."""
+        detail = str(error)
+        if self.format == "jsonl":
+            broken = first_broken_json_line(self.path)
+            if broken is not None:
+                line, why = broken
+                detail = f"line {line} is not a JSON object ({why}); fix or remove that line"
+        return SourceError(f"cannot read {self.path}: {detail}")
 
     def text_columns(self, available: list[str]) -> tuple[str | None, str | None, str | None]:
         """(text, findings, impression) columns to read; SourceError when a needed one is missing."""
@@ -572,7 +603,7 @@ class ReportTable:
         try:
             return lf.collect()
         except (pl.exceptions.PolarsError, OSError) as e:
-            raise SourceError(f"cannot read {self.path}: {e}") from e
+            raise self._unreadable(e) from e
 
     def _ids(self) -> pl.Expr:
         return _as_text(pl.col(self.spec.id_col)).str.strip_chars()

@@ -496,7 +496,11 @@ CLI_CASES = [
     ("empty-csv", lambda t: _cli_source(t, "e.csv", b""), "empty"),
     ("csv-header-only", lambda t: _cli_source(t, "h.csv", b"study_id,text\n"), "no rows"),
     ("jsonl-broken-line", lambda t: _cli_source(
-        t, "b.jsonl", (json.dumps({"study_id": "J1", "text": GOOD_ROW}) + "\n{broken\n").encode()), "cannot read"),
+        t, "b.jsonl", (json.dumps({"study_id": "J1", "text": GOOD_ROW}) + "\n{broken\n").encode()),
+     "line 2 is not a JSON object (Expecting property name enclosed in double quotes, column 2)"),
+    ("jsonl-array-line", lambda t: _cli_source(
+        t, "a.jsonl", (json.dumps({"study_id": "J1", "text": GOOD_ROW}) + "\n\n[1, 2]\n").encode()),
+     "line 3 is not a JSON object (a JSON list, not an object)"),
     ("parquet-list-column", lambda t: _cli_source(
         t, "l.parquet", frame=pl.DataFrame({"study_id": ["a"], "text": [["x", "y"]]})), "cannot read"),
     ("garbage-named-parquet", lambda t: _cli_source(t, "g.parquet", random.Random(1).randbytes(3000)), "cannot read"),
