@@ -180,6 +180,28 @@ def test_llm_judge_and_agreement_through_the_fake_server(warehouse, tmp_path, mo
     assert rows["factuality"]["n"] == 3
 
 
+def test_llm_judge_requests_pass_the_phi_guard(warehouse, tmp_path, monkeypatch):
+    """A judge prompt quotes the model's reasoning: one naming a doctor is not sent to a guarded endpoint."""
+    fake = pytest.importorskip("radchain.testing.fake_openai")
+    from radchain.settings import reset_settings_cache
+
+    leaky = [{"sample_id": "s-bin", "output": _think("Reviewed with Dr. Smith on 03/14/2019.", EFFUSION_NO,
+                                                       CONCLUSION) + "<answer>B</answer>"},
+             {"sample_id": "s-open", "output": _think(HEART_BIG) + "<answer>Cardiomegaly</answer>"}]
+    preds = _write_predictions(tmp_path / "leaky.jsonl", leaky)
+    with fake.FakeOpenAIServer(responder=_verdict_responder) as server:
+        monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
+        monkeypatch.setenv("RADCHAIN_LLM_PHI_ENFORCE_LOOPBACK", "true")  # treat the local server as remote
+        reset_settings_cache()
+        result = CliRunner().invoke(_app(), ["score", "--predictions", str(preds), "--judge", "llm"])
+        assert result.exit_code == 0, result.output
+        assert server.requests == 1, "only the clean sample was judged by the LLM"
+        assert "Smith" not in server.received_text() and "03/14/2019" not in server.received_text()
+    assert "the llm judge failed on 1 samples" in " ".join(result.output.split())
+    calls = warehouse.read("int_llm_calls")
+    assert sorted(calls["error_code"].fill_null("-").to_list()) == ["-", "BLOCKED"]
+
+
 def test_llm_judge_without_an_endpoint_is_a_usage_error(warehouse, tmp_path):
     preds = _write_predictions(tmp_path / "p.jsonl", PREDICTIONS[:1])
     result = CliRunner().invoke(_app(), ["score", "--predictions", str(preds), "--judge", "llm"])

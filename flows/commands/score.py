@@ -167,9 +167,16 @@ def _llm_scores(settings: Any, records: list[dict[str, Any]], gold: dict[str, An
     if not settings.llm.base_url and settings.llm.api_key is None:
         raise UsageError("the llm judge needs an endpoint: set OPENAI_BASE_URL (and OPENAI_API_KEY for a hosted API)")
     from extractors.llm.client import LLMClient
+    from extractors.phi import PhiGuard
+    from radchain.secrets import with_api_key
     from training.answers import completion_text, parse_output
     from training.judge_llm import JudgeItem, LLMJudge
     from warehouse.llm_cache import SQLiteResponseCache
+
+    llm = with_api_key(settings.llm)  # from the environment or a Prefect Secret block, as for mining
+    # Judge prompts quote the reference chain (report sentences) and the model's reasoning: a request
+    # the PHI guard flags is not sent, and that sample counts as a judge failure (the rules judge scores it).
+    guard = PhiGuard.from_settings(llm)
 
     items, seen = [], set()
     for r in records:
@@ -182,7 +189,7 @@ def _llm_scores(settings: Any, records: list[dict[str, Any]], gold: dict[str, An
 
     async def run() -> list:
         with SQLiteResponseCache.from_settings(settings) as cache:
-            async with LLMClient(settings.llm, cache=cache) as client:
+            async with LLMClient(llm, cache=cache, request_guard=guard) as client:
                 return await LLMJudge(client).judge_many(items)
 
     outcomes = asyncio.run(run())
