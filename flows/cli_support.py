@@ -55,6 +55,18 @@ def clear_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+# A cell starting with one of these is run as a formula by Excel, LibreOffice and Google Sheets
+# (OWASP "CSV injection"); report text is untrusted input, so such text cells get a leading "'".
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> Any:
+    """A value as written to CSV: text that a spreadsheet would run as a formula is defused."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
 def print_arrow(table: pa.Table, fmt: str = "table", title: str | None = None) -> None:
     rows = table.to_pylist()
     if fmt == "json":
@@ -62,9 +74,9 @@ def print_arrow(table: pa.Table, fmt: str = "table", title: str | None = None) -
     elif fmt == "csv":
         buf = io.StringIO()
         w = csv.writer(buf)
-        w.writerow(table.column_names)
+        w.writerow([csv_cell(c) for c in table.column_names])
         for r in rows:
-            w.writerow([r[c] for c in table.column_names])
+            w.writerow([csv_cell(r[c]) for c in table.column_names])
         sys.stdout.write(buf.getvalue())
     elif fmt == "table":
         t = Table(title=title)

@@ -160,6 +160,10 @@ def test_cli_sql_and_tables(radchain_home):
     assert json.loads(res.stdout) == [{"entity_id": "s1", "reason_code": "EMPTY"}]
     res = runner.invoke(app, ["sql", "select entity_id from int_rejections", "--format", "csv"])
     assert res.stdout.splitlines() == ["entity_id", "s1"]
+    # Text a spreadsheet would run as a formula (a hostile report) is defused; numbers are left alone.
+    res = runner.invoke(app, ["sql", "select '=HYPERLINK(\"http://x\")' as t, '@SUM(1)' as u, -3 as n, 'ok-3' as v",
+                              "--format", "csv"])
+    assert res.stdout.splitlines() == ["t,u,n,v", "\"'=HYPERLINK(\"\"http://x\"\")\",'@SUM(1),-3,ok-3"]
     res = runner.invoke(app, ["sql", "delete from int_rejections"])
     assert res.exit_code == 2 and "read-only" in res.output and "Traceback" not in res.output
     res = runner.invoke(app, ["tables", "--format", "json"])
