@@ -45,6 +45,7 @@ Decisions (CheXpert conventions unless noted):
 from __future__ import annotations
 
 import bisect
+import itertools
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -608,8 +609,16 @@ class _Normalized:
         return self.start(pos - 1) + 1 if pos > 0 else 0
 
 
-def _words_between(low: str, a: int, b: int) -> int:
-    return len(low[a:b].split()) if b > a else 0
+def _within_words(low: str, a: int, b: int, limit: int) -> bool:
+    """Are there at most ``limit`` words in low[a:b]? A long span stops being read after
+    ``limit + 1`` words, so a cue far from a mention in a very long sentence costs no more than
+    a near one."""
+    if b - a <= 256:  # the usual case: a short span, split at C speed
+        return len(low[a:b].split()) <= limit
+    return sum(1 for _ in itertools.islice(_WORD.finditer(low, a, b), limit + 1)) <= limit
+
+
+_WORD = re.compile(r"\S+")
 
 
 def _blocked(low: str, a: int, b: int, terms: Sequence[int], commas_ok: bool) -> bool:
@@ -617,7 +626,7 @@ def _blocked(low: str, a: int, b: int, terms: Sequence[int], commas_ok: bool) ->
     i = bisect.bisect_left(terms, a)
     if i < len(terms) and terms[i] < b:
         return True
-    return not commas_ok and "," in low[a:b]
+    return not commas_ok and low.find(",", a, b) != -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -627,34 +636,89 @@ class _Decision:
     hedged: bool  # a cue (not only the default) decided it
 
 
-def _resolve(low: str, start: int, end: int, sent_cues: Sequence[_Cue], terms: Sequence[int]) -> _Decision:
+class _SentenceCues:
+    """The cues of one sentence (sorted by start): which one is nearest before or after a mention.
+    Scans the list; ``_IndexedCues`` answers the same by bisection for long cue lists."""
+
+    def __init__(self, cues: Sequence[_Cue]) -> None:
+        self.cues = cues
+
+    def before(self, start: int) -> int:
+        """Index of the last non-terminator cue among those before the first cue that ends after
+        ``start``; -1 when there is none."""
+        found = -1
+        for i, c in enumerate(self.cues):
+            if c.end > start:
+                break
+            if c.rule.kind != "termination":
+                found = i
+        return found
+
+    def after(self, end: int) -> int:
+        """Index of the first non-terminator cue starting at or after ``end``; len(cues) when none."""
+        for i, c in enumerate(self.cues):
+            if c.start >= end and c.rule.kind != "termination":
+                return i
+        return len(self.cues)
+
+
+class _IndexedCues(_SentenceCues):
+    """``_SentenceCues`` by bisection, for a sentence with many cues (a pasted report without full
+    stops): n mentions cost n log n instead of n squared. 900 KB as one sentence: 0.9 s, was 16 s."""
+
+    def __init__(self, cues: Sequence[_Cue]) -> None:
+        super().__init__(cues)
+        self.starts = [c.start for c in cues]
+        # running maximum of the ends: the first cue ending after a position is found by bisection
+        self.max_ends = list(itertools.accumulate((c.end for c in cues), max))
+        last, self.last_scope = -1, []  # index of the last non-terminator cue at or before i
+        for i, c in enumerate(cues):
+            if c.rule.kind != "termination":
+                last = i
+            self.last_scope.append(last)
+        nxt, self.next_scope = len(cues), [0] * (len(cues) + 1)  # first non-terminator cue at or after i
+        self.next_scope[len(cues)] = nxt
+        for i in range(len(cues) - 1, -1, -1):
+            if cues[i].rule.kind != "termination":
+                nxt = i
+            self.next_scope[i] = nxt
+
+    def before(self, start: int) -> int:
+        first_past = bisect.bisect_right(self.max_ends, start)
+        return self.last_scope[first_past - 1] if first_past > 0 else -1
+
+    def after(self, end: int) -> int:
+        return self.next_scope[bisect.bisect_left(self.starts, end)]
+
+
+def sentence_cues(cues: Sequence[_Cue]) -> _SentenceCues:
+    return _IndexedCues(cues) if len(cues) > 32 else _SentenceCues(cues)
+
+
+def _resolve(low: str, start: int, end: int, sent: _SentenceCues, terms: Sequence[int]) -> _Decision:
     """Status of the mention low[start:end] from the cues of its sentence.
 
     The nearest cue on each side decides (a farther cue is shadowed by a nearer one of any
     kind); it applies when the mention lies inside its window and no terminator (nor, for
     comma-bound cues, a comma) separates them.
     """
-    pre_index = -1
-    for i, c in enumerate(sent_cues):
-        if c.end > start:
-            break
-        if c.rule.kind != "termination":
-            pre_index = i
+    cues = sent.cues
+    pre_index = sent.before(start)
     pre_hit: _Cue | None = None
     if pre_index >= 0:
-        pre = sent_cues[pre_index]
-        if (pre.rule.pre and _words_between(low, pre.end, start) <= pre.rule.pre
+        pre = cues[pre_index]
+        if (pre.rule.pre and _within_words(low, pre.end, start, pre.rule.pre)
                 and not _blocked(low, pre.end, start, terms, pre.rule.pre_commas)):
             pre_hit = pre
             if pre.rule.kind in ("uncertainty", "affirm"):
-                pre_hit = _absorbing_negation(low, start, sent_cues[:pre_index], pre, terms) or pre
+                pre_hit = _absorbing_negation(low, start, cues, pre_index, terms) or pre
     post_hit: _Cue | None = None
-    for c in sent_cues:
-        if c.start >= end and c.rule.kind != "termination":
-            if (c.rule.post and _words_between(low, end, c.start) <= c.rule.post
-                    and not _blocked(low, end, c.start, terms, c.rule.post_commas)):
-                post_hit = c
-            break
+    post_index = sent.after(end)
+    if post_index < len(cues):
+        c = cues[post_index]
+        if (c.rule.post and _within_words(low, end, c.start, c.rule.post)
+                and not _blocked(low, end, c.start, terms, c.rule.post_commas)):
+            post_hit = c
     hits = [h for h in (pre_hit, post_hit) if h is not None]
     for kind, status in (("uncertainty", "uncertain"), ("negation", "absent")):
         for h in hits:
@@ -663,13 +727,15 @@ def _resolve(low: str, start: int, end: int, sent_cues: Sequence[_Cue], terms: S
     return _Decision("present", None, bool(hits))
 
 
-def _absorbing_negation(low: str, start: int, earlier: Sequence[_Cue], inner: _Cue,
+def _absorbing_negation(low: str, start: int, cues: Sequence[_Cue], inner_index: int,
                         terms: Sequence[int]) -> _Cue | None:
-    """A negation list head before ``inner`` whose scope reaches the mention, with no comma
-    between it and ``inner``: "no consolidation to suggest pneumonia"."""
-    for c in reversed(earlier):
+    """A negation list head before ``cues[inner_index]`` whose scope reaches the mention, with no
+    comma between it and that cue: "no consolidation to suggest pneumonia"."""
+    inner = cues[inner_index]
+    for i in range(inner_index - 1, -1, -1):
+        c = cues[i]
         if c.rule.kind == "negation" and c.rule.pre >= _ANY:
-            if "," in low[c.end:inner.start] or _blocked(low, c.end, start, terms, True):
+            if low.find(",", c.end, inner.start) != -1 or _blocked(low, c.end, start, terms, True):
                 return None
             return c
         if c.rule.kind in ("negation", "uncertainty", "pseudo"):
@@ -809,9 +875,10 @@ def _extract(original: str, norm: _Normalized, doc: Doc, base_offset: int, expan
         sent_cues = cues[bisect.bisect_left(cue_starts, s0):bisect.bisect_left(cue_starts, s1)]
         terms = [c.start for c in sent_cues if c.rule.kind == "termination"]
         term_ends = sorted(c.end for c in sent_cues if c.rule.kind == "termination")
+        indexed = sentence_cues(sent_cues)
         candidates: list[_Candidate] = []
         for p, q, ph in items:
-            decision = _resolve(low, p, q, sent_cues, terms)
+            decision = _resolve(low, p, q, indexed, terms)
             clause = _clause(low, s0, s1, p, q, terms, term_ends)
             if ph.descriptor and decision.status == "present" and not _ENLARGEMENT_RE.search(low, *clause):
                 continue  # "the heart size is stable" names no abnormality

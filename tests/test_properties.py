@@ -252,3 +252,41 @@ def test_rewards_return_floats_in_the_unit_interval(data):
             assert 0.0 <= row[key] <= 1.0
         for key in ("completeness", "factuality", "effectiveness"):
             assert row[key] is None or 0.0 <= row[key] <= 1.0
+
+
+# ---- the labeler's cue lookup: the bisection index answers as the scan does -------------------------------
+_CUE_KINDS = ("negation", "uncertainty", "affirm", "pseudo", "termination")
+
+
+@st.composite
+def _cue_lists(draw):
+    from extractors.mentions import CueRule, _Cue
+
+    cues, pos = [], 0
+    for _ in range(draw(st.integers(0, 60))):
+        pos += draw(st.integers(0, 12))  # sorted by start; ends may overlap later cues
+        length = draw(st.integers(1, 25))
+        rule = CueRule(name="r", kind=draw(st.sampled_from(_CUE_KINDS)), phrases=("x",))
+        cues.append(_Cue(rule, pos, pos + length))
+    return cues
+
+
+@settings(max_examples=300, deadline=None)
+@given(_cue_lists(), st.integers(-5, 800), st.integers(0, 40))
+def test_indexed_cue_lookup_matches_the_linear_scan(cues, start, length):
+    from extractors.mentions import _IndexedCues, _SentenceCues
+
+    scan, index = _SentenceCues(cues), _IndexedCues(cues)
+    assert index.before(start) == scan.before(start)
+    assert index.after(start + length) == scan.after(start + length)
+
+
+def test_a_report_pasted_as_one_long_sentence_is_labeled_as_its_clauses_say():
+    """Thousands of cues in one sentence (no full stop): the nearest cue still decides, and a
+    negation 100 KB before a mention does not reach it."""
+    clause = "there is a small left pleural effusion and mild cardiomegaly without pneumothorax"
+    labels = label_report("FINDINGS: " + ", ".join([clause] * 5000) + ".")
+    assert (labels["Pleural Effusion"].value, labels["Cardiomegaly"].value,
+            labels["Pneumothorax"].value) == ("positive", "positive", "negative")
+    far = label_report("FINDINGS: No pleural effusion " + "lorem ipsum dolor " * 6000 + "and a small pneumothorax.")
+    assert far["Pneumothorax"].value == "positive" and far["Pleural Effusion"].value == "negative"
