@@ -105,6 +105,12 @@ def _failing_cases():
     yield "STATUS_CONTRADICTS_LABEL", ReasoningChain(steps=[
         *base.steps[:2],
         step("observation", "The heart is enlarged.", [("Cardiomegaly", "present")],
+             ["year old woman with dyspnea"]),  # a quote that names no finding: only the label disagrees
+        base.steps[3]]), binary_item()
+    # In the report, and true, but about another finding than the one the step states.
+    yield "EVIDENCE_OFF_TOPIC", ReasoningChain(steps=[
+        *base.steps[:2],
+        step("observation", "There is no pneumothorax.", [("Pneumothorax", "absent")],
              ["Large left pleural effusion is new."]),
         base.steps[3]]), binary_item()
     # The label source (e.g. a CSV) says pneumothorax; the quoted sentence says there is none.
@@ -434,3 +440,27 @@ def test_verification_is_well_under_a_millisecond():
     for _ in range(n):
         v.verify_chain(chain, item)
     assert (time.perf_counter() - started) / n < 1e-3
+
+
+# --- evidence on topic -----------------------------------------------------------------
+@pytest.mark.parametrize("finding,status,quote,ok", [
+    ("Pleural Effusion", "present", "Blunting of the left costophrenic angle.", True),  # a sign of it
+    ("Atelectasis", "present", "Bibasilar opacities.", True),  # names a related finding (Lung Opacity)
+    ("No Finding", "present", "No\n pneumothorax.", True),  # findings stated absent
+    ("Pneumothorax", "absent", "No\n pneumothorax.", True),
+    ("Lung Lesion", "absent", "No lung lesion or edema.", True),  # named, though the mention finder reads only edema
+    ("Pneumothorax", "absent", "Bibasilar opacities.", False),  # names only an unrelated finding
+    ("No Finding", "present", "Bibasilar opacities.", False),  # a finding stated present
+])
+def test_evidence_must_bear_on_a_stated_finding(finding, status, quote, ok):
+    chain_step = step("observation", "Seen on the radiograph.", [(finding, status)], [quote])
+    assert (v._check_quote_topic(1, chain_step) == []) is ok
+
+
+def test_a_step_stating_several_findings_needs_quotes_bearing_on_one_of_them():
+    both = step("observation", "No pneumothorax or effusion.", [("Pneumothorax", "absent"), ("Edema", "absent")],
+                ["No\n pneumothorax."])
+    assert v._check_quote_topic(1, both) == []
+    (failure,) = v._check_quote_topic(2, both.model_copy(update={"evidence": [Evidence(quote="Bibasilar opacities.")]}))
+    assert failure.code == v.EVIDENCE_OFF_TOPIC and failure.step_index == 2
+    assert "Lung Opacity" in failure.detail and "Pneumothorax" in failure.detail

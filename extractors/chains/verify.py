@@ -68,11 +68,15 @@ UNKNOWN_TASK = "UNKNOWN_TASK"  # the sample's task is none of TASKS: there is no
 # The quote exists but says the opposite of the step ("No pleural effusion." cited for an
 # effusion): happens when a label source (e.g. a CSV) disagrees with the report text.
 EVIDENCE_CONTRADICTS_FINDING = "EVIDENCE_CONTRADICTS_FINDING"
+# The quotes are in the report but about something else: they name findings, and none of them
+# is one the step states (nor a related finding, nor a sign of it). "The heart is enlarged."
+# cited for "no pneumothorax" passes every other check.
+EVIDENCE_OFF_TOPIC = "EVIDENCE_OFF_TOPIC"
 REASON_CODES = (
     EVIDENCE_NOT_FOUND, OBSERVATION_WITHOUT_EVIDENCE, STATUS_CONTRADICTS_LABEL, ANSWER_MISMATCH,
     NO_CONCLUSION, OPTION_NOT_ADDRESSED, LEAKAGE, TOO_FEW_STEPS, TOO_MANY_STEPS, STEP_TOO_LONG,
     CHAIN_TOO_LONG, STEP_EMPTY, TEMPORAL_NO_COMPARISON, UNKNOWN_OBSERVATION, UNKNOWN_TASK,
-    EVIDENCE_CONTRADICTS_FINDING,
+    EVIDENCE_CONTRADICTS_FINDING, EVIDENCE_OFF_TOPIC,
 )
 
 # --- bounds --------------------------------------------------------------------------
@@ -381,6 +385,7 @@ def _check_step_grounding(
             )
     if step.kind == "observation":
         failures += _check_quote_polarity(i, step)
+        failures += _check_quote_topic(i, step)
     if step.kind != "comparison" and labels is not None:
         for finding in step.findings:
             name = canonical_observation(finding.observation)
@@ -534,6 +539,52 @@ def _check_quote_polarity(i: int, step: ReasoningStep) -> list[VerificationFailu
                 EVIDENCE_CONTRADICTS_FINDING, f"{name} stated {finding.status}; the quoted text says {opposite}", i
             ))
     return failures
+
+
+def _check_quote_topic(i: int, step: ReasoningStep) -> list[VerificationFailure]:
+    """The quotes of an observation step must bear on at least one finding it states.
+
+    Judged only when the quotes name findings at all (a sign such as "blunting of the
+    costophrenic angle", or "the lungs are clear", names none and is left alone). A finding is
+    borne on when the quotes name it (as the mention finder reads them, or literally: its name or
+    one of its CheXpert mention phrases), name a finding the knowledge map relates to it, or
+    describe one of its signs; "No Finding" present is borne on by quotes that state findings absent.
+    """
+    quotes = " ".join(str(ev.quote) for ev in step.evidence if str(ev.quote).strip())
+    if not quotes or not step.findings:
+        return []
+    said = _statuses_said(quotes)
+    if not said:
+        return []
+    knowledge = load_knowledge_map()
+    stated = []
+    for finding in step.findings:
+        name = canonical_observation(finding.observation) or str(finding.observation)
+        stated.append(name)
+        entry = knowledge.get(name)
+        related = set(entry.related) if entry else set()
+        if (name in said or related & said.keys() or _names_finding(name, quotes) or knowledge.signs_in(name, quotes)
+                or (name == "No Finding" and finding.status == "present"
+                    and all(statuses == {"absent"} for statuses in said.values()))):
+            return []
+    return [VerificationFailure(
+        EVIDENCE_OFF_TOPIC, f"the quotes are about {', '.join(sorted(said))}, not {', '.join(stated)}", i
+    )]
+
+
+def _names_finding(name: str, text: str) -> bool:
+    pattern = _finding_pattern(name)
+    return pattern is not None and pattern.search(text) is not None
+
+
+@lru_cache(maxsize=64)
+def _finding_pattern(name: str) -> re.Pattern[str] | None:
+    """The observation's name and its CheXpert mention phrases, whitespace-tolerant, as whole words."""
+    from extractors.chains.knowledge import mention_phrases
+
+    phrases = {name.casefold(), *mention_phrases().get(name, ())}
+    parts = [r"\s+".join(map(re.escape, p.split())) for p in sorted(phrases, key=len, reverse=True) if p.split()]
+    return re.compile(r"(?<!\w)(?:" + "|".join(parts) + r")(?!\w)", re.IGNORECASE) if parts else None
 
 
 @lru_cache(maxsize=65536)
