@@ -210,8 +210,10 @@ def test_contradicting_chain_is_refined(server):
     assert "STATUS_MISMATCH" in server.bodies[3]["messages"][-1]["content"]
 
 
-@pytest.mark.parametrize("fault", ["ungrounded", "contradiction"])
-def test_with_the_project_verifier(server, fault):
+@pytest.mark.parametrize("fault,code", [("ungrounded", "EVIDENCE_NOT_FOUND"),
+                                        ("contradiction", "STATUS_CONTRADICTS_LABEL"),
+                                        ("off_topic", "EVIDENCE_OFF_TOPIC")])
+def test_with_the_project_verifier(server, fault, code):
     """The real verify_chain catches the injected fault; one refine round fixes it."""
     server.enqueue_faults(fault)
     outcome = mine(extractor(server, "single"), verify_chain)
@@ -219,6 +221,7 @@ def test_with_the_project_verifier(server, fault):
     assert verify_chain(outcome.chain, make_item()) == []
     feedback = server.bodies[1]["messages"][-1]["content"]
     assert feedback.startswith("Your chain did not pass") and "- [" in feedback
+    assert f"[{code}]" in feedback
 
 
 def test_llm_failure_becomes_a_reason_code(server):

@@ -30,7 +30,8 @@ Fault kinds: ``rate_limit`` (429 with ``Retry-After``), ``server_error`` (500),
 ``malformed_json`` (content that is not JSON), ``schema_invalid`` (JSON that breaks the
 chain schema), ``ungrounded`` (a valid chain whose evidence quotes are not in the report),
 ``contradiction`` (a valid chain whose finding statuses are flipped and whose conclusion
-denies the answer). Content faults apply to requests that ask for JSON only.
+denies the answer), ``off_topic`` (each observation step quotes a report sentence about another
+finding: in the report, but not evidence for the step). Content faults apply to requests that ask for JSON only.
 
 Counters (``requests``, ``statuses``, ``faults``, ``max_in_flight``, ``served_s``: the sum of
 the time from receiving each request to finishing its answer) and ``bodies`` (every
@@ -62,7 +63,7 @@ from starlette.routing import Route
 Responder = Callable[[dict[str, Any]], str]
 
 HTTP_FAULTS = ("rate_limit", "server_error", "timeout")
-CONTENT_FAULTS = ("malformed_json", "schema_invalid", "ungrounded", "contradiction")
+CONTENT_FAULTS = ("malformed_json", "schema_invalid", "ungrounded", "contradiction", "off_topic")
 FAULT_KINDS = HTTP_FAULTS + CONTENT_FAULTS
 
 UNGROUNDED_QUOTE = "a fabricated observation that this report never mentions"
@@ -128,6 +129,25 @@ def _make_ungrounded(content: str) -> str:
             quoted = True
     if not quoted and steps:
         steps[0].setdefault("evidence", []).append({"quote": UNGROUNDED_QUOTE, "start": None, "end": None})
+    return json.dumps(chain)
+
+
+def _make_off_topic(content: str, body: Mapping[str, Any]) -> str:
+    """Each observation step quotes, instead of its own evidence, a report sentence that names
+    another finding (a step for which the report has none is left as it is)."""
+    from extractors.mentions import find_mentions
+
+    report = next((b for m in body.get("messages") or [] if m.get("role") == "user"
+                   and isinstance(m.get("content"), str) for b in fenced_blocks(m["content"])), "")
+    sentences = [(m.observation, m.sentence.strip()) for m in find_mentions(report)]
+    chain = json.loads(content)
+    for step in chain.get("steps") or []:
+        if step.get("kind") != "observation":
+            continue
+        own = {str(f.get("observation")) for f in step.get("findings") or []}
+        other = next((sentence for name, sentence in sentences if name not in own and sentence), None)
+        if other is not None:
+            step["evidence"] = [{"quote": other, "start": None, "end": None}]
     return json.dumps(chain)
 
 
@@ -385,6 +405,8 @@ class FakeOpenAIServer:
             return _make_ungrounded(content)
         if fault == "contradiction":
             return _make_contradiction(content)
+        if fault == "off_topic":
+            return _make_off_topic(content, body)
         return content
 
     def _completion(self, body: dict[str, Any], content: str) -> dict[str, Any]:
