@@ -420,7 +420,10 @@ def test_csv_injection_is_stored_and_exported_as_plain_text(tmp_path, monkeypatc
         import io
 
         values = [r[0] for r in csv.reader(io.StringIO(result.stdout))][1:]
-        assert sorted(values) == sorted(INJECTIONS)  # verbatim text, nothing evaluated
+        # Stored verbatim; in CSV, text a spreadsheet would run as a formula gets a leading ' (JSON stays verbatim).
+        formula = ("=", "+", "-", "@", "\t", "\r")
+        assert sorted(values) == sorted("'" + s if s.startswith(formula) else s for s in INJECTIONS)
+        assert any(v.startswith("'") for v in values)
         again = CliRunner().invoke(app, ["sql", "SELECT count(*) AS n FROM raw_reports", "-f", "json"])
         assert json.loads(again.stdout) == [{"n": len(INJECTIONS)}]  # the "DROP TABLE" id dropped nothing
         bad = CliRunner().invoke(app, ["sql", "DROP TABLE raw_reports"])
