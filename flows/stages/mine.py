@@ -365,22 +365,24 @@ def run_batch(ctx: RunContext, batch: dict[str, Any], progress: Callable[[int], 
         rows.add(outcome)
         progress(1)
 
-    journal = None
     if extractor == "llm":
         from warehouse.llm_journal import SQLiteCallJournal
 
+        batch_id = batch["batch_id"]
         journal = SQLiteCallJournal.from_settings(ctx.settings)
-        recover_journaled_calls(ctx, batch["batch_id"], journal)
-        _extract_llm(ctx, items, done, call_log=lambda row: journal.append(ctx.run_id, batch["batch_id"], row))
+        try:
+            recover_journaled_calls(ctx, batch_id, journal)
+            _extract_llm(ctx, items, done, call_log=lambda row: journal.append(ctx.run_id, batch_id, row))
+            calls = rows.calls
+            if calls:
+                # The call ledger is per run (cache hits included), so a re-run never erases the record of spend.
+                ctx.warehouse.write(LlmCall, f"{batch_id}--{ctx.run_id}", calls, ctx.lineage(batch_id, VERSION))
+            journal.discard(ctx.run_id, batch_id)  # the rows are in the ledger now
+        finally:
+            journal.close()
     else:
         _extract_rules(items, done)
-    calls, chains = rows.calls, rows.chains
-    if calls:
-        # The call ledger is per run (cache hits included), so a re-run never erases the record of spend.
-        ctx.warehouse.write(LlmCall, f"{batch['batch_id']}--{ctx.run_id}", calls, ctx.lineage(batch["batch_id"], VERSION))
-    if journal is not None:
-        journal.discard(ctx.run_id, batch["batch_id"])  # the rows are in the ledger now
-        journal.close()
+    chains = rows.chains
     return record_batch(
         ctx, stage=NAME, stage_version=stage_version, batch_id=batch["batch_id"], started=started,
         frames={ChainRow: chains, ChainStepRow: rows.steps},
