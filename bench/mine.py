@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--samples", type=int, default=2000)
     parser.add_argument("--latency", type=float, default=0.1)
     parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3, help="repeats of (a)/(c)")
+    parser.add_argument("--repeats", type=int, default=5, help="repeats of (a)/(c); the median is reported")
     parser.add_argument("--seed", type=int, default=13, help="corpus seed")
     parser.add_argument("--fault-seed", type=int, default=1)
     parser.add_argument("--in-process", action="store_true", help="run the fake server in this process")
