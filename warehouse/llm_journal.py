@@ -11,19 +11,19 @@ ledger row is also appended here the moment it is made, tagged with its run and 
   partition ``<batch>--<dead run>`` (the name the dead run would have used, so a crash in
   between only writes the same file again), and then discarded.
 
-SQLite in WAL mode with ``synchronous=NORMAL``, as the response cache: a commit survives a
+SQLite in WAL mode, as the response cache (warehouse/sqlite_file.py): a commit survives a
 process crash. Only ledger rows are stored (hashes, counts, codes), never messages or keys.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
-import threading
 from collections import defaultdict
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+from warehouse.sqlite_file import SQLiteFile
 
 FILE_NAME = "llm-call-journal.sqlite3"
 
@@ -52,45 +52,32 @@ class SQLiteCallJournal:
     """``location``: a folder (the file is created inside) or a file path."""
 
     def __init__(self, location: Path | str) -> None:
-        location = Path(location)
-        self.path = location if location.suffix in (".sqlite3", ".sqlite", ".db") else location / FILE_NAME
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._con = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30.0)
-        self._con.execute("PRAGMA journal_mode=WAL")
-        self._con.execute("PRAGMA synchronous=NORMAL")
-        self._con.execute("PRAGMA busy_timeout=30000")
-        self._con.execute(_SCHEMA)
-        self._con.execute(_INDEX)
+        self._db = SQLiteFile(location, FILE_NAME, [_SCHEMA, _INDEX])
+        self.path = self._db.path
 
     @classmethod
     def from_settings(cls, settings: object) -> "SQLiteCallJournal":
         return cls(Path(getattr(settings, "cache_dir")))
 
     def append(self, run_id: str, batch_id: str, row: dict[str, Any]) -> None:
-        with self._lock:
-            self._con.execute("INSERT INTO llm_call_journal VALUES (?, ?, ?)", (run_id, batch_id, _encode(row)))
+        self._db.execute("INSERT INTO llm_call_journal VALUES (?, ?, ?)", (run_id, batch_id, _encode(row)))
 
     def left_by_other_runs(self, batch_id: str, run_id: str) -> dict[str, list[dict[str, Any]]]:
         """Rows of ``batch_id`` that runs other than ``run_id`` journaled and never wrote, by run."""
-        with self._lock:
-            found = self._con.execute(
-                "SELECT run_id, row FROM llm_call_journal WHERE batch_id = ? AND run_id <> ? ORDER BY rowid",
-                (batch_id, run_id),
-            ).fetchall()
+        found = self._db.execute(
+            "SELECT run_id, row FROM llm_call_journal WHERE batch_id = ? AND run_id <> ? ORDER BY rowid",
+            (batch_id, run_id),
+        )
         by_run: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for run, text in found:
             by_run[run].append(_decode(text))
         return dict(by_run)
 
     def discard(self, run_id: str, batch_id: str) -> None:
-        with self._lock:
-            self._con.execute("DELETE FROM llm_call_journal WHERE run_id = ? AND batch_id = ?", (run_id, batch_id))
+        self._db.execute("DELETE FROM llm_call_journal WHERE run_id = ? AND batch_id = ?", (run_id, batch_id))
 
     def __len__(self) -> int:
-        with self._lock:
-            return int(self._con.execute("SELECT count(*) FROM llm_call_journal").fetchone()[0])
+        return self._db.count("llm_call_journal")
 
     def close(self) -> None:
-        with self._lock:
-            self._con.close()
+        self._db.close()
