@@ -211,3 +211,9 @@ def mention_phrases() -> dict[str, tuple[str, ...]]:
             continue
         phrases[name] = tuple(line.replace("_", " ").casefold() for line in lines if line.strip())
     return phrases
+
+
+def observation_phrases(observation: str) -> tuple[str, ...]:
+    """The words a report may name ``observation`` by: its CheXpert mention phrases and its own
+    name, casefolded."""
+    return (*mention_phrases().get(observation, ()), observation.casefold())

@@ -37,7 +37,7 @@ from extractors.chains.knowledge import (
     KnowledgeMap,
     canonical_observation,
     load_knowledge_map,
-    mention_phrases,
+    observation_phrases,
     sign_phrase,
 )
 from extractors.chains.types import (
@@ -150,7 +150,7 @@ def _mention_sentence(text: str, observation: str) -> tuple[int, int] | None:
     if observation == "No Finding":
         phrases = _NORMAL_STUDY_CUES  # its lexicon lists abnormal terms, not mentions of a normal study
     else:
-        phrases = (*mention_phrases().get(observation, ()), observation.casefold())
+        phrases = observation_phrases(observation)
     for start, end in sentence_spans(text):
         padded = f" {' '.join(text[start:end].casefold().split())} "
         if any(p in padded for p in phrases):

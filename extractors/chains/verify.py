@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Literal
 
-from extractors.chains.knowledge import PROGRESSIONS, canonical_observation, load_knowledge_map
+from extractors.chains.knowledge import PROGRESSIONS, canonical_observation, load_knowledge_map, observation_phrases
 from extractors.chains.types import LabelEvidence, MiningInput, VerificationFailure, gold_answer, string_list
 from schemas.chains import Evidence, ReasoningChain, ReasoningStep
 from schemas.vqa import TASKS
@@ -580,10 +580,8 @@ def _names_finding(name: str, text: str) -> bool:
 @lru_cache(maxsize=64)
 def _finding_pattern(name: str) -> re.Pattern[str] | None:
     """The observation's name and its CheXpert mention phrases, whitespace-tolerant, as whole words."""
-    from extractors.chains.knowledge import mention_phrases
-
-    phrases = {name.casefold(), *mention_phrases().get(name, ())}
-    parts = [r"\s+".join(map(re.escape, p.split())) for p in sorted(phrases, key=len, reverse=True) if p.split()]
+    phrases = sorted(set(observation_phrases(name)), key=len, reverse=True)
+    parts = [r"\s+".join(map(re.escape, p.split())) for p in phrases if p.split()]
     return re.compile(r"(?<!\w)(?:" + "|".join(parts) + r")(?!\w)", re.IGNORECASE) if parts else None
 
 
