@@ -117,7 +117,22 @@ _ENLARGEMENT_RE = re.compile(r"\b(?:enlarg|large|widen|wide\b|prominen|increas|a
 # septal lines and the pleural line of a pneumothorax are not catheters.
 _EXTRA_EXCLUSIONS = {
     "Support Devices": ("plate-like", "plate like", "platelike", "pleural line", "septal line", "kerley b line",
-                        "kerley line", "skin line", "skin fold line"),
+                        "kerley line", "skin line", "skin fold line",
+                        # vertebral endplates and growth plates are bone, not hardware
+                        "endplate", "end plate", "end-plate", "growth plate",
+                        # "support" as a verb: "findings support the diagnosis of pneumonia"
+                        "support the", "support a ", "support an ", "support this", "support of", "support for",
+                        "supports", "supporting", "supported", "supportive"),
+    "Lung Lesion": ("lumpectomy",),
+    # Effusions of other spaces: joints, pericardium (CheXpert's unmention list has the latter)
+    "Pleural Effusion": ("joint effusion", "knee effusion", "elbow effusion", "ankle effusion", "hip effusion",
+                         "subdural effusion"),
+    # Edema outside the lungs is not pulmonary edema
+    "Edema": ("soft tissue edema", "soft-tissue edema", "subcutaneous edema", "peripheral edema", "pedal edema",
+              "extremity edema", "leg edema", "bowel wall edema", "scalp edema", "facial edema"),
+    # Healed granulomatous disease is a granuloma (an "other finding"), not an infection today
+    "Pneumonia": ("granulomatous infection", "granulomatous infectious", "postinfectious", "post-infectious",
+                  "post infectious"),
 }
 _EXTRA_MENTIONS = {
     "Enlarged Cardiomediastinum": ("mediastinal widening", "mediastinal enlargement"),
@@ -252,7 +267,7 @@ def _trie_pattern(words: Iterable[str]) -> str:
 # Cues
 # =====================================================================================
 
-CueKind = Literal["negation", "uncertainty", "pseudo", "affirm", "termination"]
+CueKind = Literal["negation", "uncertainty", "pseudo", "affirm", "hypothetical", "termination"]
 _ANY = 10_000  # window: up to the end of the clause
 
 
@@ -291,56 +306,87 @@ _SEVERITY_WORDS = ("mild", "mildly", "moderate", "severe", "small", "large", "mi
 
 CUE_RULES: tuple[CueRule, ...] = (
     # ---- negation -------------------------------------------------------------------
-    # List heads: "no focal consolidation, pleural effusion, or pneumothorax".
+    # List heads: "no focal consolidation, pleural effusion, or pneumothorax". Their scope
+    # runs to the end of the clause and across a coordinated list (see _list_scope_ok).
     CueRule("no", "negation", _phrases(
-        "no", "no [radiographic|definite|convincing|definitive|obvious|] evidence of", "no sign[s|] of",
-        "no findings of", "no findings to suggest", "without", "without [radiographic|] evidence of", "w/o",
+        "no", "no [radiographic|definite|convincing|definitive|obvious|visible|other|] evidence [of|for|]",
+        "no [radiographic|definite|] sign[s|] of", "no findings of", "no findings to suggest",
+        "without", "without [radiographic|definite|] evidence of", "w/o",
         "negative for", "free of", "clear of", "absence of", "neither", "nor", "no longer", "no new",
-        "never"), pre=_ANY, pre_commas=True),
+        "never", "denies", "denied", "deny", "rules out", "ruling out", "ruled out for", "there is no",
+        "there are no", "there has been no", "not [demonstrate|show|reveal|identify|see|appear to be|"
+        "appear to have|suggest|represent]", "[does|do|did] not [demonstrate|show|reveal|appear to be|"
+        "appear to have|suggest|represent|see|have|include|identify|contain]",
+        "no signs or symptoms of", "resolution of"), pre=_ANY, pre_commas=True),
     CueRule("resolved", "negation", _phrases(
-        "resolved", "[interval|] resolution of", "[interval|] removal of", "cleared"), pre=3, post=4),
+        "resolved", "[interval|] removal of", "cleared"), pre=3, post=4),
     CueRule("has resolved", "negation", _phrases(
         "[has|have] resolved", "[has|have] cleared", "[has|have] been removed", "[was|were] removed", "removed",
-        "no longer [seen|visualized|present|evident|identified|visible|appreciated]"), post=4),
+        "no longer [seen|visualized|present|evident|identified|visible|appreciated]",
+        "[is|are|was|were|has been|have been] [excluded|ruled out]", "excluded", "ruled out",
+        ": [not present|none|negative|absent]", "- [not present|none|negative|absent]",
+        "[is|are] [not present|not seen|not identified|not evident|not appreciated]",
+        "not [present|seen|identified|evident|appreciated|visualized|demonstrated]"), post=6, post_commas=True),
     CueRule("normal", "negation", _phrases(
         "normal", "within normal limits", "normal in size", "top normal", "top-normal", "upper normal",
         "upper limit[s|] of normal", "unremarkable"), pre=3, post=6, post_commas=True),
-    CueRule("not", "negation", _phrases("not", "is not", "are not", "was not", "were not", "does not", "do not"),
-            pre=2, post=4),
+    CueRule("not", "negation", _phrases("not", "is not", "are not", "was not", "were not", "does not", "do not",
+                                        "did not", "cannot", "can not", "negative"),
+            pre=6, post=4),
     CueRule("absent", "negation", _phrases("absent", "[is|are] absent"), pre=2, post=3),
     # ---- uncertainty ----------------------------------------------------------------
     # List heads: "concerning for pneumonia, aspiration, or atelectasis".
     CueRule("possible", "uncertainty", _phrases(
         "possible", "possibility of", "probable", "potential", "suspicion [of|for]", "suspicious [for|of|]",
         "concerning for", "concern for", "worrisome [for|]", "suggestive of", "suggesting", "suggests", "suggest",
-        "to suggest", "question of", "questionable", "[cannot|can not|can't|could not] [exclude|rule out]",
-        "[to|] rule out", "r/o", "to exclude", "evaluate for", "assess for",
-        "differential [diagnosis|] [includes|include|of|]",
+        "to suggest", "question of", "questionable", "question", "[cannot|can not|can't|could not] [exclude|rule out]",
+        "[to|] rule out", "r/o", "to exclude", "evaluate for", "assess for", "[to|] evaluate for",
+        "differential [diagnosis|] [includes|include|of|is|]", "differential [diagnosis|] [would|may|could] include",
         "differential considerations [include|]", "consider", "equivocal", "indeterminate", "uncertain",
-        "doubtful", "doubt", "rather than", "less likely", "unlikely"), pre=6, pre_commas=True),
+        "doubtful", "doubt", "rather than", "less likely", "unlikely", "[may|might|could] [represent|reflect|"
+        "indicate|be due to|relate to|be related to]", "[may|might|could] [also|] [be|have]", "there may be",
+        "there might be", "there could be", "raising the possibility of", "correlate [clinically|] for",
+        "clinical correlation for"), pre=_ANY, pre_commas=True),
     # Short modifiers: their scope stops at a comma ("opacity, likely atelectasis").
     CueRule("likely", "uncertainty", _phrases(
         "likely", "most likely", "more likely", "possibly", "probably", "presumably", "presumed", "may", "might",
-        "could", "may represent", "may reflect", "could represent"), pre=4),
+        "could", "appears to be", "apparent", "perhaps"), pre=4),
+    CueRule("borderline", "uncertainty", _phrases("borderline"), pre=3, post=2),
     # "?PNA" in an indication, "pneumonia?" in a hedged impression.
     CueRule("question mark", "uncertainty", ("?",), pre=2, post=1),
-    CueRule("suspected", "uncertainty", _phrases("suspected"), pre=4, post=2),
-    CueRule("borderline", "uncertainty", _phrases("borderline"), pre=3, post=2),
-    CueRule("versus", "uncertainty", _phrases("versus", "vs", "vs."), pre=3, post=1),
+    CueRule("suspected", "uncertainty", _phrases("suspected"), pre=5, post=2),
+    CueRule("versus", "uncertainty", _phrases("versus", "vs", "vs.", "and/or"), pre=3, post=2),
     CueRule("cannot be excluded", "uncertainty", _phrases(
         "[cannot|can not|can't|could not|may not] be [entirely|completely|fully|totally|definitely|definitively|] "
         "[excluded|ruled out|evaluated|assessed|confirmed|identified|detected|determined|characterized]",
         "[is|are|] not [entirely|completely|] [excluded|ruled out]", "not be [excluded|ruled out]",
-        "[is|are|] not well [seen|visualized|evaluated|assessed]", "[is|are] [questioned|questionable|equivocal|"
-        "uncertain|indeterminate|possible|suspected|considered|a consideration]",
+        "[is|are|] not well [seen|visualized|evaluated|assessed]", "[is|are|] not well-[seen|visualized]", "[is|are] [questioned|questionable|equivocal|"
+        "uncertain|indeterminate|possible|suspected|considered|a consideration|not excluded]",
         "[is|are|] difficult to exclude", "remains a possibility", "if any", "if present",
+        "[is|are] [less likely|unlikely]", "[is|are] [also|] in the differential", "[is|are] a differential consideration",
         "[may|might|could] [also|] [be present|be seen|be developing|be forming|coexist|be superimposed|"
-        "be contributing|contribute]", "likely .", "likely ,", "likely present", "possible .", "possible ,"),
+        "be contributing|contribute|be considered]", "likely .", "likely ,", "likely present", "possible .",
+        "possible ,", "not [definitely|clearly|well] [seen|excluded|identified]"),
         post=6, post_commas=True),
+    # ---- hypothetical / definitional: no claim about this patient's image -----------
+    # "CT is more sensitive in detecting small nodules", "pneumothorax appears as a visible
+    # pleural line", "if pneumonia is suspected". A mention they scope over is dropped.
+    CueRule("hypothetical", "hypothetical", _phrases(
+        "more sensitive", "[is|are] sensitive for", "in detecting", "for detecting", "for detection of",
+        "to detect", "to look for", "screening for", "if there is", "if there are", "in case of", "in the event of",
+        "if",
+        "would be expected", "would appear", "would suggest", "would indicate"), pre=8),
+    CueRule("definition", "hypothetical", _phrases(
+        "[typically|usually|classically|generally] [appears|appear|presents|present]", "appears as",
+        "[is|are] [defined|characterized|characterised] [as|by]", "can appear as", "may appear as",
+        "[typically|usually|often] [shows|show|causes|cause]", "is a condition", "refers to", "is seen as",
+        "manifests as"), post=3),
     # ---- pseudo-negation: looks like a cue, states presence -------------------------
     CueRule("no change", "pseudo", _phrases(
         "[no|without] [significant|substantial|appreciable|] [interval|] change [in|of|]",
-        "not [significantly|] changed", "gram negative", "not only"), pre=8, post=4, pre_commas=True),
+        "not [significantly|] changed", "gram negative", "not only", "no increase in", "no decrease in",
+        "without [significant|] [increase|decrease|improvement] in", "not [significantly|] [increased|decreased]",
+        "no [significant|] [interval|] [improvement|worsening] [in|of]"), pre=8, post=4, pre_commas=True),
     # ---- affirmation: presence stated outright; blocks cues farther away ------------
     CueRule("consistent with", "affirm", _phrases(
         "consistent with", "compatible with", "in keeping with", "diagnostic of", "characteristic of",
@@ -354,8 +400,17 @@ CUE_RULES: tuple[CueRule, ...] = (
         "but", "however", "although", "though", "except [for|]", "aside from", "apart from", "other than", "which",
         "whereas", "while", "yet", "with", "following", "after", "status post", "s/p", "since", "given",
         "otherwise", "in addition", "additionally", ";", ":", "and there", "and the", ", there",
-        *(f", {w}" for w in _SEVERITY_WORDS))),
+        "because", "as well as", "instead", "that", "who")),
 )
+
+# A comma followed by one of these opens a new assertion unless the list is disjunctive
+# ("no pneumothorax, small left effusion" vs "no consolidation, large effusion, or pneumothorax").
+_NEW_ITEM_WORDS = frozenset(_SEVERITY_WORDS) | {"there", "the", "this", "these", "it", "minimal", "persistent",
+                                                 "residual", "possible", "probable", "likely", "questionable",
+                                                 "suspected", "stable"}
+_VERB_RE = re.compile(r"\b(?:is|are|was|were|has|have|had|remains?|appears?|seems?|measures?|demonstrates?|"
+                      r"shows?|reveals?|persists?)\b")
+_DISJUNCTION_RE = re.compile(r"(?:^|[\s,])(?:or|nor|and/or)\s|[a-z]/[a-z]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -621,12 +676,46 @@ def _within_words(low: str, a: int, b: int, limit: int) -> bool:
 _WORD = re.compile(r"\S+")
 
 
-def _blocked(low: str, a: int, b: int, terms: Sequence[int], commas_ok: bool) -> bool:
-    """Does a terminator start in [a, b), or (when commas break this scope) a comma?"""
+def _blocked(low: str, a: int, b: int, terms: Sequence[int], commas_ok: bool, list_end: int | None = None) -> bool:
+    """Does a terminator start in [a, b), or a comma that this scope may not cross?
+
+    A scope that may cross commas (a list head such as "no" or "concerning for") still stops
+    at a comma that opens a new assertion, unless the list is coordinated by "or"/"nor" before
+    ``list_end`` (see ``_list_continues``).
+    """
     i = bisect.bisect_left(terms, a)
     if i < len(terms) and terms[i] < b:
         return True
-    return not commas_ok and low.find(",", a, b) != -1
+    comma = low.find(",", a, b)
+    if comma == -1:
+        return False
+    if not commas_ok:
+        return True
+    return not _list_continues(low, a, b, b if list_end is None else list_end)
+
+
+def _list_continues(low: str, a: int, b: int, list_end: int) -> bool:
+    """Is low[a:b] one coordinated list, so that a cue at ``a`` still reads the item at ``b``?
+
+    "no consolidation, large effusion, or pneumothorax": yes, the list ends in "or".
+    "no pneumothorax, small left effusion": no, "small" after the comma opens a new
+    assertion; so do "the ...", "there ..." and an item with its own verb ("no effusion,
+    heart is enlarged"). Without such an opener, a plain list continues ("no effusion,
+    consolidation and pneumothorax").
+    """
+    first = low.find(",", a, b)
+    if _DISJUNCTION_RE.search(low, first, max(list_end, b)):
+        return True
+    k = first
+    while k != -1:
+        nxt = low.find(",", k + 1, b)
+        item = low[k + 1: nxt if nxt != -1 else b].split()
+        if item and item[0] in ("and", "or", "nor"):
+            item = item[1:]
+        if item and (item[0] in _NEW_ITEM_WORDS or _VERB_RE.search(" ".join(item))):
+            return False
+        k = nxt
+    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -695,51 +784,71 @@ def sentence_cues(cues: Sequence[_Cue]) -> _SentenceCues:
     return _IndexedCues(cues) if len(cues) > 32 else _SentenceCues(cues)
 
 
-def _resolve(low: str, start: int, end: int, sent: _SentenceCues, terms: Sequence[int]) -> _Decision:
+HYPOTHETICAL = "hypothetical"  # a _Decision status: the mention makes no claim and is dropped
+
+
+def _resolve(low: str, start: int, end: int, sent: _SentenceCues, terms: Sequence[int],
+             sentence_end: int | None = None) -> _Decision:
     """Status of the mention low[start:end] from the cues of its sentence.
 
     The nearest cue on each side decides (a farther cue is shadowed by a nearer one of any
     kind); it applies when the mention lies inside its window and no terminator (nor, for
-    comma-bound cues, a comma) separates them.
+    comma-bound cues, a comma; nor, for list heads, a comma that opens a new assertion)
+    separates them. A hypothetical or definitional cue beats everything (no claim is made);
+    then uncertainty beats negation.
     """
     cues = sent.cues
+    j = bisect.bisect_left(terms, end)
+    list_end = terms[j] if j < len(terms) else (len(low) if sentence_end is None else sentence_end)
     pre_index = sent.before(start)
     pre_hit: _Cue | None = None
-    if pre_index >= 0:
+    # The nearest cue before the mention decides; a nearer hedge whose short window does not
+    # reach the mention lets a farther list head decide ("may represent atelectasis versus
+    # edema or an atypical infectious process": "versus" is too far, "may represent" reaches).
+    for _ in range(3):
+        if pre_index < 0:
+            break
         pre = cues[pre_index]
-        if (pre.rule.pre and _within_words(low, pre.end, start, pre.rule.pre)
-                and not _blocked(low, pre.end, start, terms, pre.rule.pre_commas)):
+        if pre.rule.kind == "termination":
+            break
+        if not pre.rule.pre or _blocked(low, pre.end, start, terms, pre.rule.pre_commas, list_end):
+            break
+        if _within_words(low, pre.end, start, pre.rule.pre):
             pre_hit = pre
             if pre.rule.kind in ("uncertainty", "affirm"):
-                pre_hit = _absorbing_negation(low, start, cues, pre_index, terms) or pre
+                pre_hit = _absorbing_negation(low, start, cues, pre_index, terms, list_end) or pre
+            break
+        if pre.rule.kind not in ("uncertainty", "negation"):
+            break
+        pre_index -= 1
     post_hit: _Cue | None = None
     post_index = sent.after(end)
     if post_index < len(cues):
         c = cues[post_index]
         if (c.rule.post and _within_words(low, end, c.start, c.rule.post)
-                and not _blocked(low, end, c.start, terms, c.rule.post_commas)):
+                and not _blocked(low, end, c.start, terms, c.rule.post_commas, c.start)):
             post_hit = c
     hits = [h for h in (pre_hit, post_hit) if h is not None]
-    for kind, status in (("uncertainty", "uncertain"), ("negation", "absent")):
+    for kind, status in (("hypothetical", HYPOTHETICAL), ("uncertainty", "uncertain"), ("negation", "absent")):
         for h in hits:
             if h.rule.kind == kind:
-                return _Decision(status, re.sub(r"\s+", " ", low[h.start:h.end]), True)
+                return _Decision(status, re.sub(r"\s+", " ", low[h.start:h.end]), True)  # type: ignore[arg-type]
     return _Decision("present", None, bool(hits))
 
 
 def _absorbing_negation(low: str, start: int, cues: Sequence[_Cue], inner_index: int,
-                        terms: Sequence[int]) -> _Cue | None:
-    """A negation list head before ``cues[inner_index]`` whose scope reaches the mention, with no
-    comma between it and that cue: "no consolidation to suggest pneumonia"."""
-    inner = cues[inner_index]
+                        terms: Sequence[int], list_end: int) -> _Cue | None:
+    """A negation list head before ``cues[inner_index]`` whose scope reaches the mention:
+    "no consolidation to suggest pneumonia", "no consolidation, suspicious opacity, or
+    pneumothorax" (a hedge word inside a negated list is part of the list)."""
     for i in range(inner_index - 1, -1, -1):
         c = cues[i]
         if c.rule.kind == "negation" and c.rule.pre >= _ANY:
-            if low.find(",", c.end, inner.start) != -1 or _blocked(low, c.end, start, terms, True):
+            if _blocked(low, c.end, start, terms, True, list_end):
                 return None
             return c
-        if c.rule.kind in ("negation", "uncertainty", "pseudo"):
-            return None
+        if c.rule.kind in ("negation", "pseudo", "hypothetical"):
+            return None  # another hedge may sit between ("no line to suggest X or blunting to suggest Y")
     return None
 
 
@@ -785,6 +894,9 @@ def _anatomy(low: str, left: int, right: int, start: int, end: int,
 # Extraction
 # =====================================================================================
 
+_NEGATED_PREFIX = re.compile(r"(?:\bun|\bnon[\s-]?)$")
+
+
 def _raw_hits(low: str, lex: _Lexicon) -> list[tuple[int, int, _Phrase]]:
     n = len(low)
     hits = []
@@ -806,7 +918,8 @@ def _mention_spans(low: str, lex: _Lexicon) -> list[tuple[int, int, _Phrase]]:
     hits = _raw_hits(low, lex)
     exclusions: dict[str, list[tuple[int, int]]] = {}
     for p, q, ph in hits:
-        if ph.exclusion:
+        if ph.exclusion and not _NEGATED_PREFIX.search(low, max(0, p - 4), p):
+            # "calcified nodule" is excluded, "noncalcified nodule" is not
             exclusions.setdefault(ph.observation, []).append((p, q))
     kept: list[tuple[int, int, _Phrase]] = []
     for p, q, ph in sorted((h for h in hits if not h[2].exclusion), key=lambda h: (h[2].observation, h[0], -h[1])):
@@ -827,6 +940,23 @@ def _mention_spans(low: str, lex: _Lexicon) -> list[tuple[int, int, _Phrase]]:
             q += 1
         out.append((p, q, ph))
     return out
+
+
+# Observations a chest report can also use for other body parts (combined studies: "Right
+# elbow: no fracture or joint effusion"); a clause naming a non-chest part is not about the chest.
+_CHEST_ONLY = frozenset({"Edema", "Pleural Effusion", "Fracture", "Lung Lesion", "Consolidation", "Pneumonia"})
+_NON_CHEST_RE = re.compile(
+    r"\b(?:ankles?|knees?|feet|foot|legs?|extremit(?:y|ies)|hands?|wrists?|elbows?|forearms?|fingers?|toes?|"
+    r"hips?|pelvi[sc]|femurs?|femoral|tibia[l]?|fibula[r]?|skull|facial|scalp|calf|thigh|heel|calcane\w*|"
+    r"patell\w*|olecranon|radius|ulna|metacarpal\w*|metatarsal\w*|phalan\w*|malleol\w*|orbit\w*|"
+    r"mandib\w*|cervical spine|lumbar spine|kidneys?|renal|liver|hepatic|brain|cerebral|bowel)\b")
+_HEADING_BEFORE = re.compile(r"[\s*#_\-\d.)(]*")
+_HEADING_AFTER = re.compile(r"[a-z]*[\s*_]*:")
+
+
+def _is_heading(low: str, s0: int, start: int, end: int) -> bool:
+    """Is the mention a heading: only markup or numbering before it in its sentence, a colon after?"""
+    return bool(_HEADING_BEFORE.fullmatch(low, s0, start) and _HEADING_AFTER.match(low, end))
 
 
 @dataclass(slots=True)
@@ -878,10 +1008,16 @@ def _extract(original: str, norm: _Normalized, doc: Doc, base_offset: int, expan
         indexed = sentence_cues(sent_cues)
         candidates: list[_Candidate] = []
         for p, q, ph in items:
-            decision = _resolve(low, p, q, indexed, terms)
+            decision = _resolve(low, p, q, indexed, terms, s1)
+            if decision.status == HYPOTHETICAL:
+                continue  # "CT is more sensitive in detecting small nodules": no claim
             clause = _clause(low, s0, s1, p, q, terms, term_ends)
             if ph.descriptor and decision.status == "present" and not _ENLARGEMENT_RE.search(low, *clause):
                 continue  # "the heart size is stable" names no abnormality
+            if decision.cue is None and _is_heading(low, s0, p, q):
+                continue  # "**Pneumothorax**:" names a topic, not a finding
+            if ph.observation in _CHEST_ONLY and _NON_CHEST_RE.search(low, *clause):
+                continue  # "soft tissue edema of the ankle", "right knee effusion"
             candidates.append(_Candidate(ph, p, q, decision, clause))
         _disjunctions(low, candidates)
         o0, o1 = norm.start(s0), norm.end(s1)
