@@ -132,10 +132,20 @@ _EXTRA_EXCLUSIONS = {
               "extremity edema", "leg edema", "bowel wall edema", "scalp edema", "facial edema"),
     # Healed granulomatous disease is a granuloma (an "other finding"), not an infection today
     "Pneumonia": ("granulomatous infection", "granulomatous infectious", "postinfectious", "post-infectious",
-                  "post infectious"),
+                  "post infectious", "radiation pneumonitis", "hypersensitivity pneumonitis"),
 }
 _EXTRA_MENTIONS = {
     "Enlarged Cardiomediastinum": ("mediastinal widening", "mediastinal enlargement"),
+    # Synonyms of entries of CheXpert's "other finding" list (degenera-, osteophytosis,
+    # aortic disease, scoliosis): the list names the family, reports use these words.
+    OTHER_FINDING: ("spondylosis", "spondylotic", "osteophyte", "tortuous aorta", "tortuosity of the aorta",
+                    "aortic tortuosity", "ectatic aorta", "aortic ectasia", "unfolded aorta", "unfolding of the aorta",
+                    "thoracolumbar curvature", "spinal curvature", "curvature of the spine",
+                    "dextroconvex curvature", "levoconvex curvature", "tortuous", "tortuosity", "ectatic", "ectasia"),
+    # Inflammation of the parenchyma is read as pneumonia (radiation and hypersensitivity
+    # pneumonitis are excluded below: chronic, non-infectious).
+    "Pneumonia": ("pneumonitis",),
+    "Cardiomegaly": ("heart enlargement", "enlargement of the heart"),
 }
 # Free-text only (expand_normals): models write "the heart is normal in size".
 _EXPAND_MENTIONS = {"Cardiomegaly": ("_heart_",)}
@@ -317,9 +327,10 @@ CUE_RULES: tuple[CueRule, ...] = (
         "there are no", "there has been no", "not [demonstrate|show|reveal|identify|see|appear to be|"
         "appear to have|suggest|represent]", "[does|do|did] not [demonstrate|show|reveal|appear to be|"
         "appear to have|suggest|represent|see|have|include|identify|contain]",
-        "no signs or symptoms of", "resolution of"), pre=_ANY, pre_commas=True),
+        "no signs or symptoms of", "-ve for", "not [consistent|compatible] with", "not in keeping with",
+        "not support [a|the|] [diagnosis of|]", "no known", "resolution of"), pre=_ANY, pre_commas=True),
     CueRule("resolved", "negation", _phrases(
-        "resolved", "[interval|] removal of", "cleared"), pre=3, post=4),
+        "resolved", "[interval|] removal of", "cleared"), pre=3, post=4, post_commas=True),
     CueRule("has resolved", "negation", _phrases(
         "[has|have] resolved", "[has|have] cleared", "[has|have] been removed", "[was|were] removed", "removed",
         "no longer [seen|visualized|present|evident|identified|visible|appreciated]",
@@ -439,13 +450,15 @@ def report_breaks(doc: Doc) -> Doc:
     if n < 2:
         return doc
     arr = doc.to_array([IS_SPACE, IS_UPPER, ORTH, SPACY, IS_TITLE]).tolist()
-    colon, question = doc.vocab.strings[":"], doc.vocab.strings["?"]
+    colon, question, paren = doc.vocab.strings[":"], doc.vocab.strings["?"], doc.vocab.strings[")"]
     cut_after: list[int] = []
     for i, (space, upper, orth, trailing_space, _) in enumerate(arr):
         if space and doc[i].text.count("\n") >= 2:
             cut_after.append(i)
         elif orth == colon and i > 0 and arr[i - 1][1]:
             cut_after.append(i)
+        elif orth == paren and i > 0 and doc[i - 1].is_digit and len(doc[i - 1]) <= 2 and i > 1:
+            cut_after.append(i - 2)  # "... HEMORRHOIDS 2) Normal ileum": a numbered item starts a sentence
         elif orth == question and i + 1 < n and (trailing_space or arr[i + 1][0]):
             j = i + 1
             while j < n and arr[j][0]:
@@ -1151,3 +1164,37 @@ def findings_of(mentions: Iterable[Mention], observations: Iterable[str] | None 
         if m.observation not in out or STATUS_RANK[m.status] > STATUS_RANK[out[m.observation]]:
             out[m.observation] = m.status
     return out
+
+
+def status_of_span(text: str, start: int, end: int) -> Status | None:
+    """The status the reader gives the target ``text[start:end]`` (any phrase, not only the
+    lexicon's): the same cues, scopes and lists as for mentions. None when the target sits in a
+    hypothetical or definitional statement (no claim). Used to read a condition a caller names
+    (NegEx-style evaluation, a verifier checking a quote about a given finding)."""
+    if not isinstance(text, str) or not (0 <= start < end <= len(text)):
+        raise ValueError(f"span ({start}, {end}) is not inside a text of {len(text) if isinstance(text, str) else 0}")
+    norm = _Normalized(text)
+    # offsets into the collapsed text: map by searching the collapsed copy near the original start
+    n_start = _collapsed_offset(norm, start)
+    n_end = max(n_start + 1, _collapsed_offset(norm, end - 1) + 1)
+    low = _lower(norm.text)
+    doc = _pipeline().nlp(norm.text)
+    sentences = _sentences(doc, norm.text) or [(0, len(norm.text))]
+    s0, s1 = next(((a, b) for a, b in sentences if a <= n_start < b), (0, len(norm.text)))
+    cues = [c for c in _cues(doc, _pipeline()) if s0 <= c.start < s1
+            and not (c.start < n_end and c.end > n_start)]  # a cue inside the target is part of it
+    terms = [c.start for c in cues if c.rule.kind == "termination"]
+    decision = _resolve(low, n_start, n_end, sentence_cues(cues), terms, s1)
+    return None if decision.status == HYPOTHETICAL else decision.status
+
+
+def _collapsed_offset(norm: _Normalized, original: int) -> int:
+    """Inverse of ``_Normalized.start``: the collapsed offset of an original offset."""
+    lo, hi = 0, len(norm.text)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if norm.start(mid) < original:
+            lo = mid + 1
+        else:
+            hi = mid
+    return min(lo, max(0, len(norm.text) - 1))
