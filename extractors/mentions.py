@@ -141,7 +141,11 @@ _EXTRA_MENTIONS = {
     OTHER_FINDING: ("spondylosis", "spondylotic", "osteophyte", "tortuous aorta", "tortuosity of the aorta",
                     "aortic tortuosity", "ectatic aorta", "aortic ectasia", "unfolded aorta", "unfolding of the aorta",
                     "thoracolumbar curvature", "spinal curvature", "curvature of the spine",
-                    "dextroconvex curvature", "levoconvex curvature", "tortuous", "tortuosity", "ectatic", "ectasia"),
+                    "dextroconvex curvature", "levoconvex curvature", "tortuous", "tortuosity", "ectatic", "ectasia",
+                    "unfolding", "unfolded", "curvature of the thoracic", "curvature of the spine", "dextro curvature",
+                    "rightward curvature", "leftward curvature", "syndesmophyte", "hyperexpanded", "hyperaerated",
+                    "hyperaeration", "hyperlucent", "hyperlucency", "elevated", "flattened hemidiaphragm",
+                    "flattening of the hemidiaphragm", "flattened diaphragm"),
     # Inflammation of the parenchyma is read as pneumonia (radiation and hypersensitivity
     # pneumonitis are excluded below: chronic, non-infectious).
     "Pneumonia": ("pneumonitis",),
@@ -337,7 +341,7 @@ CUE_RULES: tuple[CueRule, ...] = (
         "[is|are|was|were|has been|have been] [excluded|ruled out]", "excluded", "ruled out",
         ": [not present|none|negative|absent]", "- [not present|none|negative|absent]",
         "[is|are] [not present|not seen|not identified|not evident|not appreciated]",
-        "not [present|seen|identified|evident|appreciated|visualized|demonstrated]"), post=6, post_commas=True),
+        "not [present|seen|identified|evident|appreciated|visualized|demonstrated]"), post=12, post_commas=True),
     CueRule("normal", "negation", _phrases(
         "normal", "within normal limits", "normal in size", "top normal", "top-normal", "upper normal",
         "upper limit[s|] of normal", "unremarkable"), pre=3, post=6, post_commas=True),
@@ -357,7 +361,9 @@ CUE_RULES: tuple[CueRule, ...] = (
         "doubtful", "doubt", "rather than", "less likely", "unlikely", "[may|might|could] [represent|reflect|"
         "indicate|be due to|relate to|be related to]", "[may|might|could] [also|] [be|have]", "there may be",
         "there might be", "there could be", "raising the possibility of", "correlate [clinically|] for",
-        "clinical correlation for"), pre=_ANY, pre_commas=True),
+        "clinical correlation for", "suggestion of", "[evaluation|assessment] for",
+        "[possibly|likely|probably|most likely|perhaps] [due to|related to|representing|reflecting|from]",
+        "[may|might|could] be [compatible|consistent] with"), pre=_ANY, pre_commas=True),
     # Short modifiers: their scope stops at a comma ("opacity, likely atelectasis").
     CueRule("likely", "uncertainty", _phrases(
         "likely", "most likely", "more likely", "possibly", "probably", "presumably", "presumed", "may", "might",
@@ -1170,22 +1176,38 @@ def status_of_span(text: str, start: int, end: int) -> Status | None:
     """The status the reader gives the target ``text[start:end]`` (any phrase, not only the
     lexicon's): the same cues, scopes and lists as for mentions. None when the target sits in a
     hypothetical or definitional statement (no claim). Used to read a condition a caller names
-    (NegEx-style evaluation, a verifier checking a quote about a given finding)."""
-    if not isinstance(text, str) or not (0 <= start < end <= len(text)):
-        raise ValueError(f"span ({start}, {end}) is not inside a text of {len(text) if isinstance(text, str) else 0}")
-    norm = _Normalized(text)
-    # offsets into the collapsed text: map by searching the collapsed copy near the original start
+    (NegEx-style evaluation, a check of a quote about a given finding)."""
+    return statuses_of_spans([(text, start, end)])[0]
+
+
+def statuses_of_spans(items: Iterable[tuple[str, int, int]], *, chunk: int = 512) -> list[Status | None]:
+    """``status_of_span`` for many (text, start, end), parsed with ``nlp.pipe`` in chunks."""
+    items = list(items)
+    for text, start, end in items:
+        if not isinstance(text, str) or not (0 <= start < end <= len(text)):
+            raise ValueError(f"span ({start}, {end}) is not inside a text of "
+                             f"{len(text) if isinstance(text, str) else 0} characters")
+    pipe = _pipeline()
+    out: list[Status | None] = []
+    for k in range(0, len(items), chunk):
+        part = items[k:k + chunk]
+        norms = [_Normalized(text) for text, _, _ in part]
+        for (text, start, end), norm, doc in zip(part, norms, pipe.nlp.pipe(n.text for n in norms)):
+            out.append(_status_in_doc(norm, doc, start, end))
+    return out
+
+
+def _status_in_doc(norm: _Normalized, doc: Doc, start: int, end: int) -> Status | None:
     n_start = _collapsed_offset(norm, start)
     n_end = max(n_start + 1, _collapsed_offset(norm, end - 1) + 1)
     low = _lower(norm.text)
-    doc = _pipeline().nlp(norm.text)
     sentences = _sentences(doc, norm.text) or [(0, len(norm.text))]
     s0, s1 = next(((a, b) for a, b in sentences if a <= n_start < b), (0, len(norm.text)))
     cues = [c for c in _cues(doc, _pipeline()) if s0 <= c.start < s1
             and not (c.start < n_end and c.end > n_start)]  # a cue inside the target is part of it
     terms = [c.start for c in cues if c.rule.kind == "termination"]
     decision = _resolve(low, n_start, n_end, sentence_cues(cues), terms, s1)
-    return None if decision.status == HYPOTHETICAL else decision.status
+    return None if decision.status == HYPOTHETICAL else decision.status  # type: ignore[return-value]
 
 
 def _collapsed_offset(norm: _Normalized, original: int) -> int:

@@ -384,7 +384,7 @@ def _check_step_grounding(
                 VerificationFailure(OBSERVATION_WITHOUT_EVIDENCE, "observation step cites no evidence quote", i)
             )
     if step.kind == "observation":
-        failures += _check_quote_polarity(i, step)
+        failures += check_quote_polarity(i, step)
         failures += _check_quote_topic(i, step)
     if step.kind != "comparison" and labels is not None:
         for finding in step.findings:
@@ -519,7 +519,7 @@ def _check_addressed(steps: list[ReasoningStep], gold: _Gold) -> list[Verificati
     ]
 
 
-def _check_quote_polarity(i: int, step: ReasoningStep) -> list[VerificationFailure]:
+def check_quote_polarity(i: int, step: ReasoningStep) -> list[VerificationFailure]:
     """A present/absent finding must not be backed only by quotes that state the opposite.
 
     Reads the quotes with the labeler's mention finder; a quote that does not mention the
