@@ -88,12 +88,19 @@ def _f1(tp: int, predicted: int, gold: int) -> tuple[float | None, float | None,
 
 def evaluate(predicted: Labels, gold: Labels, *, observations: Sequence[str] | None = None,
              sentences: Mapping[str, Mapping[str, str | None]] | None = None,
-             max_mismatches: int = 50) -> EvalResult:
+             max_mismatches: int = 50, positive_only: bool = False) -> EvalResult:
     """Score ``predicted`` against ``gold`` on the studies in gold.
 
     ``observations`` defaults to those the gold labels carry. A gold study with no
     prediction counts as all not_mentioned and is counted in ``missing_predictions``.
+    ``positive_only`` (a gold set that annotates positives only): a study agrees on an
+    observation when both or neither call it positive; negative/uncertain F1 are not scored.
     """
+    if positive_only:
+        predicted = {sid: {o: ("positive" if v == "positive" else "not_mentioned") for o, v in labels.items()}
+                     for sid, labels in predicted.items()}
+        gold = {sid: {o: ("positive" if v == "positive" else "not_mentioned") for o, v in labels.items()}
+                for sid, labels in gold.items()}
     if observations is None:
         seen = {o for labels in gold.values() for o in labels}
         observations = [o for o in OBSERVATIONS if o in seen]
@@ -193,14 +200,77 @@ def _ids(df: pl.DataFrame, id_col: str | None, path: Path | str) -> list[str]:
     return [normalize_study_id(v) or f"{ROW_ID}{i + 1}" for i, v in enumerate(df.get_column(id_col).to_list())]
 
 
+GOLD_ZERO_MODES = ("negative", "unannotated")
+_VALUE_RANK = {"positive": 3, "uncertain": 2, "negative": 1, "not_mentioned": 0}
+
+
+def alias_columns(columns: Sequence[str], aliases: Mapping[str, str] | None) -> tuple[dict[str, list[str]], list[str]]:
+    """CheXpert observation -> every gold column mapped to it (several may map to one: Mass and
+    Nodule -> Lung Lesion), and the columns that map to nothing."""
+    from extractors.chexpert_csv import canonical_observation
+
+    mapped: dict[str, list[str]] = {}
+    unmapped = []
+    for col in columns:
+        target = (aliases or {}).get(col) or canonical_observation(col)
+        if target is None:
+            unmapped.append(col)
+        else:
+            mapped.setdefault(target, []).append(col)
+    return mapped, unmapped
+
+
 def gold_from_table(df: pl.DataFrame, *, id_col: str | None, aliases: Mapping[str, str] | None,
-                    path: Path | str) -> dict[str, dict[str, str]]:
-    """Gold labels from a wide table; ids as in ``read_reports`` (row numbers without an id column)."""
-    if not label_columns([c for c in df.columns if c != id_col], aliases):
+                    path: Path | str, gold_zero: str = "negative",
+                    unmapped: list[str] | None = None) -> dict[str, dict[str, str]]:
+    """Gold labels from a wide table; ids as in ``read_reports`` (row numbers without an id column).
+
+    Several columns may map to one observation: the observation takes the strongest value of
+    its columns (positive > uncertain > negative > blank), so any mapped column positive makes
+    it positive. ``gold_zero="unannotated"`` reads 0 as "not annotated" (Open-i, ChestX-ray14:
+    only positives are annotated) instead of "negative". Columns that map to no observation
+    are appended to ``unmapped`` when given.
+    """
+    if gold_zero not in GOLD_ZERO_MODES:
+        raise LabelTableError(f"gold_zero must be one of {', '.join(GOLD_ZERO_MODES)}, not {gold_zero!r}")
+    label_cols = [c for c in df.columns if c != id_col]
+    mapped, nothing = alias_columns(label_cols, aliases)
+    if unmapped is not None:
+        unmapped.extend(c for c in nothing if c != ROW_ID)
+    if not mapped:
         raise LabelTableError(f"{path}: no gold label columns (CheXpert names or --aliases) found")
-    frame = df.with_columns(pl.Series(ROW_ID, _ids(df, id_col, path)))
-    return long_to_labels(to_long(frame.drop(id_col) if id_col in frame.columns else frame,
-                                  id_col=ROW_ID, aliases=aliases))
+    ids = _ids(df, id_col, path)
+    out: dict[str, dict[str, str]] = {sid: {} for sid in ids}
+    for observation, cols in mapped.items():
+        for col in cols:
+            frame = pl.DataFrame({ROW_ID: ids, col: df.get_column(col)})
+            for sid, _, value in to_long(frame, id_col=ROW_ID, aliases={col: observation},
+                                         normalize_ids=False).iter_rows():
+                if gold_zero == "unannotated" and value == "negative":
+                    value = "not_mentioned"
+                current = out[sid].get(observation, "not_mentioned")
+                if _VALUE_RANK[value] >= _VALUE_RANK[current]:
+                    out[sid][observation] = value
+    return out
+
+
+def warnings_for(result: EvalResult, gold: Labels, *, gold_zero: str, unmapped: Sequence[str] = ()) -> list[str]:
+    """What a reader of the scores should be told: ignored gold columns, observations with no
+    gold positive, and results that look like a misread gold convention."""
+    out = []
+    if unmapped:
+        out.append(f"gold columns mapped to no CheXpert observation (ignored): {', '.join(unmapped)}; "
+                   "map them with --aliases")
+    for s in result.scores:
+        if s.gold_positive == 0:
+            out.append(f"{s.observation}: no gold positive, its P/R/F1 says nothing")
+    values = {v for labels in gold.values() for v in labels.values()}
+    if gold_zero == "negative" and "negative" in values and "uncertain" not in values and result.studies:
+        negative_f1 = [s.negative_f1 for s in result.scores if s.negative_f1 is not None]
+        if result.exact_matches == 0 or (negative_f1 and max(negative_f1) < 0.05):
+            out.append("the gold has only 1 and 0 and no study matches exactly (negative F1 near 0): if 0 means "
+                       "'not annotated' (Open-i, ChestX-ray14), rerun with --gold-zero unannotated")
+    return out
 
 
 def read_mimic_reports(root: Path | str, limit: int | None = None) -> tuple[list[tuple[str, str]], Path]:

@@ -167,3 +167,33 @@ def test_the_verifier_rejects_every_step_that_claims_a_finding_its_negated_quote
     reports = rt.read_iu_reports(REAL / "iu-xray" / "indiana_reports.csv")[:800]
     result = rt.verifier_polarity_on(reports)
     assert result.steps > 100 and result.accepted == 0
+
+
+# ---- language check ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text,english", [
+    ("No pneumothorax. No cardiomegaly. No acute osseous abnormality. No acute cardiopulmonary process.", True),
+    ("XXXX change. No active cardiopulmonary disease. Thoracolumbar scoliosis.", True),
+    ("Mild cardiomegaly. Small left effusion.", True),
+    ("Normal.", True),
+    ("Kein Pleuraerguss. Herz normal gross. Lunge beidseits belueftet. Kein Nachweis einer Pneumonie.", False),
+    ("No hay derrame pleural. Corazon de tamano normal. Sin signos de neumonia.", False),
+    ("Pas d'épanchement pleural. Cœur de taille normale. Aucun signe de pneumopathie.", False),
+    ("Sem derrame pleural. Coração de tamanho normal. Sem sinais de pneumonia.", False),
+    ("无气胸。心脏大小正常。未见胸腔积液。无肺炎征象。", False),
+    ("Нет пневмоторакса. Сердце нормальных размеров.", False),
+])
+def test_language_is_judged_on_words_that_carry_meaning(text: str, english: bool) -> None:
+    from extractors.language import looks_english
+
+    assert looks_english(text) is english
+
+
+@needs_real
+def test_no_real_english_report_is_taken_for_another_language() -> None:
+    from extractors import real_text as rt
+    from extractors.language import looks_english
+
+    reports = rt.read_iu_reports(REAL / "iu-xray" / "indiana_reports.csv")
+    assert len(reports) == 3851
+    assert [r.uid for r in reports if not looks_english(r.text)] == []
