@@ -379,7 +379,7 @@ CUE_RULES: tuple[CueRule, ...] = (
         "[is|are|] not [entirely|completely|] [excluded|ruled out]", "not be [excluded|ruled out]",
         "[is|are|] not well [seen|visualized|evaluated|assessed]", "[is|are|] not well-[seen|visualized]", "[is|are] [questioned|questionable|equivocal|"
         "uncertain|indeterminate|possible|suspected|considered|a consideration|not excluded]",
-        "[is|are|] difficult to exclude", "remains a possibility", "if any", "if present",
+        "[is|are|] difficult to [entirely|completely|fully|] exclude", "remains a possibility", "if any", "if present",
         "[is|are] [less likely|unlikely]", "[is|are] [also|] in the differential", "[is|are] a differential consideration",
         "[may|might|could] [also|] [be present|be seen|be developing|be forming|coexist|be superimposed|"
         "be contributing|contribute|be considered]", "likely .", "likely ,", "likely present", "possible .",

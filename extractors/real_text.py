@@ -216,7 +216,7 @@ def explain_iu(observation: str, gold: bool, predicted: str, report: IUReport,
             return "CheXpert counts a nodular density/opacity as Lung Lesion (Open-i: Density/Opacity)"
         if observation == "Pneumonia" and _INFECTION.search(phrases):
             return "CheXpert reads infection/infectious as Pneumonia"
-        if observation == "Pneumothorax" and "hydropneumothorax" in phrases:
+        if observation == "Pneumothorax" and any("hydropneumothorax" in m.sentence.lower() for m in own):
             return "CheXpert counts hydropneumothorax as Pneumothorax"
         if observation == "Cardiomegaly" and "cardiac shadow" in mesh and "cardiomegaly" not in mesh:
             return "Open-i indexes an enlarged cardiac silhouette as Cardiac Shadow, not Cardiomegaly"
