@@ -332,7 +332,9 @@ CUE_RULES: tuple[CueRule, ...] = (
         "appear to have|suggest|represent]", "[does|do|did] not [demonstrate|show|reveal|appear to be|"
         "appear to have|suggest|represent|see|have|include|identify|contain]",
         "no signs or symptoms of", "-ve for", "not [consistent|compatible] with", "not in keeping with",
-        "not support [a|the|] [diagnosis of|]", "no known", "resolution of"), pre=_ANY, pre_commas=True),
+        "not support [a|the|] [diagnosis of|]", "no known",
+        "[isn't|aren't|wasn't|weren't] [any|]", "there [isn't|aren't] [any|]", "[is|are] not any",
+        "[doesn't|don't|didn't] [show|demonstrate|reveal|appear to be|appear to have|suggest|have|include]", "resolution of"), pre=_ANY, pre_commas=True),
     CueRule("resolved", "negation", _phrases(
         "resolved", "[interval|] removal of", "cleared"), pre=3, post=4, post_commas=True),
     CueRule("has resolved", "negation", _phrases(

@@ -41,6 +41,8 @@ ISSUE_SENTENCES = [
     ("Pleural effusion is excluded.", {"Pleural Effusion": A}),
     ("Pleural effusion: not present.", {"Pleural Effusion": A}),
     ("The chest X-ray does not show signs of pneumothorax.", {"Pneumothorax": A}),
+    ("There isn't any obvious sign of pneumothorax.", {"Pneumothorax": A}),
+    ("The image doesn't show a pleural effusion.", {"Pleural Effusion": A}),
     ("Pneumothorax appears as a visible pleural line with absent lung markings.", {}),
     ("**Pneumothorax**:", {}),
     # a new assertion after a comma is not negated; a hedge after a comma stays a hedge
