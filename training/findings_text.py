@@ -127,10 +127,12 @@ def _asserted(m: Any) -> bool:
     question, plan, generic_from = _assertion_limits(m.sentence)
     if question:
         return False
-    if m.status != "present":
+    if m.status == "absent":
         return True
     if plan:
-        return False
+        return False  # "assess for X", "evaluate whether X could be present": a plan, not a claim
+    if m.status != "present":
+        return True
     return generic_from is None or (m.start - m.sentence_start) < generic_from
 
 

@@ -53,6 +53,10 @@ class KeyFinding(NamedTuple):
     severity: str | None = None
     device: str | None = None
     change: str | None = None
+    # A normal statement the reader expands ("the lungs are clear" -> no opacity, consolidation,
+    # edema, ...) is one key finding, as the paper's judge reads it, named after the statement;
+    # members are the findings it implies.
+    members: tuple[str, ...] = ()
 
     @property
     def key(self) -> tuple[str, str]:
@@ -86,8 +90,6 @@ _DEVICES = (
     ("clips", re.compile(r"\bclips?\b|\bstaples?\b")),
     ("valve", re.compile(r"\bvalve (?:replacement|prosthesis)|\bprosthetic valve")),
 )
-_PLURAL = re.compile(r"(?<=[a-z]{3})(?:es|s)$")
-_KEEP_S = ("sis", "ous", "us", "ss", "ics")
 
 
 def laterality_of(text: str) -> str | None:
@@ -128,17 +130,17 @@ def change_of(text: str) -> str | None:
     return next(iter(found)) if len(found) == 1 else None
 
 
+_WORDS = re.compile(r"[a-z]+")
+_STEM = 6  # "calcified" / "calcification", "atherosclerotic" / "atherosclerosis" share their first 6 letters
+
+
 @lru_cache(maxsize=1 << 14)
 def finding_name(observation: str, phrase: str) -> str:
-    """The finding a mention names: its CheXpert observation, else its phrase normalised."""
+    """The finding a mention names: its CheXpert observation, else its phrase reduced to word stems
+    (each word's first letters), so that inflections of one finding share a name."""
     if observation in CHEXPERT:
         return observation
-    words = " ".join(phrase.casefold().split()).strip(" .,:;")
-    if not words.endswith(_KEEP_S):
-        words = _PLURAL.sub("", words)
-        if words.endswith("ie"):
-            words = words[:-2] + "y"
-    return words
+    return " ".join(w[:_STEM] for w in _WORDS.findall(phrase.casefold())) or phrase.casefold()
 
 
 @lru_cache(maxsize=1 << 16)
@@ -152,28 +154,44 @@ def qualifiers(clause: str, anatomy: str | None, finding: str) -> tuple[str | No
 
 
 def key_findings_of(mentions: Sequence[Any], keep: Any = None) -> tuple[KeyFinding, ...]:
-    """Key findings of one step's mentions, in text order (``keep(m)`` filters mentions)."""
+    """Key findings of one step's mentions, in text order (``keep(m)`` filters mentions).
+
+    Mentions of one span are one key finding: a CheXpert observation wins over a finding outside
+    the labels ("pleural thickening" is Pleural Other, not also "thickening"), and a normal
+    statement the reader expands into several findings becomes one grouped key finding.
+    """
     ms = [m for m in mentions if keep is None or keep(m)]
     if not ms:
         return ()
-    ms.sort(key=lambda m: m.start)
+    ms.sort(key=lambda m: (m.start, m.observation not in CHEXPERT))
+    spans: dict[tuple[int, int], list[Any]] = {}
+    for m in ms:
+        spans.setdefault((m.start, m.end), []).append(m)
+    heads = []
+    for group in spans.values():
+        named = [m for m in group if m.observation in CHEXPERT] or group
+        heads.append((named[0], named))
     out = []
-    for i, m in enumerate(ms):
-        name = finding_name(m.observation, m.phrase)
+    for i, (m, group) in enumerate(heads):
         # The mention's clause: its sentence, cut at the neighbouring mentions of other findings.
         lo, hi = m.sentence_start, m.sentence_end
-        for prev in reversed(ms[:i]):
+        for prev, _ in reversed(heads[:i]):
             if prev.sentence_start == m.sentence_start and prev.observation != m.observation:
                 lo = max(lo, prev.end)
                 break
-        for nxt in ms[i + 1:]:
+        for nxt, _ in heads[i + 1:]:
             if nxt.sentence_start == m.sentence_start and nxt.observation != m.observation:
                 hi = min(hi, nxt.start)
                 break
         rel_lo, rel_hi = lo - m.sentence_start, hi - m.sentence_start
         clause = m.sentence[max(0, rel_lo):max(rel_lo, rel_hi)] or m.sentence
+        cue = getattr(m, "cue", None) or ""
+        if len(group) > 1 and cue.startswith("paraphrase:"):
+            name, members = cue.split(":", 1)[1].strip(), tuple(sorted({g.observation for g in group}))
+        else:
+            name, members = finding_name(m.observation, m.phrase), ()
         side, severity, device, change = qualifiers(clause, getattr(m, "anatomy", None), name)
-        out.append(KeyFinding(name, m.status, side, getattr(m, "anatomy", None), severity, device, change))
+        out.append(KeyFinding(name, m.status, side, getattr(m, "anatomy", None), severity, device, change, members))
     return tuple(out)
 
 
@@ -220,10 +238,37 @@ class NameMatcher:
 EXACT_NAMES = NameMatcher()
 
 
+def same_finding(a: KeyFinding, b: KeyFinding, names: NameMatcher = EXACT_NAMES) -> bool:
+    """Same finding: equal (or, semantically, equivalent) names, or one is a member of the other's
+    normal statement ("no consolidation" and "the lungs are clear")."""
+    if a.finding == b.finding:
+        return True
+    if (a.members and b.finding in a.members) or (b.members and a.finding in b.members):
+        return True
+    if a.members and b.members and set(a.members) & set(b.members):
+        return True
+    return names.same(a.finding, b.finding)
+
+
 def matches(gold: KeyFinding, stated: KeyFinding, names: NameMatcher = EXACT_NAMES) -> bool:
     """``stated`` recalls ``gold``: same finding, status the gold accepts, qualifiers not contradicting."""
     return (stated.status in GOLD_ACCEPTS.get(gold.status, (gold.status,))
-            and names.same(gold.finding, stated.finding) and qualifiers_agree(gold, stated))
+            and same_finding(gold, stated, names) and qualifiers_agree(gold, stated))
+
+
+def with_members(keys: Iterable[KeyFinding]) -> dict[str, KeyFinding]:
+    """Findings by name, each grouped normal statement also entered under its members (unless
+    the text states that member on its own: "opacity in the right lung; lungs otherwise clear")."""
+    out: dict[str, KeyFinding] = {}
+    grouped = []
+    for k in keys:
+        out[k.finding] = k
+        if k.members:
+            grouped.append(k)
+    for k in grouped:
+        for m in k.members:
+            out.setdefault(m, KeyFinding(m, k.status, k.laterality, k.location, k.severity, k.device, k.change))
+    return out
 
 
 def conclusions(steps: Iterable[Iterable[KeyFinding]]) -> tuple[KeyFinding, ...]:
@@ -258,6 +303,9 @@ def reference_accepts(reference: Mapping[str, KeyFinding], stated: KeyFinding, n
     only "absent" is correct. "No Finding" present is correct when the report states no
     abnormality (no present or uncertain finding but support devices).
     """
+    if stated.members and stated.finding not in reference:
+        return all(reference_accepts(reference, stated._replace(finding=m, members=()), names)
+                   for m in stated.members)
     ref = reference.get(stated.finding)
     if ref is None and names.embed is not None and not stated.chexpert:
         ref = next((r for n, r in reference.items() if n not in CHEXPERT and names.same(n, stated.finding)), None)

@@ -70,6 +70,8 @@ from training.key_findings import (
     laterality_of,
     matches,
     reference_accepts,
+    same_finding,
+    with_members,
 )
 
 # Which stated statuses a label value accepts.
@@ -133,6 +135,8 @@ class GoldChain:
     step_keys: tuple[KeyFinding, ...] = field(init=False)  # every key finding of every step
     accepts: Mapping[str, frozenset[str]] = field(init=False)  # observation -> stated statuses that match
     step_words: tuple[frozenset[str], ...] = field(init=False)
+    step_texts: tuple[str, ...] = field(init=False)
+    words: frozenset[str] = field(init=False)  # content words of the whole gold reasoning
 
     def __post_init__(self) -> None:
         keys = conclusions(s.key_findings or _keys_from_pairs(s.findings) for s in self.steps)
@@ -145,6 +149,8 @@ class GoldChain:
         object.__setattr__(self, "step_keys", step_keys)
         object.__setattr__(self, "accepts", {o: frozenset(s) for o, s in accepts.items()})
         object.__setattr__(self, "step_words", tuple(content_words(s.text) for s in self.steps))
+        object.__setattr__(self, "step_texts", tuple(s.text for s in self.steps))
+        object.__setattr__(self, "words", frozenset().union(*self.step_words))
 
     @property
     def empty(self) -> bool:
@@ -156,9 +162,12 @@ class GoldChain:
 
     def supports(self, stated: KeyFinding, names: NameMatcher = EXACT_NAMES) -> bool:
         """Some gold step states this finding compatibly (effectiveness of a step that states findings)."""
-        if names is EXACT_NAMES and stated.finding not in self.accepts:
-            return False
         return any(matches(g, stated, names) for g in self.step_keys)
+
+    def contradicts(self, stated: KeyFinding, names: NameMatcher = EXACT_NAMES) -> bool:
+        """The gold concludes this finding with a status that does not accept the stated one."""
+        return any(same_finding(g, stated, names) and stated.status not in _GOLD_ACCEPTS.get(g.status, ())
+                   for g in self.keys)
 
     @classmethod
     def from_steps(cls, steps: Iterable[Mapping[str, Any] | Any] | None) -> "GoldChain":
@@ -231,14 +240,32 @@ def content_words(text: str) -> frozenset[str]:
 # ---- step matchers for steps without findings --------------------------------------------------
 class StepMatcher(Protocol):
     def supported(self, step_texts: Sequence[str], gold: GoldChain) -> list[bool]:
-        """For each model step (that states no findings), whether some gold step says the same."""
+        """For each model step, whether the gold reasoning says the same."""
+
+    def covered(self, statements: Sequence[str], step_texts: Sequence[str], reasoning: str) -> list[bool]:
+        """For each gold statement, whether the model's reasoning says it."""
+
+
+COVERAGE = 0.3  # share of a text's content words the other side must use (lexical mode)
+
+
+@lru_cache(maxsize=1 << 15)
+def _reasoning_words(text: str) -> frozenset[str]:
+    return content_words(text)
 
 
 class LexicalStepMatcher:
-    """Content-word Jaccard against every gold step; deterministic and cheap (the default)."""
+    """By wording, deterministic and cheap (the default, the RL reward's matcher).
 
-    def __init__(self, threshold: float = LEXICAL_STEP_THRESHOLD) -> None:
+    A model step is supported when the gold reasoning uses at least ``coverage`` of its content
+    words, or when it is close to one gold step (content-word Jaccard >= ``threshold``); a gold
+    statement is covered when the model's reasoning uses at least ``coverage`` of its content
+    words. Filler ("Let me look carefully") has few content words and rarely reaches either.
+    """
+
+    def __init__(self, threshold: float = LEXICAL_STEP_THRESHOLD, coverage: float = COVERAGE) -> None:
         self.threshold = threshold
+        self.coverage = coverage
 
     def supported(self, step_texts: Sequence[str], gold: GoldChain) -> list[bool]:
         out = []
@@ -246,12 +273,23 @@ class LexicalStepMatcher:
             words = content_words(text)
             ok = False
             if words:
-                for g in gold.step_words:
-                    union = len(words | g)
-                    if union and len(words & g) / union >= self.threshold:
-                        ok = True
-                        break
+                if len(words & gold.words) >= self.coverage * len(words):
+                    ok = True
+                else:
+                    for g in gold.step_words:
+                        union = len(words | g)
+                        if union and len(words & g) / union >= self.threshold:
+                            ok = True
+                            break
             out.append(ok)
+        return out
+
+    def covered(self, statements: Sequence[str], step_texts: Sequence[str], reasoning: str) -> list[bool]:
+        said = _reasoning_words(reasoning or "")
+        out = []
+        for text in statements:
+            words = content_words(text)
+            out.append(bool(words) and len(words & said) >= self.coverage * len(words))
         return out
 
 
@@ -291,7 +329,7 @@ def report_reference(report: str) -> Mapping[str, KeyFinding]:
     from training.findings_text import read_key_steps, split_steps
 
     steps = split_steps(report)
-    return {k.finding: k for k in conclusions(read_key_steps(steps))}
+    return with_members(conclusions(read_key_steps(steps)))
 
 
 def score_reasoning(
@@ -319,11 +357,19 @@ def score_reasoning(
     steps: list[StepFindings] = reasoning_steps(think)
     stated = conclusions(s.key_findings for s in steps)
 
-    # completeness: gold key findings the reasoning ends up stating compatibly
+    stated_any = [k for s in steps for k in s.key_findings]
+    matcher = step_matcher or _LEXICAL
+
+    # completeness: gold key items recalled. Two kinds: the gold's key findings (recalled when the
+    # reasoning states the finding compatibly anywhere, qualifiers agreeing) and the gold's
+    # statements (recalled when the reasoning covers them: their wording, or their meaning with
+    # the embedding matcher), which carry what no finding lexicon names ("mild dextroscoliosis").
     completeness: float | None = None
-    if gold.keys:
-        recalled = sum(1 for g in gold.keys if any(matches(g, p, names) for p in stated))
-        completeness = recalled / len(gold.keys)
+    statements = [t for t, w in zip(gold.step_texts, gold.step_words) if w]
+    if gold.keys or statements:
+        recalled = sum(1 for g in gold.keys if any(matches(g, p, names) for p in stated_any))
+        covered = sum(matcher.covered(statements, [s.text for s in steps], think)) if statements else 0
+        completeness = (recalled + covered) / (len(gold.keys) + len(statements))
 
     # factuality: the reasoning's key findings the reference supports
     factuality: float | None
@@ -339,24 +385,26 @@ def score_reasoning(
         )
     elif gold.keys:
         # No labels: the gold chain is the reference; a finding it does not state is absent.
-        reference = {k.finding: k for k in gold.keys}
+        reference = with_members(gold.keys)
         judged = list(stated)
         factuality = sum(reference_accepts(reference, p, names) for p in judged) / len(judged) if judged else 0.0
     else:
         factuality = None
 
-    # effectiveness: steps the gold reasoning supports
+    # effectiveness: steps the gold reasoning supports. A step is supported when the gold reasoning
+    # says the same (covers its wording or meaning, or states one of its findings compatibly) and
+    # none of its findings contradicts the gold's conclusion on that finding.
     effectiveness: float | None = None
     if not gold.empty:
         if steps:
-            bare = [s.text for s in steps if not s.key_findings]
-            bare_ok = iter((step_matcher or _LEXICAL).supported(bare, gold)) if bare else iter(())
+            said = matcher.supported([s.text for s in steps], gold)
             supported = 0
-            for s in steps:
+            for s, ok in zip(steps, said):
                 if s.key_findings:
-                    supported += any(gold.supports(k, names) for k in s.key_findings)
-                else:
-                    supported += next(bare_ok)
+                    if any(gold.contradicts(k, names) for k in s.key_findings):
+                        continue
+                    ok = ok or any(gold.supports(k, names) for k in s.key_findings)
+                supported += ok
             effectiveness = supported / len(steps)
         else:
             effectiveness = 0.0
@@ -419,16 +467,23 @@ class EmbeddingStepMatcher:
             self._cache.update(zip(missing, vectors))
         return [self._cache[t] for t in texts]
 
-    def supported(self, step_texts: Sequence[str], gold: GoldChain) -> list[bool]:
-        gold_texts = [s.text for s in gold.steps if s.text.strip()]
-        if not step_texts or not gold_texts:
-            return [False] * len(step_texts)
+    def _best(self, texts: Sequence[str], against: Sequence[str]) -> list[float]:
         import numpy as np
 
-        model_vecs = np.stack(self._embed(list(step_texts)))
-        gold_vecs = np.stack(self._embed(gold_texts))
-        best = (model_vecs @ gold_vecs.T).max(axis=1)
-        return [bool(x >= self.threshold) for x in best]
+        if not texts:
+            return []
+        if not against:
+            return [0.0] * len(texts)
+        a = np.stack(self._embed(list(texts)))
+        b = np.stack(self._embed(list(against)))
+        return [float(x) for x in (a @ b.T).max(axis=1)]
+
+    def supported(self, step_texts: Sequence[str], gold: GoldChain) -> list[bool]:
+        gold_texts = [t for t in gold.step_texts if t.strip()]
+        return [x >= self.threshold for x in self._best(step_texts, gold_texts)]
+
+    def covered(self, statements: Sequence[str], step_texts: Sequence[str], reasoning: str) -> list[bool]:
+        return [x >= self.threshold for x in self._best(statements, [t for t in step_texts if t.strip()])]
 
 
 # ---- prediction sets (`radchain score`, the evaluation job) ----------------------------------
