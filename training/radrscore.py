@@ -95,7 +95,7 @@ _LABEL_ALIASES = {
     "": "not_mentioned", "none": "not_mentioned", "nan": "not_mentioned", "not_mentioned": "not_mentioned",
 }
 LEXICAL_STEP_THRESHOLD = 0.5
-_WORD = re.compile(r"[a-z0-9]+")
+_WORD = re.compile(r"[a-z0-9]{2,}")  # single letters ("B", "a") say nothing on their own
 # Words that carry no content for comparing step wording.
 _STOPWORDS = frozenset(
     "a an the is are was were be been of in on at to for with and or no not there this that these those it its "
