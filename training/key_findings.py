@@ -153,6 +153,27 @@ def qualifiers(clause: str, anatomy: str | None, finding: str) -> tuple[str | No
     return side, severity_of(clause), device, change_of(clause)
 
 
+# Where one finding's clause ends and the next one's begins, between two mentions.
+_CLAUSE_BREAK = re.compile(r"[,;]|\s(?:and|but|while|whereas|with|without)\s", re.IGNORECASE)
+
+
+def _clause_end(sentence: str, base: int, after: int, before: int) -> int:
+    """End of a mention's clause: the first break between it (ending at ``after``) and the next
+    mention (starting at ``before``); the next mention's start when there is none."""
+    gap = sentence[after - base:before - base]
+    b = _CLAUSE_BREAK.search(gap)
+    return after + b.start() if b else before
+
+
+def _clause_start(sentence: str, base: int, after: int, before: int) -> int:
+    """Start of a mention's clause: just past the last break after the previous mention."""
+    gap = sentence[after - base:before - base]
+    last = None
+    for last in _CLAUSE_BREAK.finditer(gap):
+        pass
+    return after + last.end() if last else after
+
+
 def key_findings_of(mentions: Sequence[Any], keep: Any = None) -> tuple[KeyFinding, ...]:
     """Key findings of one step's mentions, in text order (``keep(m)`` filters mentions).
 
@@ -177,11 +198,11 @@ def key_findings_of(mentions: Sequence[Any], keep: Any = None) -> tuple[KeyFindi
         lo, hi = m.sentence_start, m.sentence_end
         for prev, _ in reversed(heads[:i]):
             if prev.sentence_start == m.sentence_start and prev.observation != m.observation:
-                lo = max(lo, prev.end)
+                lo = max(lo, _clause_start(m.sentence, m.sentence_start, prev.end, m.start))
                 break
         for nxt, _ in heads[i + 1:]:
             if nxt.sentence_start == m.sentence_start and nxt.observation != m.observation:
-                hi = min(hi, nxt.start)
+                hi = min(hi, _clause_end(m.sentence, m.sentence_start, m.end, nxt.start))
                 break
         rel_lo, rel_hi = lo - m.sentence_start, hi - m.sentence_start
         clause = m.sentence[max(0, rel_lo):max(rel_lo, rel_hi)] or m.sentence

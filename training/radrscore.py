@@ -690,7 +690,7 @@ def score_release_batch(items: Sequence[Any], *, semantic: bool = False, matcher
             matcher, names = semantic_judge()
         else:
             names = NameMatcher(embed=matcher._embed)
-        texts = [s.text for p in parsed for s in reasoning_steps(p.think) if not s.key_findings]
+        texts = [s.text for p in parsed for s in reasoning_steps(p.think)]
         texts += [g for it in items for g in it.gold_steps]
         matcher._embed(texts)  # one batched encode for the whole set
     out = []
