@@ -61,7 +61,9 @@ def test_parse_output_blocks_and_truncation():
     assert p.well_formed and p.answer == "A" and p.think.startswith("There is no pleural effusion.")
     truncated = parse_output("<think>No pneumothorax. There is")
     assert truncated.think == "No pneumothorax. There is" and truncated.answer is None
-    assert parse_output("just text").unparseable
+    free = parse_output("There is no pneumothorax.\nThe answer is B.")  # tagless: read by pattern
+    assert free.tagless and free.think == "There is no pneumothorax." and free.answer == "B"
+    assert parse_output("B").unparseable and parse_output("B").answer == "B"  # an answer, no reasoning
     assert parse_output("<think>a</think><answer>A</answer><answer>B</answer>").answer == "B"
 
 
@@ -112,7 +114,7 @@ def test_each_reward_responds_to_its_own_defect():
     cs = [GOOD, wrong_answer, bad_format, false_reasoning, "", "A"]
     kw = columns(len(cs))
     assert format_reward(cs, **kw) == [1.0, 1.0, 0.0, 1.0, 0.0, 0.0]
-    assert outcome_reward(cs, **kw) == [1.0, 0.0, 1.0, 1.0, 0.0, 0.0]
+    assert outcome_reward(cs, **kw) == [1.0, 0.0, 1.0, 1.0, 0.0, 1.0]  # a bare "A" is a free-text answer
     process = process_reward(cs, **kw)
     assert process[0] == process[1] == process[2] == 1.0
     assert 0.0 < process[3] < 1.0 and process[4] == process[5] == 0.0

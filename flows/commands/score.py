@@ -37,7 +37,13 @@ def register(app: typer.Typer) -> None:
                                                                  "by MiniLM embeddings instead of wording"),
         write: bool = typer.Option(True, "--write/--no-write", help="write fct_eval_results and fct_predictions"),
     ) -> None:
-        """Score model outputs against the warehouse gold: accuracy and RadRScore per task."""
+        """Score model outputs against the warehouse gold: accuracy and RadRScore per task.
+
+        A ChestX-Reasoner release results file (a JSON list of items with reason_steps, pred and
+        original_report), or a folder of them, is scored against the gold inside it (no warehouse)."""
+        if predictions.is_dir() or predictions.suffix.lower() == ".json":
+            _score_release(predictions, semantic=semantic)
+            return
         eval_id, report = score_file(predictions, model=model, checkpoint=checkpoint, judge=judge,
                                      semantic=semantic, write=write)
         _print_report(report, title=f"radchain score: {report.model} ({judge} judge)")
@@ -58,14 +64,46 @@ def register(app: typer.Typer) -> None:
     @app.command("judge-agreement")
     @clear_errors
     def judge_agreement_cmd(
-        predictions: Path = typer.Option(..., "--predictions", "-p",
-                                         help='JSONL file, one {"sample_id": ..., "output": ...} per line'),
+        predictions: Path | None = typer.Option(None, "--predictions", "-p",
+                                                help='JSONL file, one {"sample_id": ..., "output": ...} per line '
+                                                     "(rules judge vs the llm judge)"),
+        release: Path | None = typer.Option(None, "--release",
+                                            help="a ChestX-Reasoner release results folder (<model>/*.json with "
+                                                 "reason_steps, pred and GPT-4o verdicts) or one such file: "
+                                                 "rules judge vs the paper's stored GPT-4o verdicts"),
+        semantic: bool = typer.Option(False, "--semantic", help="--release: match by MiniLM embeddings"),
+        bootstrap: int = typer.Option(1000, "--bootstrap", help="--release: bootstrap resamples for the intervals"),
         format: str = typer.Option("table", "--format", "-f", help="table | csv | json"),
     ) -> None:
-        """Score a prediction set with both judges; print Pearson/Spearman per RadRScore component."""
+        """Compare radchain's rules judge with an LLM judge: per-component Pearson/Spearman.
+
+        With --release, against the verdicts stored in the release files (no endpoint, no warehouse):
+        per-sample correlations overall and per model with bootstrap intervals, system means and
+        whether both judges rank the models the same way."""
         import pyarrow as pa
 
         from flows.cli_support import print_arrow
+
+        if (predictions is None) == (release is None):
+            raise UsageError("give exactly one of --predictions or --release")
+        if release is not None:
+            from training.judge_agreement import agreement_on_release
+
+            if not release.exists():
+                raise UsageError(f"{release} does not exist")
+            try:
+                report = agreement_on_release(release, semantic=semantic, n_boot=bootstrap)
+            except ValueError as e:
+                raise UsageError(str(e)) from None
+            if not report.n_compared:
+                raise UsageError(f"{release} holds no release items with GPT-4o verdicts")
+            print_arrow(pa.Table.from_pylist(report.as_rows()), format,
+                        title=f"judge agreement with the release's GPT-4o verdicts: {report.n_compared} samples "
+                              f"({report.n_no_verdict} without verdicts, {report.n_empty_output} empty outputs "
+                              f"left out, {report.n_tagless} tagless outputs scored)")
+            print_arrow(pa.Table.from_pylist(report.system_rows()), format, title="system-level means")
+            return
+
         from radchain.runtime import prepare_environment
         from training.answers import completion_text, parse_output
         from training.judge_llm import judge_agreement
@@ -121,6 +159,34 @@ def score_file(
     if write:
         _write(wh, eval_id, report, model_name, checkpoint, judge, predictions, llm_calls)
     return eval_id, report
+
+
+def _score_release(path: Path, *, semantic: bool) -> None:
+    """`radchain score` on release items: RadRScore per model and file against the gold they carry."""
+    from training.judge_agreement import read_release
+    from training.radrscore import average_scores, score_release_batch
+
+    if not path.exists():
+        raise UsageError(f"predictions file {path} does not exist")
+    try:
+        items = read_release(path)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if not items:
+        raise UsageError(f"{path} holds no release items (a JSON list of objects with reason_steps and pred)")
+    scores = score_release_batch(items, semantic=semantic)
+    t = Table(title=f"radchain score: {path} (rules judge, {'semantic' if semantic else 'lexical'} matching)")
+    for col in ("model", "task", "n", "complete", "factual", "effective", "RadRScore", "unparsed", "tagless"):
+        t.add_column(col, justify="left" if col in ("model", "task") else "right")
+    groups: dict[tuple[str, str], list[Any]] = {}
+    for it, sc in zip(items, scores):
+        groups.setdefault((it.model, it.task), []).append(sc)
+        groups.setdefault((it.model, "all"), []).append(sc)
+    for (model, task), scs in groups.items():
+        avg = average_scores(scs)
+        t.add_row(model, task, str(len(scs)), _fmt(avg.completeness), _fmt(avg.factuality), _fmt(avg.effectiveness),
+                  _fmt(avg.radrscore), str(sum(s.unparseable for s in scs)), str(sum(s.tagless for s in scs)))
+    console.print(t)
 
 
 def read_predictions(path: Path) -> tuple[list[dict[str, Any]], str | None]:
