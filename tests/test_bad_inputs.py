@@ -566,3 +566,258 @@ def test_cli_runs_a_messy_table_end_to_end(tmp_path, monkeypatch):
     assert reasons == ["DUPLICATE_ID", "EMPTY", "MISSING_ID", "NO_SECTIONS"]
     images = dict(wh.read("stg_images").select("study_id", "exists").iter_rows())
     assert images["M1"] is False and images["G1"] is True
+
+
+# =================================================================================================================
+# ==== issue 14 (harden-sql): the SQL door, output escaping, moved homes, stale downstream rows, generic tables ====
+# =================================================================================================================
+import hashlib  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+MARKUP_TEXT = "[bold]x[/bold] [/path] [link=http://evil.example]y[/link]"
+ESCAPES = "\x1b[31mred\x1b[0m \x1b]8;;http://evil.example\x1b\\click\x1b]8;;\x1b\\ \x07"
+SECRET = "radchain-secret-7f3a9c"
+
+
+def _tree_hashes(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _cli(home: Path, *args: str, input: str | None = None):
+    from flows.cli import app
+    from radchain.settings import reset_settings_cache
+
+    old = os.environ.get("RADCHAIN_HOME")
+    os.environ["RADCHAIN_HOME"] = str(home)
+    reset_settings_cache()
+    try:
+        return CliRunner().invoke(app, list(args), input=input)
+    finally:
+        if old is None:
+            os.environ.pop("RADCHAIN_HOME", None)
+        else:
+            os.environ["RADCHAIN_HOME"] = old
+        reset_settings_cache()
+
+
+@pytest.fixture(scope="module")
+def sql_home(tmp_path_factory):
+    """A real run over a table whose report text holds Rich markup and terminal escapes, plus a
+    secret file outside the warehouse that no statement may read."""
+    tmp = tmp_path_factory.mktemp("sqldoor")
+    rows = [dict(study_id="Q1", text=GOOD_ROW + " " + MARKUP_TEXT + " " + ESCAPES),
+            dict(study_id="Q2", text=GOOD_ROW.replace("left", "right")),
+            dict(study_id="Q3", text="  ")]  # an EMPTY rejection: its detail ends in "[/...csv#row=2]"
+    table = tmp / "q.csv"
+    pl.DataFrame(rows).write_csv(table)
+    wh, _ = run_table(tmp, table, batch_size=2, stages=STAGES + ["datasets"])
+    (tmp / "secret.txt").write_text(f"{SECRET}\n")
+    (tmp / "out").mkdir()
+    return dict(tmp=tmp, home=tmp / "home", wh=wh)
+
+
+# Each statement is refused (exit 2, one line) and neither writes nor reads outside the warehouse.
+# {part}: a raw_reports partition; {wh}: the warehouse folder; {secret}: a file outside it; {out}: a scratch folder.
+HOSTILE_SQL = [
+    "explain analyze copy (select * replace ('TAMPERED' as text) from raw_reports) to '{part}' (format parquet)",
+    "copy (select * replace ('TAMPERED' as text) from raw_reports) to '{part}' (format parquet)",
+    "copy raw_reports to '{out}/dump.csv'",
+    "/* hidden */ explain /* x */ analyze copy (select 1) to '{part}'",
+    "explain analyze set threads = 1",
+    "explain analyze create temp macro m(x) as x",
+    "explain analyze install httpfs",
+    "explain select * from raw_reports",
+    "select * from read_csv('/etc/passwd')",
+    "select * from read_text('{secret}')",
+    "from read_csv('{secret}')",
+    "select * from glob('/root/**')",
+    "select * from glob('{out}/../*')",
+    "select size from read_blob('{wh}/parquet/../../secret.txt')",
+    "select * from read_text('{wh}/parquet/raw_reports/../../../secret.txt')",
+    "select * from read_text('file://{secret}')",
+    "summarize select * from read_text('{secret}')",
+    "describe select * from read_text('{secret}')",
+    "with s as (select * from read_text('{secret}')) select * from s",
+    "select * from sniff_csv('{secret}')",
+    "select * from read_parquet('https://example.com/x.parquet')",
+    "select * from query('copy (select 1) to ''{part}''')",
+    "install httpfs",
+    "load httpfs",
+    "load '{out}/evil.duckdb_extension'",
+    "set enable_external_access = true",
+    "reset allowed_directories",
+    "set lock_configuration = false",
+    "set file_search_path = '/'",
+    "pragma enable_profiling",
+    "pragma show_tables",
+    "call checkpoint()",
+    "checkpoint",
+    "vacuum",
+    "attach '{out}/other.duckdb' as o",
+    "attach ':memory:' as m",
+    "detach warehouse",
+    "use system",
+    "prepare p as copy (select 1) to '{part}'",
+    "prepare p as select 1",
+    "execute p",
+    "create temp macro leak() as table select * from read_text('{secret}')",
+    "create temp table t as select * from raw_reports",
+    "create view x as select 1",
+    "create secret s (type s3, key_id 'a', secret 'b')",
+    "drop view raw_reports",
+    "insert into raw_reports select * from raw_reports",
+    "delete from raw_reports",
+    "update raw_reports set text = 'TAMPERED'",
+    "alter view raw_reports rename to r2",
+    "export database '{out}/exported'",
+    "import database '{out}/exported'",
+    "begin transaction",
+    "select 1; copy (select 1) to '{part}'",
+    "select count(*) from raw_reports; drop view int_labels",
+    "select 1; set threads = 1; select 2",
+]
+
+
+def test_sql_door_refuses_every_hostile_statement_and_changes_no_byte(sql_home):
+    """issue 14 item 1: >= 30 hostile statements through `radchain sql`; the warehouse is hashed around them."""
+    assert len(HOSTILE_SQL) >= 30
+    home, tmp = sql_home["home"], sql_home["tmp"]
+    wh = sql_home["wh"]
+    part = sorted(wh.table_dir("raw_reports").glob("b*.parquet"))[0]
+    before = _tree_hashes(home)
+    outside_before = sorted(p.name for p in (tmp / "out").iterdir())
+    for template in HOSTILE_SQL:
+        stmt = template.format(part=part, wh=wh.root, secret=tmp / "secret.txt", out=tmp / "out")
+        for args in (["sql", stmt], ["sql", "-", "--format", "json"]):
+            result = _cli(home, *args, input=stmt if "-" in args else None)
+            assert result.exit_code == 2, (stmt, result.stdout, result.stderr, result.exception)
+            err = result.stderr.strip()
+            assert err.startswith("error:") and "\n" not in err, (stmt, err)
+            assert ("refused" in err or "SQL error" in err), (stmt, err)
+            assert "Traceback" not in result.stdout + result.stderr
+            assert SECRET not in result.stdout + result.stderr, stmt
+            assert result.stdout == "", (stmt, result.stdout)  # all statements are checked before any runs
+    assert _tree_hashes(home) == before  # not one byte of the warehouse (or the home) changed
+    assert sorted(p.name for p in (tmp / "out").iterdir()) == outside_before == []
+    # ... and the door still answers real questions afterwards.
+    ok = _cli(home, "sql", "select count(*) as n from raw_reports", "--format", "json")
+    assert ok.exit_code == 0 and json.loads(ok.stdout) == [{"n": 2}]
+
+
+def test_sql_door_lockdown_holds_even_for_a_select(sql_home):
+    """The parser accepts these as SELECT; the connection's own settings refuse them."""
+    from warehouse import WarehouseError
+
+    wh, tmp = sql_home["wh"], sql_home["tmp"]
+    for stmt in (f"select * from read_text('{tmp / 'secret.txt'}')", "select * from glob('/etc/*')",
+                 f"select * from read_blob('{wh.parquet_dir}/../../secret.txt')"):
+        with pytest.raises(WarehouseError, match="reads only the warehouse's tables"):
+            wh.sql(stmt)
+    settings = wh.sql("select current_setting('enable_external_access') AS ext, "
+                      "current_setting('lock_configuration') AS locked, "
+                      "current_setting('allowed_directories') AS dirs").to_pylist()[0]
+    assert settings["ext"] is False and settings["locked"] is True
+    assert str(wh.parquet_dir) + os.sep in settings["dirs"]
+    assert all(not d.startswith(str(wh.root) + os.sep) or d.startswith(str(wh.parquet_dir)) for d in settings["dirs"])
+
+
+def test_sql_door_runs_files_stdin_several_statements_and_explain(sql_home):
+    home, tmp = sql_home["home"], sql_home["tmp"]
+    several = _cli(home, "sql", "select 1 as one; select 'two' as two; from v_runs")
+    assert several.exit_code == 0, several.stderr
+    assert "[1/3] select 1 as one" in several.stdout and "[2/3] select 'two' as two" in several.stdout
+    assert "[3/3] from v_runs" in several.stdout and "two" in several.stdout and "run_id" in several.stdout
+    q = tmp / "q.sql"
+    q.write_text("-- a saved question\nselect study_id from raw_reports order by 1;\n")
+    from_file = _cli(home, "sql", "--file", str(q), "--format", "json")
+    assert from_file.exit_code == 0 and json.loads(from_file.stdout) == [{"study_id": "Q1"}, {"study_id": "Q2"}]
+    short = _cli(home, "sql", "-i", str(q), "-f", "csv")  # -f stays --format
+    assert short.exit_code == 0 and short.stdout.split() == ["study_id", "Q1", "Q2"]
+    stdin = _cli(home, "sql", "--file", "-", "-f", "json", input="select 40 + 2 as n")
+    assert stdin.exit_code == 0 and json.loads(stdin.stdout) == [{"n": 42}]
+    dash = _cli(home, "sql", "-", "-f", "json", input="select 7 as n")
+    assert dash.exit_code == 0 and json.loads(dash.stdout) == [{"n": 7}]
+    plan = _cli(home, "sql", "--explain", "select count(*) from raw_reports")
+    assert plan.exit_code == 0 and "READ_PARQUET" in plan.stdout.upper()
+    for args, needle in ((["sql", "select 1; select 2", "-f", "csv"], "holds 2 statements"),
+                         (["sql", "select 1", "--file", str(q)], "not both"),
+                         (["sql", "--file", str(tmp / "missing.sql")], "no SQL file"),
+                         (["sql"], "no SQL given")):
+        bad = _cli(home, *args)
+        assert bad.exit_code == 2 and needle in bad.stderr, (args, bad.stderr)
+
+
+def test_cli_tables_print_cell_text_as_data(sql_home):
+    """issue 14 item 2: markup and escapes in cells are data; no crash on a detail ending in "[/path]"."""
+    home = sql_home["home"]
+    rej = _cli(home, "sql", "select stage, reason_code, detail from int_rejections where stage = 'ingest'")
+    assert rej.exit_code == 0, (rej.stderr, rej.exception)
+    assert "EMPTY" in rej.stdout and "q.csv#row=2]" in rej.stdout
+    text = _cli(home, "sql", "select text from raw_reports where study_id = 'Q1'")
+    assert text.exit_code == 0, text.stderr
+    assert MARKUP_TEXT in text.stdout  # printed literally, not as bold text or a link
+    assert "\x1b" not in text.stdout and "\x07" not in text.stdout
+    assert "\\u001b[31mred" in text.stdout and "\\u001b]8;;http://evil.example" in text.stdout
+    weird = _cli(home, "sql", "select 1 as \"[/x]\", 'a\x1b[2Jb' as \"[bold]c\"")
+    assert weird.exit_code == 0 and "[/x]" in weird.stdout and "[bold]c" in weird.stdout and "\x1b" not in weird.stdout
+
+
+def test_wide_tables_are_not_cut_when_stdout_is_not_a_terminal(sql_home):
+    home = sql_home["home"]
+    wide = _cli(home, "sql", "select repeat('w', 300) as a, repeat('v', 200) as b, 'end-of-row' as c")
+    assert wide.exit_code == 0
+    line = next(x for x in wide.stdout.splitlines() if "w" * 300 in x)
+    assert "v" * 200 in line and "end-of-row" in line  # one row, one line, nothing folded or cut
+    # `radchain status` and every other table go through print_arrow: checked in a real subprocess pipe.
+    code = ("import pyarrow as pa; from flows.cli_support import print_arrow; "
+            "print_arrow(pa.table({'flow': ['radchain-pipeline'], 'stages': ['x' * 150 + '|last']}), "
+            "title='last runs on [/http://127.0.0.1:4200]')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "COLUMNS": "80"})
+    assert proc.returncode == 0, proc.stderr
+    assert "x" * 150 + "|last" in proc.stdout and "[/http://127.0.0.1:4200]" in proc.stdout
+
+
+def test_a_copied_home_reads_its_own_files_not_the_original(sql_home, tmp_path, monkeypatch):
+    """issue 14 item 9: the views hold absolute paths; a copy (or a move) must never read the original."""
+    import pyarrow.parquet as pq
+
+    from warehouse import Warehouse, WarehouseError
+
+    original = sql_home["home"]
+    before = _tree_hashes(original)
+    copy = tmp_path / "copied-home"
+    shutil.copytree(original, copy)  # copies the views file and its stamp as they are
+    # Change the copy: one report's text differs, the other report is gone.
+    parts = sorted((copy / "warehouse" / "parquet" / "raw_reports").glob("b*.parquet"))
+    table = pl.concat([pl.read_parquet(p) for p in parts])
+    for p in parts:
+        p.unlink()
+    changed = table.filter(pl.col("study_id") == "Q2").with_columns(pl.lit("COPY ONLY").alias("text"))
+    pq.write_table(changed.to_arrow(), parts[0])
+
+    got = _cli(copy, "sql", "select study_id, text from raw_reports", "-f", "json")
+    assert got.exit_code == 0, got.stderr
+    assert json.loads(got.stdout) == [{"study_id": "Q2", "text": "COPY ONLY"}]
+    orig = _cli(original, "sql", "select count(*) as n from raw_reports where text = 'COPY ONLY'", "-f", "json")
+    assert json.loads(orig.stdout) == [{"n": 0}]
+    assert _tree_hashes(original) == before
+
+    # Moved: the original folder is gone; the moved copy still answers from its own files.
+    moved = tmp_path / "moved-home"
+    shutil.move(copy, moved)
+    got = _cli(moved, "sql", "select count(*) as n from stg_sections", "-f", "json")
+    assert got.exit_code == 0 and json.loads(got.stdout)[0]["n"] > 0
+
+    # A copy whose views cannot be rebuilt (a read-only folder) fails clearly; it never reads the original.
+    again = tmp_path / "read-only-copy"
+    shutil.copytree(original, again)
+    monkeypatch.setattr(Warehouse, "refresh_views", lambda self, force=False: (_ for _ in ()).throw(
+        PermissionError(13, "Permission denied", str(self.duckdb_path))))
+    with pytest.raises(WarehouseError, match="built for another folder"):
+        Warehouse(again / "warehouse").sql("select count(*) from raw_reports")
+    monkeypatch.setattr(Warehouse, "_views_here", lambda self: None)  # even skipping the check entirely:
+    with pytest.raises(WarehouseError, match="reads only the warehouse's tables"):
+        Warehouse(again / "warehouse").sql("select count(*) from raw_reports")
