@@ -912,3 +912,89 @@ def test_content_errors_print_one_line_without_a_prefect_traceback(tmp_path):
     assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
     errors = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
     assert errors == ["error: column 'text' not found in nocol.csv; columns are: study_id, body"], proc.stderr
+
+
+# ---- issue 14 item 10: stale downstream rows ---------------------------------------------------------------------
+def _real_jpeg(path: Path) -> Path:
+    from PIL import Image
+
+    Image.new("L", (16, 16), 128).save(path, format="JPEG")
+    return path
+
+
+def _report(finding: str) -> str:
+    return f" FINDINGS: {finding}. Heart size is normal.\n IMPRESSION: {finding}.\n"
+
+
+def test_ingest_of_another_source_clears_what_later_stages_derived_from_its_studies(tmp_path):
+    _real_jpeg(tmp_path / "img.jpg")
+    findings = ["Small left pleural effusion", "Mild pulmonary edema", "Right lower lobe consolidation",
+                "Small right pneumothorax", "Cardiomegaly"]
+    first = tmp_path / "first.csv"
+    pl.DataFrame([dict(study_id=f"S{i}", text=_report(f), image="img.jpg") for i, f in enumerate(findings)]
+                 ).write_csv(first)
+    wh, _ = run_table(tmp_path, first, stages=STAGES + ["datasets"], image_col="image")
+    assert wh.count("int_chains") > 0 and wh.count("int_vqa_samples") > 0
+    kept_labels = wh.read("int_labels").filter(pl.col("study_id") == "S1").sort("observation")
+    # The second source keeps S1 as it was, changes S0's text, drops S2..S4 and adds N1.
+    second = tmp_path / "second.csv"
+    pl.DataFrame([dict(study_id="S0", text=_report("No acute cardiopulmonary process"), image="img.jpg"),
+                  dict(study_id="S1", text=_report(findings[1]), image="img.jpg"),
+                  dict(study_id="N1", text=_report("Large left pleural effusion"), image="img.jpg")]).write_csv(second)
+    wh, _ = run_table(tmp_path, second, stages=["ingest"], image_col="image")
+    current = set(wh.read("raw_reports")["study_id"])
+    assert current == {"S0", "S1", "N1"}
+    for table in ("int_labels", "int_vqa_samples", "int_chains"):
+        studies = set(wh.read(table)["study_id"])
+        assert studies <= {"S1"}, (table, studies)  # nothing of S2..S4 (gone) nor of S0 (changed)
+    samples = wh.read("int_vqa_samples")
+    assert set(samples["prior_study_id"].drop_nulls()) <= {"S1"}
+    assert set(wh.read("int_chain_steps")["sample_id"]) <= set(samples["sample_id"])
+    assert set(wh.read("int_chains")["sample_id"]) <= set(samples["sample_id"])
+    # An unchanged study keeps its rows as they were, lineage included.
+    assert wh.read("int_labels").filter(pl.col("study_id") == "S1").sort("observation").equals(kept_labels)
+    _materializations_match_files(wh)
+    # The rest of the pipeline then builds from current rows only.
+    wh, _ = run_table(tmp_path, second, stages=["label", "tasks", "mine", "datasets"], image_col="image")
+    assert set(wh.read("int_labels")["study_id"]) == current
+    assert set(wh.read("int_chains")["study_id"]) <= current
+    version = wh.read("fct_dataset_versions").sort("built_at")["dataset_version"][-1]
+    sft = wh.read("mart_sft_examples").filter(pl.col("dataset_version") == version)
+    assert set(samples_of(wh, sft["sample_id"])) <= current
+
+
+def samples_of(wh, sample_ids) -> list[str]:
+    return wh.read("int_vqa_samples").filter(pl.col("sample_id").is_in(list(sample_ids)))["study_id"].to_list()
+
+
+def _materializations_match_files(wh) -> None:
+    """Every fct_materializations row names a partition that exists, with its row count."""
+    import pyarrow.parquet as pq
+
+    for table, partition, rows in wh.read("fct_materializations").select("table_name", "partition", "rows").iter_rows():
+        path = wh.table_dir(table) / f"{partition}.parquet"
+        assert path.is_file(), (table, partition)
+        assert pq.read_metadata(path).num_rows == rows, (table, partition)
+
+
+def test_materializations_forget_partitions_a_batch_size_change_deleted(tmp_path):
+    _real_jpeg(tmp_path / "img.jpg")
+    rows = [dict(study_id=f"B{i}", text=_report(f), image="img.jpg")
+            for i, f in enumerate(["Small left pleural effusion", "Mild pulmonary edema", "Cardiomegaly",
+                                   "Small right pneumothorax", "Right lower lobe consolidation", "Lung opacity"])]
+    table = tmp_path / "b.csv"
+    pl.DataFrame(rows).write_csv(table)
+    wh, _ = run_table(tmp_path, table, batch_size=2, stages=STAGES, image_col="image")
+    assert len(wh.partitions("raw_reports")) == 3
+    wh, _ = run_table(tmp_path, table, batch_size=5, stages=STAGES, image_col="image")
+    assert wh.partitions("raw_reports") == ["b00000", "b00001"]
+    mats = wh.read("fct_materializations")
+    assert not mats.filter(pl.col("partition") == "b00002").height, mats.filter(pl.col("partition") == "b00002")
+    _materializations_match_files(wh)
+
+
+def test_tables_markdown_prints(sql_home):
+    """`radchain tables --markdown` used a console it never imported (NameError)."""
+    result = _cli(sql_home["home"], "tables", "--markdown")
+    assert result.exit_code == 0, result.exception
+    assert "| `raw_reports` |" in result.stdout

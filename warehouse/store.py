@@ -171,14 +171,60 @@ class Warehouse:
         return counts
 
     def delete_partitions(self, table: str, keep: Iterable[str] | None = None, prefix: str = "") -> int:
-        """Remove partitions of a table whose name starts with ``prefix`` and is not in ``keep``."""
+        """Remove partitions of a table whose name starts with ``prefix`` and is not in ``keep``;
+        fct_materializations forgets them too (it must not list files that no longer exist)."""
         keep_set = set(keep or ())
-        n = 0
+        gone: dict[str, int | None] = {}
         for f in self.table_dir(table).glob(f"{prefix}*.parquet"):
             if f.name != "_schema.parquet" and f.stem not in keep_set:
                 f.unlink()
-                n += 1
-        return n
+                gone[f"{table}\x00{f.stem}"] = None
+        if gone and table != Materialization.__table__:
+            self._update_materializations(gone)
+        return len(gone)
+
+    def drop_rows(self, table: str, drop: pl.Expr) -> int:
+        """Remove the rows matching ``drop`` from every partition of a table; returns how many.
+
+        A partition that changes is rewritten atomically with its rows' lineage as it was (the
+        rows stay those their run wrote); its fct_materializations row gets the new row count.
+        """
+        schema = table_model(table).arrow_schema()
+        removed = 0
+        changed: dict[str, int | None] = {}
+        for f in sorted(self.table_dir(table).glob("*.parquet")):
+            if f.name == "_schema.parquet":
+                continue
+            df = pl.read_parquet(f)
+            kept = df.filter(~drop.fill_null(False))
+            if kept.height == df.height:
+                continue
+            self._atomic_write(kept.to_arrow().select(schema.names).cast(schema), f)
+            removed += df.height - kept.height
+            changed[f"{table}\x00{f.stem}"] = kept.height
+        if changed and table != Materialization.__table__:
+            self._update_materializations(changed)
+        return removed
+
+    def _update_materializations(self, parts: Mapping[str, int | None]) -> None:
+        """fct_materializations rows of these partitions ("<table>\\x00<partition>"): removed (None) or
+        given a new row count. Matched by table and partition, not by path, so a moved home works too."""
+        mat_dir = self.table_dir(Materialization.__table__)
+        schema = Materialization.arrow_schema()
+        gone = [k for k, n in parts.items() if n is None]
+        counts = {k: n for k, n in parts.items() if n is not None}
+        key = pl.col("table_name") + "\x00" + pl.col("partition")
+        for f in sorted(mat_dir.glob("*.parquet")):
+            if f.name == "_schema.parquet":
+                continue
+            df = pl.read_parquet(f)
+            if not df.select(key.is_in(list(parts)).any()).item():
+                continue
+            df = df.filter(~key.is_in(gone))
+            if counts:
+                df = df.with_columns(key.replace_strict(counts, default=pl.col("rows"), return_dtype=pl.Int64)
+                                     .alias("rows"))
+            self._atomic_write(df.to_arrow().select(schema.names).cast(schema), f)
 
     def _to_arrow(self, model: type[TableRecord], rows: Frame, lineage: Lineage) -> pa.Table:
         schema = model.arrow_schema()
