@@ -466,7 +466,7 @@ def test_parquet_with_wrong_scalar_types(tmp_path):
     structs = tmp_path / "structs.parquet"
     pl.DataFrame({"study_id": ["a", "b"], "text": [{"x": 1}, {"x": 2}]}).write_parquet(structs)
     wh2, _ = run_table(tmp_path / "s", structs)
-    assert set(wh2.read("int_rejections")["reason_code"]) <= {"NO_SECTIONS", "EMPTY"}
+    assert set(wh2.read("int_rejections")["reason_code"]) == {"WRONG_TYPE"}  # issue 14 item 11
     assert wh2.count("raw_reports") == 0
 
 
@@ -504,12 +504,8 @@ CLI_CASES = [
     ("jsonl-array-line", lambda t: _cli_source(
         t, "a.jsonl", (json.dumps({"study_id": "J1", "text": GOOD_ROW}) + "\n\n[1, 2]\n").encode()),
      "line 3 is not a JSON object (a JSON list, not an object)"),
-    ("parquet-list-column", lambda t: _cli_source(
-        t, "l.parquet", frame=pl.DataFrame({"study_id": ["a"], "text": [["x", "y"]]})), "cannot read"),
     ("garbage-named-parquet", lambda t: _cli_source(t, "g.parquet", random.Random(1).randbytes(3000)), "cannot read"),
     ("markup-in-column-name", lambda t: _cli_source(t, "k.csv", b"study_id,[/x],[bold]y\nA,b,c\n"), "[/x]"),
-    ("utf16-csv", lambda t: _cli_source(t, "u.csv", ("study_id,text\nU1," + GOOD_ROW.replace("\n", " ") + "\n")
-                                        .encode("utf-16")), "not found"),
     ("unknown-suffix", lambda t: _cli_source(t, "r.xlsx", b"PK\x03\x04"), "unknown table format"),
 ]
 
@@ -566,3 +562,439 @@ def test_cli_runs_a_messy_table_end_to_end(tmp_path, monkeypatch):
     assert reasons == ["DUPLICATE_ID", "EMPTY", "MISSING_ID", "NO_SECTIONS"]
     images = dict(wh.read("stg_images").select("study_id", "exists").iter_rows())
     assert images["M1"] is False and images["G1"] is True
+
+
+# =================================================================================================================
+# ==== issue 14 (harden-sql): the SQL door, output escaping, moved homes, stale downstream rows, generic tables ====
+# =================================================================================================================
+import hashlib  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+MARKUP_TEXT = "[bold]x[/bold] [/path] [link=http://evil.example]y[/link]"
+ESCAPES = "\x1b[31mred\x1b[0m \x1b]8;;http://evil.example\x1b\\click\x1b]8;;\x1b\\ \x07"
+SECRET = "radchain-secret-7f3a9c"
+
+
+def _tree_hashes(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _cli(home: Path, *args: str, input: str | None = None):
+    from flows.cli import app
+    from radchain.settings import reset_settings_cache
+
+    old = os.environ.get("RADCHAIN_HOME")
+    os.environ["RADCHAIN_HOME"] = str(home)
+    reset_settings_cache()
+    try:
+        return CliRunner().invoke(app, list(args), input=input)
+    finally:
+        if old is None:
+            os.environ.pop("RADCHAIN_HOME", None)
+        else:
+            os.environ["RADCHAIN_HOME"] = old
+        reset_settings_cache()
+
+
+@pytest.fixture(scope="module")
+def sql_home(tmp_path_factory):
+    """A real run over a table whose report text holds Rich markup and terminal escapes, plus a
+    secret file outside the warehouse that no statement may read."""
+    tmp = tmp_path_factory.mktemp("sqldoor")
+    rows = [dict(study_id="Q1", text=GOOD_ROW + " " + MARKUP_TEXT + " " + ESCAPES),
+            dict(study_id="Q2", text=GOOD_ROW.replace("left", "right")),
+            dict(study_id="Q3", text="  ")]  # an EMPTY rejection: its detail ends in "[/...csv#row=2]"
+    table = tmp / "q.csv"
+    pl.DataFrame(rows).write_csv(table)
+    wh, _ = run_table(tmp, table, batch_size=2, stages=STAGES + ["datasets"])
+    (tmp / "secret.txt").write_text(f"{SECRET}\n")
+    (tmp / "out").mkdir()
+    return dict(tmp=tmp, home=tmp / "home", wh=wh)
+
+
+# Each statement is refused (exit 2, one line) and neither writes nor reads outside the warehouse.
+# {part}: a raw_reports partition; {wh}: the warehouse folder; {secret}: a file outside it; {out}: a scratch folder.
+HOSTILE_SQL = [
+    "explain analyze copy (select * replace ('TAMPERED' as text) from raw_reports) to '{part}' (format parquet)",
+    "copy (select * replace ('TAMPERED' as text) from raw_reports) to '{part}' (format parquet)",
+    "copy raw_reports to '{out}/dump.csv'",
+    "/* hidden */ explain /* x */ analyze copy (select 1) to '{part}'",
+    "explain analyze set threads = 1",
+    "explain analyze create temp macro m(x) as x",
+    "explain analyze install httpfs",
+    "explain select * from raw_reports",
+    "select * from read_csv('/etc/passwd')",
+    "select * from read_text('{secret}')",
+    "from read_csv('{secret}')",
+    "select * from glob('/root/**')",
+    "select * from glob('{out}/../*')",
+    "select size from read_blob('{wh}/parquet/../../secret.txt')",
+    "select * from read_text('{wh}/parquet/raw_reports/../../../secret.txt')",
+    "select * from read_text('file://{secret}')",
+    "summarize select * from read_text('{secret}')",
+    "describe select * from read_text('{secret}')",
+    "with s as (select * from read_text('{secret}')) select * from s",
+    "select * from sniff_csv('{secret}')",
+    "select * from read_parquet('https://example.com/x.parquet')",
+    "select * from query('copy (select 1) to ''{part}''')",
+    "install httpfs",
+    "load httpfs",
+    "load '{out}/evil.duckdb_extension'",
+    "set enable_external_access = true",
+    "reset allowed_directories",
+    "set lock_configuration = false",
+    "set file_search_path = '/'",
+    "pragma enable_profiling",
+    "pragma show_tables",
+    "call checkpoint()",
+    "checkpoint",
+    "vacuum",
+    "attach '{out}/other.duckdb' as o",
+    "attach ':memory:' as m",
+    "detach warehouse",
+    "use system",
+    "prepare p as copy (select 1) to '{part}'",
+    "prepare p as select 1",
+    "execute p",
+    "create temp macro leak() as table select * from read_text('{secret}')",
+    "create temp table t as select * from raw_reports",
+    "create view x as select 1",
+    "create secret s (type s3, key_id 'a', secret 'b')",
+    "drop view raw_reports",
+    "insert into raw_reports select * from raw_reports",
+    "delete from raw_reports",
+    "update raw_reports set text = 'TAMPERED'",
+    "alter view raw_reports rename to r2",
+    "export database '{out}/exported'",
+    "import database '{out}/exported'",
+    "begin transaction",
+    "select 1; copy (select 1) to '{part}'",
+    "select count(*) from raw_reports; drop view int_labels",
+    "select 1; set threads = 1; select 2",
+]
+
+
+def test_sql_door_refuses_every_hostile_statement_and_changes_no_byte(sql_home):
+    """issue 14 item 1: >= 30 hostile statements through `radchain sql`; the warehouse is hashed around them."""
+    assert len(HOSTILE_SQL) >= 30
+    home, tmp = sql_home["home"], sql_home["tmp"]
+    wh = sql_home["wh"]
+    part = sorted(wh.table_dir("raw_reports").glob("b*.parquet"))[0]
+    before = _tree_hashes(home)
+    outside_before = sorted(p.name for p in (tmp / "out").iterdir())
+    for template in HOSTILE_SQL:
+        stmt = template.format(part=part, wh=wh.root, secret=tmp / "secret.txt", out=tmp / "out")
+        for args in (["sql", stmt], ["sql", "-", "--format", "json"]):
+            result = _cli(home, *args, input=stmt if "-" in args else None)
+            assert result.exit_code == 2, (stmt, result.stdout, result.stderr, result.exception)
+            err = result.stderr.strip()
+            assert err.startswith("error:") and "\n" not in err, (stmt, err)
+            assert ("refused" in err or "SQL error" in err), (stmt, err)
+            assert "Traceback" not in result.stdout + result.stderr
+            assert SECRET not in result.stdout + result.stderr, stmt
+            assert result.stdout == "", (stmt, result.stdout)  # all statements are checked before any runs
+    assert _tree_hashes(home) == before  # not one byte of the warehouse (or the home) changed
+    assert sorted(p.name for p in (tmp / "out").iterdir()) == outside_before == []
+    # ... and the door still answers real questions afterwards.
+    ok = _cli(home, "sql", "select count(*) as n from raw_reports", "--format", "json")
+    assert ok.exit_code == 0 and json.loads(ok.stdout) == [{"n": 2}]
+
+
+def test_sql_door_lockdown_holds_even_for_a_select(sql_home):
+    """The parser accepts these as SELECT; the connection's own settings refuse them."""
+    from warehouse import WarehouseError
+
+    wh, tmp = sql_home["wh"], sql_home["tmp"]
+    for stmt in (f"select * from read_text('{tmp / 'secret.txt'}')", "select * from glob('/etc/*')",
+                 f"select * from read_blob('{wh.parquet_dir}/../../secret.txt')"):
+        with pytest.raises(WarehouseError, match="reads only the warehouse's tables"):
+            wh.sql(stmt)
+    settings = wh.sql("select current_setting('enable_external_access') AS ext, "
+                      "current_setting('lock_configuration') AS locked, "
+                      "current_setting('allowed_directories') AS dirs").to_pylist()[0]
+    assert settings["ext"] is False and settings["locked"] is True
+    assert str(wh.parquet_dir) + os.sep in settings["dirs"]
+    assert all(not d.startswith(str(wh.root) + os.sep) or d.startswith(str(wh.parquet_dir)) for d in settings["dirs"])
+
+
+def test_sql_door_runs_files_stdin_several_statements_and_explain(sql_home):
+    home, tmp = sql_home["home"], sql_home["tmp"]
+    several = _cli(home, "sql", "select 1 as one; select 'two' as two; from v_runs")
+    assert several.exit_code == 0, several.stderr
+    assert "[1/3] select 1 as one" in several.stdout and "[2/3] select 'two' as two" in several.stdout
+    assert "[3/3] from v_runs" in several.stdout and "two" in several.stdout and "run_id" in several.stdout
+    q = tmp / "q.sql"
+    q.write_text("-- a saved question\nselect study_id from raw_reports order by 1;\n")
+    from_file = _cli(home, "sql", "--file", str(q), "--format", "json")
+    assert from_file.exit_code == 0 and json.loads(from_file.stdout) == [{"study_id": "Q1"}, {"study_id": "Q2"}]
+    short = _cli(home, "sql", "-i", str(q), "-f", "csv")  # -f stays --format
+    assert short.exit_code == 0 and short.stdout.split() == ["study_id", "Q1", "Q2"]
+    stdin = _cli(home, "sql", "--file", "-", "-f", "json", input="select 40 + 2 as n")
+    assert stdin.exit_code == 0 and json.loads(stdin.stdout) == [{"n": 42}]
+    dash = _cli(home, "sql", "-", "-f", "json", input="select 7 as n")
+    assert dash.exit_code == 0 and json.loads(dash.stdout) == [{"n": 7}]
+    plan = _cli(home, "sql", "--explain", "select count(*) from raw_reports")
+    assert plan.exit_code == 0 and "READ_PARQUET" in plan.stdout.upper()
+    for args, needle in ((["sql", "select 1; select 2", "-f", "csv"], "holds 2 statements"),
+                         (["sql", "select 1", "--file", str(q)], "not both"),
+                         (["sql", "--file", str(tmp / "missing.sql")], "no SQL file"),
+                         (["sql"], "no SQL given")):
+        bad = _cli(home, *args)
+        assert bad.exit_code == 2 and needle in bad.stderr, (args, bad.stderr)
+
+
+def test_cli_tables_print_cell_text_as_data(sql_home):
+    """issue 14 item 2: markup and escapes in cells are data; no crash on a detail ending in "[/path]"."""
+    home = sql_home["home"]
+    rej = _cli(home, "sql", "select stage, reason_code, detail from int_rejections where stage = 'ingest'")
+    assert rej.exit_code == 0, (rej.stderr, rej.exception)
+    assert "EMPTY" in rej.stdout and "q.csv#row=2]" in rej.stdout
+    text = _cli(home, "sql", "select text from raw_reports where study_id = 'Q1'")
+    assert text.exit_code == 0, text.stderr
+    assert MARKUP_TEXT in text.stdout  # printed literally, not as bold text or a link
+    assert "\x1b" not in text.stdout and "\x07" not in text.stdout
+    assert "\\u001b[31mred" in text.stdout and "\\u001b]8;;http://evil.example" in text.stdout
+    weird = _cli(home, "sql", "select 1 as \"[/x]\", 'a\x1b[2Jb' as \"[bold]c\"")
+    assert weird.exit_code == 0 and "[/x]" in weird.stdout and "[bold]c" in weird.stdout and "\x1b" not in weird.stdout
+
+
+def test_wide_tables_are_not_cut_when_stdout_is_not_a_terminal(sql_home):
+    home = sql_home["home"]
+    wide = _cli(home, "sql", "select repeat('w', 300) as a, repeat('v', 200) as b, 'end-of-row' as c")
+    assert wide.exit_code == 0
+    line = next(x for x in wide.stdout.splitlines() if "w" * 300 in x)
+    assert "v" * 200 in line and "end-of-row" in line  # one row, one line, nothing folded or cut
+    # `radchain status` and every other table go through print_arrow: checked in a real subprocess pipe.
+    code = ("import pyarrow as pa; from flows.cli_support import print_arrow; "
+            "print_arrow(pa.table({'flow': ['radchain-pipeline'], 'stages': ['x' * 150 + '|last']}), "
+            "title='last runs on [/http://127.0.0.1:4200]')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "COLUMNS": "80"})
+    assert proc.returncode == 0, proc.stderr
+    assert "x" * 150 + "|last" in proc.stdout and "[/http://127.0.0.1:4200]" in proc.stdout
+
+
+def test_a_copied_home_reads_its_own_files_not_the_original(sql_home, tmp_path, monkeypatch):
+    """issue 14 item 9: the views hold absolute paths; a copy (or a move) must never read the original."""
+    import pyarrow.parquet as pq
+
+    from warehouse import Warehouse, WarehouseError
+
+    original = sql_home["home"]
+    before = _tree_hashes(original)
+    copy = tmp_path / "copied-home"
+    shutil.copytree(original, copy)  # copies the views file and its stamp as they are
+    # Change the copy: one report's text differs, the other report is gone.
+    parts = sorted((copy / "warehouse" / "parquet" / "raw_reports").glob("b*.parquet"))
+    table = pl.concat([pl.read_parquet(p) for p in parts])
+    for p in parts:
+        p.unlink()
+    changed = table.filter(pl.col("study_id") == "Q2").with_columns(pl.lit("COPY ONLY").alias("text"))
+    pq.write_table(changed.to_arrow(), parts[0])
+
+    got = _cli(copy, "sql", "select study_id, text from raw_reports", "-f", "json")
+    assert got.exit_code == 0, got.stderr
+    assert json.loads(got.stdout) == [{"study_id": "Q2", "text": "COPY ONLY"}]
+    orig = _cli(original, "sql", "select count(*) as n from raw_reports where text = 'COPY ONLY'", "-f", "json")
+    assert json.loads(orig.stdout) == [{"n": 0}]
+    assert _tree_hashes(original) == before
+
+    # Moved: the original folder is gone; the moved copy still answers from its own files.
+    moved = tmp_path / "moved-home"
+    shutil.move(copy, moved)
+    got = _cli(moved, "sql", "select count(*) as n from stg_sections", "-f", "json")
+    assert got.exit_code == 0 and json.loads(got.stdout)[0]["n"] > 0
+
+    # A copy whose views cannot be rebuilt (a read-only folder) fails clearly; it never reads the original.
+    again = tmp_path / "read-only-copy"
+    shutil.copytree(original, again)
+    monkeypatch.setattr(Warehouse, "refresh_views", lambda self, force=False: (_ for _ in ()).throw(
+        PermissionError(13, "Permission denied", str(self.duckdb_path))))
+    with pytest.raises(WarehouseError, match="built for another folder"):
+        Warehouse(again / "warehouse").sql("select count(*) from raw_reports")
+    monkeypatch.setattr(Warehouse, "_views_here", lambda self: None)  # even skipping the check entirely:
+    with pytest.raises(WarehouseError, match="reads only the warehouse's tables"):
+        Warehouse(again / "warehouse").sql("select count(*) from raw_reports")
+
+
+# ---- issue 14 item 11: generic tables ----------------------------------------------------------------------------
+def test_jsonl_text_that_is_an_object_is_wrong_type(tmp_path):
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("\n".join(json.dumps(r) for r in [
+        dict(study_id="J1", text={"nested": GOOD_ROW}),
+        dict(study_id="J2", text=GOOD_ROW),
+        dict(study_id="J3", text=["a", "list", GOOD_ROW]),
+        dict(study_id="J4", text="[not json] " + GOOD_ROW),
+    ]) + "\n")
+    wh, _ = run_table(tmp_path / "m", mixed, stages=["ingest", "label"])
+    reasons = dict(wh.read("int_rejections").filter(pl.col("stage") == "ingest")
+                   .select("entity_id", "reason_code").iter_rows())
+    assert reasons == {"J1": "WRONG_TYPE", "J3": "WRONG_TYPE"}
+    assert sorted(wh.read("raw_reports")["study_id"]) == ["J2", "J4"]
+    assert set(wh.read("int_labels")["study_id"]) == {"J2", "J4"}  # nothing labeled from an object
+    only_objects = tmp_path / "objects.jsonl"
+    only_objects.write_text(json.dumps(dict(study_id="O1", findings={"x": 1}, impression="Normal chest.")) + "\n"
+                            + json.dumps(dict(study_id="O2", findings={"x": 2}, impression=None)) + "\n")
+    wh2, _ = run_table(tmp_path / "o", only_objects, stages=["ingest"], text_col=None,
+                       findings_col="findings", impression_col="impression")
+    rej = wh2.read("int_rejections")
+    assert dict(rej.select("entity_id", "reason_code").iter_rows()) == {"O1": "WRONG_TYPE", "O2": "WRONG_TYPE"}
+    assert "column 'findings' holds a JSON object or list" in rej["detail"][0]
+
+
+def test_table_ids_are_kept_as_written(tmp_path):
+    rows = [dict(study_id=i, text=f"{GOOD_ROW} ({n})", **{"Pleural Effusion": "1.0"})
+            for n, i in enumerate(["7", "7.0", " 007 ", "007"])]
+    table = tmp_path / "ids.csv"
+    pl.DataFrame(rows).write_csv(table)
+    wh, _ = run_table(tmp_path / "a", table, stages=["ingest", "label"])
+    assert sorted(wh.read("raw_reports")["study_id"]) == sorted([" 007 ", "007", "7", "7.0"])
+    assert wh.read("int_rejections").filter(pl.col("stage") == "ingest").height == 0
+    labels = wh.read("int_labels").filter(pl.col("observation") == "Pleural Effusion")
+    # The table's own label column reaches each id, blanks included (read as the ingest stage read it).
+    assert dict(labels.select("study_id", "source").iter_rows()) == {i: "table" for i in ["7", "7.0", " 007 ", "007"]}
+    trimmed, _ = run_table(tmp_path / "b", table, stages=["ingest"], trim_ids=True)  # only when asked
+    assert sorted(trimmed.read("raw_reports")["study_id"]) == ["007", "7", "7.0"]
+    rej = trimmed.read("int_rejections")
+    assert rej["reason_code"].to_list() == ["DUPLICATE_ID"] and rej["entity_id"].to_list() == ["007"]
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-32"])
+def test_utf16_and_utf32_tables_with_a_bom_are_decoded(tmp_path, encoding):
+    text = GOOD_ROW.replace("normal", "normal \u2014 d\u00e9j\u00e0 vu")
+    bom = {"utf-16": b"", "utf-16-be": b"\xfe\xff", "utf-32": b""}[encoding]
+    csv_path = tmp_path / "u.csv"
+    buf = __import__("io").StringIO()
+    __import__("csv").writer(buf).writerows([["study_id", "text"], ["U1", text], ["U2", text.replace("left", "right")]])
+    csv_path.write_bytes(bom + buf.getvalue().encode(encoding))
+    wh, _ = run_table(tmp_path / "c", csv_path, stages=["ingest"])
+    stored = dict(wh.read("raw_reports").select("study_id", "text").iter_rows())
+    assert stored == {"U1": text, "U2": text.replace("left", "right")}
+    jsonl = tmp_path / "u.jsonl"
+    jsonl.write_bytes(bom + (json.dumps(dict(study_id="J1", text=text), ensure_ascii=False) + "\n").encode(encoding))
+    wh2, _ = run_table(tmp_path / "j", jsonl, stages=["ingest"])
+    assert wh2.read("raw_reports")["text"].to_list() == [text]
+
+
+def test_csv_with_broken_quotes_names_the_line_and_keeps_the_good_rows(tmp_path):
+    good = GOOD_ROW.replace("\n", " ")
+    data = (f'study_id,text\nA,"{good}"\nB,"broken {good}\nC,{good}\n'
+            f'D,"quoted" junk {good}\nE,{good},extra field\nF,"multi\nline {good}"\nG,{good}\n')
+    table = tmp_path / "broken.csv"
+    table.write_text(data)
+    wh, results = run_table(tmp_path / "w", table, stages=["ingest", "label"], batch_size=3)
+    assert sorted(wh.read("raw_reports")["study_id"]) == ["A", "C", "F", "G"]
+    rej = wh.read("int_rejections").filter(pl.col("stage") == "ingest").sort("entity_id")
+    assert set(rej["reason_code"]) == {"MALFORMED_ROW"} and rej.height == 3
+    details = " | ".join(rej["detail"])
+    # B's quote runs on to D's opening quote, so the record starting on line 3 breaks there; reading
+    # resumes on line 4 (C is kept), and D's own quote is broken too.
+    assert "line 3: broken quoting (',' expected after '\"')" in details
+    assert "line 5: broken quoting" in details and "line 6: 3 fields where the header has 2" in details
+    unterminated = tmp_path / "unterminated.csv"
+    unterminated.write_text(f'study_id,text\nA,{good}\nB,"never closed {good}\nC,{good}\n')
+    wh2, _ = run_table(tmp_path / "u", unterminated, stages=["ingest"])
+    assert sorted(wh2.read("raw_reports")["study_id"]) == ["A", "C"]
+    assert "line 3: a quoted field that never closes" in wh2.read("int_rejections")["detail"][0]
+    assert sum(b.inputs for b in results["ingest"]) == 7  # every record accounted for
+
+
+def test_content_errors_print_one_line_without_a_prefect_traceback(tmp_path):
+    """`radchain run` in a real process: a source whose mapping is wrong fails in one line on stderr."""
+    table = tmp_path / "nocol.csv"
+    table.write_text("study_id,body\nA,x\n")
+    env = {**os.environ, "RADCHAIN_HOME": str(tmp_path / "home"), "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--source", str(table), "--stages", "ingest"],
+                          capture_output=True, text=True, timeout=280, env=env, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
+    errors = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    assert errors == ["error: column 'text' not found in nocol.csv; columns are: study_id, body"], proc.stderr
+
+
+# ---- issue 14 item 10: stale downstream rows ---------------------------------------------------------------------
+def _real_jpeg(path: Path) -> Path:
+    from PIL import Image
+
+    Image.new("L", (16, 16), 128).save(path, format="JPEG")
+    return path
+
+
+def _report(finding: str) -> str:
+    return f" FINDINGS: {finding}. Heart size is normal.\n IMPRESSION: {finding}.\n"
+
+
+def test_ingest_of_another_source_clears_what_later_stages_derived_from_its_studies(tmp_path):
+    _real_jpeg(tmp_path / "img.jpg")
+    findings = ["Small left pleural effusion", "Mild pulmonary edema", "Right lower lobe consolidation",
+                "Small right pneumothorax", "Cardiomegaly"]
+    first = tmp_path / "first.csv"
+    pl.DataFrame([dict(study_id=f"S{i}", text=_report(f), image="img.jpg") for i, f in enumerate(findings)]
+                 ).write_csv(first)
+    wh, _ = run_table(tmp_path, first, stages=STAGES + ["datasets"], image_col="image")
+    assert wh.count("int_chains") > 0 and wh.count("int_vqa_samples") > 0
+    kept_labels = wh.read("int_labels").filter(pl.col("study_id") == "S1").sort("observation")
+    # The second source keeps S1 as it was, changes S0's text, drops S2..S4 and adds N1.
+    second = tmp_path / "second.csv"
+    pl.DataFrame([dict(study_id="S0", text=_report("No acute cardiopulmonary process"), image="img.jpg"),
+                  dict(study_id="S1", text=_report(findings[1]), image="img.jpg"),
+                  dict(study_id="N1", text=_report("Large left pleural effusion"), image="img.jpg")]).write_csv(second)
+    wh, _ = run_table(tmp_path, second, stages=["ingest"], image_col="image")
+    current = set(wh.read("raw_reports")["study_id"])
+    assert current == {"S0", "S1", "N1"}
+    for table in ("int_labels", "int_vqa_samples", "int_chains"):
+        studies = set(wh.read(table)["study_id"])
+        assert studies <= {"S1"}, (table, studies)  # nothing of S2..S4 (gone) nor of S0 (changed)
+    samples = wh.read("int_vqa_samples")
+    assert set(samples["prior_study_id"].drop_nulls()) <= {"S1"}
+    assert set(wh.read("int_chain_steps")["sample_id"]) <= set(samples["sample_id"])
+    assert set(wh.read("int_chains")["sample_id"]) <= set(samples["sample_id"])
+    # An unchanged study keeps its rows as they were, lineage included.
+    assert wh.read("int_labels").filter(pl.col("study_id") == "S1").sort("observation").equals(kept_labels)
+    _materializations_match_files(wh)
+    # The rest of the pipeline then builds from current rows only.
+    wh, _ = run_table(tmp_path, second, stages=["label", "tasks", "mine", "datasets"], image_col="image")
+    assert set(wh.read("int_labels")["study_id"]) == current
+    assert set(wh.read("int_chains")["study_id"]) <= current
+    version = wh.read("fct_dataset_versions").sort("built_at")["dataset_version"][-1]
+    sft = wh.read("mart_sft_examples").filter(pl.col("dataset_version") == version)
+    assert set(samples_of(wh, sft["sample_id"])) <= current
+
+
+def samples_of(wh, sample_ids) -> list[str]:
+    return wh.read("int_vqa_samples").filter(pl.col("sample_id").is_in(list(sample_ids)))["study_id"].to_list()
+
+
+def _materializations_match_files(wh) -> None:
+    """Every fct_materializations row names a partition that exists, with its row count."""
+    import pyarrow.parquet as pq
+
+    for table, partition, rows in wh.read("fct_materializations").select("table_name", "partition", "rows").iter_rows():
+        path = wh.table_dir(table) / f"{partition}.parquet"
+        assert path.is_file(), (table, partition)
+        assert pq.read_metadata(path).num_rows == rows, (table, partition)
+
+
+def test_materializations_forget_partitions_a_batch_size_change_deleted(tmp_path):
+    _real_jpeg(tmp_path / "img.jpg")
+    rows = [dict(study_id=f"B{i}", text=_report(f), image="img.jpg")
+            for i, f in enumerate(["Small left pleural effusion", "Mild pulmonary edema", "Cardiomegaly",
+                                   "Small right pneumothorax", "Right lower lobe consolidation", "Lung opacity"])]
+    table = tmp_path / "b.csv"
+    pl.DataFrame(rows).write_csv(table)
+    wh, _ = run_table(tmp_path, table, batch_size=2, stages=STAGES, image_col="image")
+    assert len(wh.partitions("raw_reports")) == 3
+    wh, _ = run_table(tmp_path, table, batch_size=5, stages=STAGES, image_col="image")
+    assert wh.partitions("raw_reports") == ["b00000", "b00001"]
+    mats = wh.read("fct_materializations")
+    assert not mats.filter(pl.col("partition") == "b00002").height, mats.filter(pl.col("partition") == "b00002")
+    _materializations_match_files(wh)
+
+
+def test_tables_markdown_prints(sql_home):
+    """`radchain tables --markdown` used a console it never imported (NameError)."""
+    result = _cli(sql_home["home"], "tables", "--markdown")
+    assert result.exit_code == 0, result.exception
+    assert "| `raw_reports` |" in result.stdout

@@ -27,6 +27,8 @@ def register(app: typer.Typer) -> None:
         split_col: str | None = typer.Option(None, "--split-col", help="table sources: split column"),
         date_col: str | None = typer.Option(None, "--date-col", help="table sources: study date column"),
         image_col: str | None = typer.Option(None, "--image-col", help="table sources: image path column"),
+        trim_ids: bool = typer.Option(False, "--trim-ids", help="table sources: strip blanks around ids "
+                                                                "(default: ids are kept exactly as written)"),
         demo_studies: int = typer.Option(DEMO_STUDIES, help="size of the demo corpus generated when --source is absent"),
         seed: int | None = typer.Option(None, help="sampling seed (default from settings)"),
         batch_size: int | None = typer.Option(None, help="reports per batch (default from settings)"),
@@ -82,7 +84,7 @@ def register(app: typer.Typer) -> None:
         spec = SourceSpec(
             path=source.resolve(), id_col=id_col, text_col=text_col, findings_col=findings_col,
             impression_col=impression_col, patient_col=patient_col, split_col=split_col, date_col=date_col,
-            image_col=image_col,
+            image_col=image_col, trim_ids=trim_ids,
         )
         results = pipeline_flow(source=spec, stages=chosen, options=options)
 

@@ -17,7 +17,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from flows.cli_support import UsageError, clear_errors, console, err_console
+from flows.cli_support import UsageError, cell, clear_errors, console, err_console, table_console
 
 VERSION = "score-v1"
 _MAX_LISTED = 5
@@ -283,10 +283,10 @@ def _print_report(report: Any, title: str) -> None:
         t.add_column(col, justify="right")
     last_task = len(report.per_task) - 2  # the row before "all" closes the per-task section
     for i, r in enumerate(report.per_task):
-        t.add_row(r.task, str(r.n), _fmt(r.accuracy), _fmt(r.completeness), _fmt(r.factuality),
+        t.add_row(cell(r.task), str(r.n), _fmt(r.accuracy), _fmt(r.completeness), _fmt(r.factuality),
                   _fmt(r.effectiveness), _fmt(r.radrscore), str(r.n_unparseable), str(r.n_no_answer),
                   str(r.n_no_gold_chain), end_section=(i == last_task))
-    console.print(t)
+    table_console().print(t)
 
 
 def _write(wh: Any, eval_id: str, report: Any, model: str, checkpoint: str | None, judge: str, path: Path,

@@ -40,6 +40,7 @@ class SourceSpec:
     split_col: str | None = None
     date_col: str | None = None
     image_col: str | None = None
+    trim_ids: bool = False  # table ids are kept as written unless this asks to strip blanks around them
 
 
 @dataclass
