@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
@@ -54,6 +55,14 @@ class LLMSettings(BaseSettings):
     phi_allow_hosts: list[str] = []
     phi_allow_all: bool = False
     phi_enforce_loopback: bool = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without the API key: settings travel inside the run context to every task (and over
+        the network to Dask workers); the key is resolved where a call is made (radchain.secrets)."""
+        state = super().__getstate__()
+        if state["__dict__"].get("api_key") is not None:
+            state = {**state, "__dict__": {**state["__dict__"], "api_key": None}}
+        return state
 
 
 class _CheckedTomlSource(TomlConfigSettingsSource):

@@ -566,3 +566,64 @@ def test_cli_runs_a_messy_table_end_to_end(tmp_path, monkeypatch):
     assert reasons == ["DUPLICATE_ID", "EMPTY", "MISSING_ID", "NO_SECTIONS"]
     images = dict(wh.read("stg_images").select("study_id", "exists").iter_rows())
     assert images["M1"] is False and images["G1"] is True
+
+
+# =========================================================================================================
+# ==== issue 14, items 3-8 (branch harden-ingest): images, instruction-like text, PHI, dead endpoint,   ====
+# ==== SIGKILL of `radchain run`, the API key in the pickled run context                               ====
+# =========================================================================================================
+def write_jpeg(path: Path, size: tuple[int, int] = (48, 40)) -> Path:
+    """A real, decodable JPEG (Pillow)."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("L", size, color=90).save(path, "JPEG")
+    return path
+
+
+# ---- item 8: the API key is in nothing pickled ----------------------------------------------------------
+def test_api_key_is_not_in_the_pickled_run_context_and_is_resolved_at_the_call(tmp_path, monkeypatch):
+    import pickle
+
+    import cloudpickle
+
+    from radchain.settings import LLMSettings, reset_settings_cache
+    from radchain.testing import FakeOpenAIServer
+
+    key = "sk-issue14-" + "q7Zx" * 8
+    monkeypatch.setenv("OPENAI_API_KEY", key)
+    monkeypatch.setenv("RADCHAIN_HOME", str(tmp_path / "home"))
+    reset_settings_cache()
+    try:
+        settings = Settings(home=tmp_path / "home")
+        assert settings.llm.api_key is not None and settings.llm.api_key.get_secret_value() == key
+        ctx = make_context(settings, SourceSpec(path=tmp_path), extractor="llm")
+        for blob in (pickle.dumps(ctx), cloudpickle.dumps(ctx), pickle.dumps(settings), pickle.dumps(settings.llm),
+                     cloudpickle.dumps(LLMSettings()), repr(ctx).encode(), repr(settings).encode()):
+            assert key.encode() not in blob
+        assert ctx.settings.llm.api_key is None and settings.llm.api_key is not None  # the caller's copy is kept
+        restored = pickle.loads(pickle.dumps(settings.llm))
+        assert restored.api_key is None and restored.model == settings.llm.model
+
+        # ... and the mine stage still authenticates: it resolves the key from the environment itself.
+        from extractors.chains.types import MiningInput
+        from flows.stages.mine import _extract_llm
+
+        with FakeOpenAIServer(api_key=key) as server:
+            ctx.settings.llm = ctx.settings.llm.model_copy(update={"base_url": server.base_url,
+                                                                   "requests_per_minute": 0, "tokens_per_minute": 0})
+            sample = dict(sample_id="k1", study_id="1", task="binary", question="Is there a pleural effusion?",
+                          options=["Yes", "No"], answer_letter="A", answer_text="Yes", findings=["Pleural Effusion"],
+                          answer_findings=["Pleural Effusion"], prior_study_id=None)
+            from extractors.chains.types import LabelEvidence
+
+            item = MiningInput(sample=sample, report=" FINDINGS: Small left pleural effusion.\n",
+                               labels={"Pleural Effusion": LabelEvidence("positive", "Small left pleural effusion.",
+                                                                         11, 39)})
+            outcomes = []
+            _extract_llm(ctx, [item], outcomes.append)
+            assert server.requests >= 1
+            assert all(c["error_code"] != "AUTH_FAILED" for o in outcomes for c in o.llm_calls), outcomes
+            assert any(c["status"] == "ok" for o in outcomes for c in o.llm_calls)
+    finally:
+        reset_settings_cache()
