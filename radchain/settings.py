@@ -50,11 +50,10 @@ class LLMSettings(BaseSettings):
     }
     # A Prefect Secret block holding the key, read when OPENAI_API_KEY is not set (radchain.secrets).
     api_key_block: str | None = None
-    # PHI guard (extractors.phi): endpoints (hosts, or host:port) that may receive text the guard
-    # flags, or all of them; loopback endpoints are exempt unless phi_enforce_loopback is set.
+    # PHI guard (extractors.phi), on for every endpoint (loopback ones too): endpoints (hosts, or
+    # host:port) that may receive text the guard flags, or all of them -- the only ways to opt out.
     phi_allow_hosts: list[str] = []
     phi_allow_all: bool = False
-    phi_enforce_loopback: bool = False
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled without the API key: settings travel inside the run context to every task (and over

@@ -293,7 +293,7 @@ def llm_extractor_config(ctx: RunContext) -> dict[str, Any]:
         templates=hashlib.sha256(_canonical(templates).encode()).hexdigest(), model=llm.model,
         temperature=llm.temperature, refine_rounds=llm.refine_rounds, schema=schema_version(ReasoningChain),
         verifier=verifier_fingerprint(),
-        phi=[llm.phi_allow_hosts, llm.phi_allow_all, llm.phi_enforce_loopback,
+        phi=[llm.phi_allow_hosts, llm.phi_allow_all,
              PhiGuard.from_settings(llm).applies_to(llm.base_url)],
     )
 
