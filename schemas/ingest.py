@@ -45,7 +45,8 @@ class Section(TableRecord):
 
 class Image(TableRecord):
     __table__ = "stg_images"
-    __description__ = "Images of each study (JPG/DICOM paths) and whether the file exists."
+    __description__ = ("Images of each study (JPG/PNG/DICOM paths), each opened with Pillow at ingest: status "
+                       "ok/missing/corrupt, width, height, format; exists = usable (status ok).")
     __grain__ = "one image"
     __key__ = ("dicom_id",)
 
@@ -54,7 +55,11 @@ class Image(TableRecord):
     patient_id: str
     path: str
     view_position: str | None = None
-    exists: bool  # the file is there and starts like an image (JPEG/PNG/DICOM signature)
+    exists: bool  # usable: status == "ok"
+    status: str = "ok"  # ok | missing (no such file) | corrupt (there, but Pillow cannot read it: extractors.sources)
+    width: int | None = None  # pixels, from the image header (None for DICOM and unusable files)
+    height: int | None = None
+    format: str | None = None  # JPEG, PNG, DICOM, ...
 
 
 class Study(TableRecord):

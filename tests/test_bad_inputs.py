@@ -397,7 +397,7 @@ INJECTIONS = ["=cmd|' /C calc'!A0", "+SUM(1)", "@SUM(A1)", "-2+3+cmd|' /C calc'!
 
 
 def test_csv_injection_is_stored_and_exported_as_plain_text(tmp_path, monkeypatch):
-    (tmp_path / "img.jpg").write_bytes(b"\xff\xd8\xff")
+    write_jpeg(tmp_path / "img.jpg")
     rows = [dict(study_id=s, text=f"{s}\n{GOOD_ROW}", image="img.jpg") for s in INJECTIONS]
     table = tmp_path / "inj.csv"
     pl.DataFrame(rows).write_csv(table)
@@ -542,7 +542,7 @@ def test_cli_runs_a_messy_table_end_to_end(tmp_path, monkeypatch):
     from radchain.settings import get_settings, reset_settings_cache
     from warehouse import Warehouse
 
-    (tmp_path / "img.jpg").write_bytes(b"\xff\xd8\xff")
+    write_jpeg(tmp_path / "img.jpg")
     rows = [dict(study_id="G1", text=GOOD_ROW, image="img.jpg"),
             dict(study_id="G2", text=GOOD_ROW.replace("left", "right"), image="img.jpg"),
             dict(study_id="", text=GOOD_ROW, image="img.jpg"),
@@ -627,3 +627,88 @@ def test_api_key_is_not_in_the_pickled_run_context_and_is_resolved_at_the_call(t
             assert any(c["status"] == "ok" for o in outcomes for c in o.llm_calls)
     finally:
         reset_settings_cache()
+
+
+# ---- item 3: images that are missing or do not decode never become training data ------------------------
+def test_missing_and_undecodable_images_never_become_training_data(tmp_path):
+    img = tmp_path / "img"
+    write_jpeg(img / "good1.jpg", (64, 48))
+    write_jpeg(img / "good2.jpg", (40, 30))
+    (img / "two-bytes.jpg").write_bytes(b"\xff\xd8")
+    big = write_jpeg(img / "full.jpg", (400, 300)).read_bytes()
+    (img / "truncated.jpg").write_bytes(big[: len(big) // 2])
+    (img / "garbage.png").write_bytes(random.Random(5).randbytes(900))
+    rows = [dict(study_id="G1", text=GOOD_ROW, image="img/good1.jpg"),
+            dict(study_id="G2", text=GOOD_ROW.replace("left", "right"), image="img/good2.jpg"),
+            dict(study_id="G3", text=GOOD_ROW.replace("Small", "Large"), image="img/good1.jpg;img/missing-too.jpg"),
+            dict(study_id="M1", text=GOOD_ROW, image="img/not-there.jpg"),
+            dict(study_id="C1", text=GOOD_ROW, image="img/two-bytes.jpg"),
+            dict(study_id="C2", text=GOOD_ROW, image="img/truncated.jpg"),
+            dict(study_id="C3", text=GOOD_ROW, image="img/garbage.png;img/not-there.jpg")]
+    table = tmp_path / "reports.csv"
+    pl.DataFrame(rows).write_csv(table)
+    wh, results = run_table(tmp_path, table, stages=[*STAGES, "datasets"], id_col="study_id", text_col="text",
+                            image_col="image")
+    images = {r["path"].rsplit("/", 1)[-1]: r for r in wh.read("stg_images").iter_rows(named=True)}
+    assert (images["good1.jpg"]["status"], images["good1.jpg"]["width"], images["good1.jpg"]["height"],
+            images["good1.jpg"]["format"]) == ("ok", 64, 48, "JPEG")
+    assert images["good1.jpg"]["exists"] is True
+    assert images["not-there.jpg"]["status"] == "missing" and images["not-there.jpg"]["exists"] is False
+    for name in ("two-bytes.jpg", "truncated.jpg", "garbage.png"):
+        assert images[name]["status"] == "corrupt" and images[name]["exists"] is False, name
+    assert images["two-bytes.jpg"]["width"] is None
+    # The tasks stage rejects the studies with a reason code; nothing of them reaches a mart.
+    tasks = dict(wh.read("int_rejections").filter(pl.col("stage") == "tasks")
+                 .select("entity_id", "reason_code").iter_rows())
+    assert {k: tasks.get(k) for k in ("M1", "C1", "C2", "C3")} == \
+        {"M1": "IMAGE_MISSING", "C1": "IMAGE_CORRUPT", "C2": "IMAGE_CORRUPT", "C3": "IMAGE_CORRUPT"}
+    samples = wh.read("int_vqa_samples")
+    assert samples.height > 0 and set(samples["study_id"]) <= {"G1", "G2", "G3"}
+    assert all(p.endswith("good1.jpg") or p.endswith("good2.jpg") for ps in samples["image_paths"] for p in ps)
+    sft = wh.read("mart_sft_examples")
+    assert sft.height > 0
+    used = {p.rsplit("/", 1)[-1] for ps in sft["images"].to_list() for p in ps}
+    assert used <= {"good1.jpg", "good2.jpg"}, used
+    study_of = dict(samples.select("sample_id", "study_id").iter_rows())
+    assert {study_of[s] for s in sft["sample_id"]} <= {"G1", "G2", "G3"}
+    # in = out + rejected + skipped for tasks, the unusable studies among the rejected.
+    audit = wh.read("audit_stage_counts").filter(pl.col("stage") == "tasks").row(0, named=True)
+    assert audit["inputs"] == audit["outputs"] + audit["rejected"] + audit["skipped"] and audit["rejected"] >= 4
+
+
+def test_reports_only_mimic_tree_keeps_text_only_samples_but_a_broken_file_is_rejected(tree_run):
+    """A MIMIC tree without any image file (reports only) is text-only data: its samples keep their paths; a
+    file that is there but does not decode is IMAGE_CORRUPT all the same."""
+    wh = tree_run["wh"]
+    assert rejections_of(wh, "59000022").get("tasks") == "IMAGE_CORRUPT"
+    assert wh.read("int_vqa_samples").filter(pl.col("study_id") == "59000022").height == 0
+    statuses = dict(wh.read("stg_images").select("dicom_id", "status").iter_rows())
+    assert statuses["0badf00d-corrupt"] == "corrupt" and statuses["missing-dicom"] == "missing"
+    assert wh.read("int_vqa_samples").height > 0
+
+
+@pytest.mark.parametrize("with_images", [False, True], ids=["no-image-col", "paths-missing"])
+def test_cli_says_why_a_table_run_has_no_samples(tmp_path, monkeypatch, with_images):
+    from flows.cli import app
+    from radchain.settings import reset_settings_cache
+
+    rows = [dict(study_id=f"S{i}", text=GOOD_ROW, image=f"nowhere/{i}.jpg") for i in range(4)]
+    table = tmp_path / "reports.csv"
+    pl.DataFrame(rows).write_csv(table)
+    monkeypatch.setenv("RADCHAIN_HOME", str(tmp_path / "home"))
+    reset_settings_cache()
+    args = ["run", "--source", str(table), "--stages", "ingest,label,tasks", "--extractor", "rules"]
+    try:
+        result = CliRunner().invoke(app, args + (["--image-col", "image"] if with_images else []))
+    finally:
+        reset_settings_cache()
+    out = result.stdout + result.stderr
+    assert result.exit_code == 1, out  # not a silent 0
+    assert "tasks stage built no samples" in " ".join(out.split())
+    if with_images:
+        assert "images: 4 listed, 0 ok, 4 missing, 0 corrupt" in out
+        assert "4 of 4 image files are unusable: 4 do not exist" in " ".join(out.split())
+        assert "IMAGE_MISSING (4)" in " ".join(out.split())
+    else:
+        assert "without --image-col" in " ".join(out.split()) and "NO_IMAGE (4)" in " ".join(out.split())
+

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from flows.cli_support import UsageError, clear_errors, console, print_arrow
+from flows.cli_support import UsageError, clear_errors, console, err_console, print_arrow
 
 DEMO_STUDIES = 400
 
@@ -88,10 +88,23 @@ def register(app: typer.Typer) -> None:
 
         import pyarrow as pa
 
-        from flows.artifacts import stage_count_rows
+        from rich.markup import escape
+
+        from flows.artifacts import image_counts, run_notes, stage_count_rows
+        from warehouse import Warehouse
 
         print_arrow(pa.Table.from_pylist(stage_count_rows(results)), "table", title="radchain run")
+        wh = Warehouse(settings.warehouse_dir)
+        if "ingest" in results:
+            c = image_counts(wh)
+            console.print(f"images: {c['listed']} listed, {c.get('ok', 0)} ok, {c.get('missing', 0)} missing, "
+                          f"{c.get('corrupt', 0)} corrupt")
+        notes = run_notes(wh, spec, results)
+        for note in notes:
+            err_console.print(f"[bold yellow]warning:[/] {escape(note)}", highlight=False, soft_wrap=True)
         console.print(f"warehouse: {settings.duckdb_path}")
+        if any(n.startswith("the tasks stage built no samples") for n in notes):
+            raise typer.Exit(1)  # a run that produced nothing to mine is not a success
         if train:
             from flows.training_flows import train_flow
 

@@ -14,6 +14,7 @@ in fct_materializations.
 from __future__ import annotations
 
 import gc
+import logging
 import re
 import time
 from collections.abc import Iterator
@@ -33,6 +34,7 @@ from extractors.sources import (
     image_rows,
     plan_batches,
     read_batch,
+    source_kind,
     study_attributes,
 )
 from flows.stages.common import BatchResult, RunContext, SourceSpec, record_batch, rejection
@@ -53,6 +55,7 @@ _WORD_RE = re.compile(r"[A-Za-z]{2}")
 # Batch ids of the last plan per run, so finalize knows which partitions are current
 # without walking the source again (it re-plans when run in another process).
 _PLANNED: dict[str, list[str]] = {}
+log = logging.getLogger("radchain.stages.ingest")
 
 
 def _source(ctx: RunContext) -> SourceSpec:
@@ -167,10 +170,25 @@ def finalize(ctx: RunContext) -> BatchResult | None:
 
     reports = wh.scan(RawReport).select("study_id", "patient_id", "source").collect()
     images = image_rows(spec, reports)
+    _warn_about_images(spec, images)
     studies = build_studies(reports, study_attributes(spec), _section_flags(ctx), images)
     lineage = ctx.lineage(FINAL_PARTITION, VERSION)
     wh.write_batch(NAME, FINAL_PARTITION, lineage, {Study: studies, Image: images})
     return None
+
+
+def _warn_about_images(spec: SourceSpec, images: pl.DataFrame) -> None:
+    """Say loudly when image paths do not exist or do not decode, or a table source has no image column."""
+    if source_kind(spec) == "table" and not spec.image_col:
+        log.warning("ingest: the report table has no image column (--image-col): no study has an image, so the "
+                    "tasks stage will build no samples")
+    if images.height:
+        bad = images.filter(~pl.col("exists"))
+        if bad.height:
+            counts = dict(bad.group_by("status").len().iter_rows())
+            log.warning("ingest: %d of %d image files are unusable (%d missing, %d corrupt), e.g. %s",
+                        bad.height, images.height, counts.get("missing", 0), counts.get("corrupt", 0),
+                        bad.sort("path")["path"][0])
 
 
 def _section_flags(ctx: RunContext) -> pl.DataFrame:
