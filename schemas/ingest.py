@@ -4,12 +4,22 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from pydantic import BaseModel, Field
+
 from schemas.base import TableRecord
 
 SECTION_NAMES = (
     "preamble", "examination", "indication", "history", "technique", "comparison",
     "findings", "impression", "addendum", "other",
 )
+
+
+class SuspectSpan(BaseModel):
+    """A sentence of a report that reads like an instruction to a model (extractors.instructions)."""
+
+    start: int  # offsets into raw_reports.text
+    end: int
+    kind: str  # imperative | role | override
 
 
 class RawReport(TableRecord):
@@ -24,6 +34,10 @@ class RawReport(TableRecord):
     text: str
     n_chars: int
     content_hash: str
+    # SUSPECT_INSTRUCTION when the report holds instruction-like sentences (the report is kept, flagged;
+    # the label and mine stages read it with those sentences blanked out).
+    flags: list[str] = Field(default_factory=list)
+    suspect_spans: list[SuspectSpan] = Field(default_factory=list)
 
 
 class Section(TableRecord):

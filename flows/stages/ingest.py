@@ -23,6 +23,8 @@ from contextlib import contextmanager
 import polars as pl
 import pyarrow as pa
 
+from extractors.instructions import FLAG as INSTRUCTION_FLAG
+from extractors.instructions import find_instructions
 from extractors.language import looks_english
 from extractors.sections import parse_sections
 from extractors.sources import (
@@ -137,6 +139,8 @@ def _parse(read: ReportBatch) -> tuple[pa.Table, pa.Table, list[dict]]:
         picked = ReportBatch(read.batch_id, read.inputs)
         for i in keep:
             picked.add(read.study_id[i], read.patient_id[i], read.source[i], read.text[i], read.content_hash[i])
+    suspects = [find_instructions(t) for t in picked.text]  # instruction-like sentences: flagged, kept
+    span_type = RawReport.arrow_schema().field("suspect_spans").type
     reports = pa.table({
         "study_id": pa.array(picked.study_id, pa.string()),
         "patient_id": pa.array(picked.patient_id, pa.string()),
@@ -144,6 +148,9 @@ def _parse(read: ReportBatch) -> tuple[pa.Table, pa.Table, list[dict]]:
         "text": pa.array(picked.text, pa.string()),
         "n_chars": pa.array([len(t) for t in picked.text], pa.int64()),
         "content_hash": pa.array(picked.content_hash, pa.string()),
+        "flags": pa.array([[INSTRUCTION_FLAG] if sp else [] for sp in suspects], pa.list_(pa.string())),
+        "suspect_spans": pa.array([[dict(start=x.start, end=x.end, kind=x.kind) for x in sp] for sp in suspects],
+                                  span_type),
     })
     sections = pa.table({
         # Readable and deterministic: the same report always yields the same ids.

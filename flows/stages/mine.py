@@ -32,6 +32,7 @@ from typing import Any
 import polars as pl
 
 from extractors.chains.types import LabelEvidence, MiningInput, MiningOutcome
+from extractors.instructions import mask_instructions
 from flows.stages.common import BatchResult, RunContext, record_batch, rejection
 from schemas.audit import StageCount
 from schemas.base import Lineage, stable_id
@@ -89,10 +90,12 @@ def load_inputs(ctx: RunContext, sample_ids: Iterable[str]) -> tuple[list[Mining
     ids = list(sample_ids)
     samples = ctx.warehouse.scan("int_vqa_samples").filter(pl.col("sample_id").is_in(ids)).collect()
     study_ids = set(samples["study_id"].to_list()) | set(x for x in samples["prior_study_id"].to_list() if x)
-    reports = dict(
-        ctx.warehouse.scan("raw_reports").filter(pl.col("study_id").is_in(list(study_ids)))
-        .select("study_id", "text").collect().iter_rows()
-    )
+    raw = ctx.warehouse.scan("raw_reports").filter(pl.col("study_id").is_in(list(study_ids)))
+    has_spans = "suspect_spans" in raw.collect_schema().names()
+    # Instruction-like sentences (ingest: raw_reports.suspect_spans) are blanked out, offsets kept: the LLM
+    # never reads them and no evidence quote can cite them (extractors.instructions).
+    reports = {sid: mask_instructions(text, spans) for sid, text, spans in raw.select(
+        "study_id", "text", "suspect_spans" if has_spans else pl.lit(None).alias("suspect_spans")).collect().iter_rows()}
     labels = _labels_by_study(
         ctx.warehouse.scan("int_labels").filter(pl.col("study_id").is_in(list(study_ids))).collect()
     )
