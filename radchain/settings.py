@@ -40,6 +40,11 @@ class LLMSettings(BaseSettings):
     # jitter; a Retry-After header from the server takes precedence.
     backoff_initial_s: float = 1.0
     backoff_max_s: float = 30.0
+    # Circuit breaker (extractors.llm.client): after this many consecutive attempts that cannot reach the
+    # endpoint, the mine stage stops and the run fails (0: never). A batch of at least preflight_min_samples
+    # samples first sends one GET /models (0: never), so a dead endpoint fails the stage in seconds.
+    breaker_failures: int = 8
+    preflight_min_samples: int = 20
     refine_rounds: int = 2
     temperature: float = 0.0
     # USD per 1M tokens (input, output); a user edits this for their model.

@@ -850,3 +850,128 @@ def test_instruction_and_phi_never_reach_the_llm_and_a_model_quoting_the_instruc
     for s in w1:  # quoted the blanked sentence: not found in the report the verifier checks against
         assert s not in set(chains["sample_id"]) and "EVIDENCE_NOT_FOUND" in rejected.get(s, ""), rejected.get(s)
     assert set(chains["study_id"]) & {"G1", "G2", "G3", "G4"}
+
+
+# ---- item 6: a dead LLM endpoint fails the run fast -----------------------------------------------------
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed on exit: connections are refused
+
+
+def test_circuit_breaker_stops_requests_to_a_dead_endpoint():
+    import asyncio
+
+    from extractors.llm import LLMClient
+    from radchain.settings import LLMSettings
+    from schemas.chains import ReasoningChain
+
+    settings = LLMSettings().model_copy(update={"base_url": f"http://127.0.0.1:{_closed_port()}/v1",
+                                                "breaker_failures": 3, "max_attempts": 6, "max_concurrency": 4,
+                                                "requests_per_minute": 0, "tokens_per_minute": 0})
+
+    async def go():
+        async with LLMClient(settings, backoff_initial_s=0.05, backoff_max_s=0.1) as client:
+            results = await asyncio.gather(*[
+                client.complete_structured([{"role": "user", "content": f"report {i}"}], schema=ReasoningChain,
+                                           stage="single", sample_id=f"s{i}", prompt_version="t") for i in range(20)])
+            return client, results
+
+    t0 = time.perf_counter()
+    client, results = asyncio.run(go())
+    assert time.perf_counter() - t0 < 10
+    assert client.circuit_open and client.breaker_refused > 0
+    attempts = sum(c["attempts"] for r in results for c in r.calls)
+    assert attempts <= 3 + 4  # the threshold plus what was already in flight, not 20 x 6
+    assert {r.error_code for r in results} <= {"CONNECTION", "ENDPOINT_DOWN"} and any(
+        r.error_code == "ENDPOINT_DOWN" for r in results)
+
+    async def preflight():
+        async with LLMClient(settings.model_copy(update={"breaker_failures": 0})) as c:
+            return await c.preflight(), c.circuit_open
+
+    assert asyncio.run(preflight()) == ("CONNECTION", True)
+
+
+@pytest.fixture(scope="module")
+def mined_table(tmp_path_factory):
+    """A report table through ingest, label, tasks (rules): enough samples for several mine batches."""
+    root = tmp_path_factory.mktemp("breaker")
+    write_jpeg(root / "img" / "a.jpg")
+    findings = ["Small left pleural effusion.", "Moderate cardiomegaly.", "Right lower lobe consolidation.",
+                "Mild pulmonary edema.", "Right pneumothorax.", "No acute process. Lungs are clear."]
+    rows = [dict(study_id=f"B{i:03d}", patient=f"P{i:03d}", image="img/a.jpg",
+                 text=f" FINDINGS: {findings[i % 6]} Heart size is normal.\n IMPRESSION: {findings[(i + 1) % 6]}\n")
+            for i in range(30)]
+    table = root / "reports.csv"
+    pl.DataFrame(rows).write_csv(table)
+    wh, _ = run_table(root, table, batch_size=10, stages=["ingest", "label", "tasks"], id_col="study_id",
+                      text_col="text", image_col="image", patient_col="patient")
+    assert wh.count("int_vqa_samples") > 20 and len(wh.partitions("raw_reports")) == 3
+    return root
+
+
+def test_mine_stops_when_the_endpoint_dies_and_keeps_completed_batches(mined_table, tmp_path):
+    from flows.stages import mine
+    from radchain.testing import FakeOpenAIServer, llm_settings_for
+    from radchain.testing.chain_responder import ChainResponder
+    from warehouse import Warehouse
+
+    shutil.copytree(mined_table / "home" / "warehouse", tmp_path / "home" / "warehouse")
+    wh = Warehouse(tmp_path / "home" / "warehouse")
+    server = FakeOpenAIServer(responder=ChainResponder.from_warehouse(wh).warm()).start()
+    settings = Settings(home=tmp_path / "home", batch_size=10)
+    settings.llm = llm_settings_for(server, requests_per_minute=0, tokens_per_minute=0, breaker_failures=4,
+                                    preflight_min_samples=0, backoff_initial_s=0.05, backoff_max_s=0.1)
+    ctx = make_context(settings, SourceSpec(path=mined_table / "reports.csv"), extractor="llm", show_progress=False)
+    done = []
+
+    def batch_runner(stage, c, batch):
+        if done:
+            server.stop()  # the endpoint dies after the first batch
+        result = mine.run_batch(c, batch)
+        done.append(batch["batch_id"])
+        return result
+
+    t0 = time.perf_counter()
+    try:
+        with pytest.raises(mine.LLMEndpointDown) as info:
+            run_stages(ctx, ["mine"], batch_runner=batch_runner)
+    finally:
+        server.stop()
+    assert time.perf_counter() - t0 < 60
+    message = str(info.value)
+    assert "unreachable" in message and "breaker_failures=4" in message and "\n" not in message
+    # The first batch's chains and audit row are kept; the dead batch wrote nothing half-done.
+    assert len(done) == 1
+    assert wh.partitions("int_chains") == done and wh.count("int_chains") > 0
+    audit = wh.read("audit_stage_counts").filter(pl.col("stage") == "mine")
+    assert audit["batch_id"].to_list() == done
+
+
+def test_cli_run_against_a_closed_port_fails_in_seconds_with_one_line(mined_table, tmp_path, monkeypatch):
+    from flows.cli import app
+    from radchain.settings import reset_settings_cache
+    from warehouse import Warehouse
+
+    shutil.copytree(mined_table / "home" / "warehouse", tmp_path / "home" / "warehouse")
+    monkeypatch.setenv("RADCHAIN_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("OPENAI_BASE_URL", f"http://127.0.0.1:{_closed_port()}/v1")
+    monkeypatch.setenv("RADCHAIN_LLM_PREFLIGHT_MIN_SAMPLES", "5")
+    reset_settings_cache()
+    before = Warehouse(tmp_path / "home" / "warehouse").count("int_vqa_samples")
+    t0 = time.perf_counter()
+    try:
+        result = CliRunner().invoke(app, ["run", "--source", str(mined_table / "reports.csv"), "--stages", "mine",
+                                          "--extractor", "llm", "--batch-size", "10"])
+    finally:
+        reset_settings_cache()
+    elapsed = time.perf_counter() - t0
+    assert result.exit_code == 1, (result.exception, result.stdout, result.stderr)
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "run failed" in lines[0] and "unreachable" in lines[0], result.stderr
+    assert elapsed < 90, elapsed  # Prefect's temporary server included; before: 168 calls x 6 attempts, 210 s
+    wh = Warehouse(tmp_path / "home" / "warehouse")
+    assert wh.count("int_vqa_samples") == before  # the earlier stages' work is untouched

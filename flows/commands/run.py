@@ -84,7 +84,18 @@ def register(app: typer.Typer) -> None:
             impression_col=impression_col, patient_col=patient_col, split_col=split_col, date_col=date_col,
             image_col=image_col,
         )
-        results = pipeline_flow(source=spec, stages=chosen, options=options)
+        from flows.stages.mine import LLMEndpointDown
+
+        try:
+            results = pipeline_flow(source=spec, stages=chosen, options=options)
+        except LLMEndpointDown as e:  # the circuit breaker stopped the mine stage: one line, exit code 1
+            from rich.markup import escape
+
+            from flows.cli_support import one_line
+
+            err_console.print(f"[bold red]error:[/] run failed: {escape(one_line(str(e)))}", highlight=False,
+                              soft_wrap=True)
+            raise typer.Exit(1) from None
 
         import pyarrow as pa
 

@@ -161,11 +161,15 @@ def _extract_llm(ctx: RunContext, items: list[MiningInput], done: Callable[[Mini
 
     llm = with_api_key(ctx.settings.llm)  # the key lives in this copy only, never in ctx.settings
     guard = PhiGuard.from_settings(llm)  # in front of every request (refine and repair calls too)
+    breaker: dict[str, Any] = {}
 
     async def run_all() -> None:
         cache = SQLiteResponseCache.from_settings(ctx.settings)
         async with LLMClient(llm, cache=cache, request_guard=guard, backoff_initial_s=llm.backoff_initial_s,
                              backoff_max_s=llm.backoff_max_s, call_log=call_log) as client:
+            breaker["client"] = client  # issue 14: circuit breaker + preflight (see LLMEndpointDown)
+            if llm.preflight_min_samples and len(items) >= llm.preflight_min_samples:
+                await client.preflight()
             extractor = LLMChainExtractor(client, protocol=ctx.options.get("protocol") or llm.protocol,
                                           prompt_version=ctx.options.get("prompt_version"))
 
@@ -178,6 +182,17 @@ def _extract_llm(ctx: RunContext, items: list[MiningInput], done: Callable[[Mini
     # Slots of the global "llm-calls" limit (created by `radchain serve`), shared by every worker.
     with llm_slots(min(len(items), llm.max_concurrency), ctx.settings):
         asyncio.run(run_all())
+    client = breaker.get("client")
+    if client is not None and client.circuit_open and (client.breaker_refused or client.connection_failures):
+        raise LLMEndpointDown(
+            f"the LLM endpoint {llm.base_url or 'api.openai.com'} is unreachable "
+            f"({client.connection_failures} consecutive connection failures, llm.breaker_failures="
+            f"{llm.breaker_failures}): the mine stage stopped; completed batches and cached answers are kept, "
+            "re-run when the endpoint is back")
+
+
+class LLMEndpointDown(RuntimeError):
+    """The circuit breaker opened: the mine stage stops and the run fails with this one-line message."""
 
 
 def _phi_outcome(outcome: MiningOutcome, guard: Any, base_url: str | None) -> MiningOutcome:
