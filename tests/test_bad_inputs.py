@@ -975,3 +975,54 @@ def test_cli_run_against_a_closed_port_fails_in_seconds_with_one_line(mined_tabl
     assert elapsed < 90, elapsed  # Prefect's temporary server included; before: 168 calls x 6 attempts, 210 s
     wh = Warehouse(tmp_path / "home" / "warehouse")
     assert wh.count("int_vqa_samples") == before  # the earlier stages' work is untouched
+
+
+# ---- item 7: SIGKILL of `radchain run` leaves no Prefect server behind ------------------------------------
+def test_sigkill_of_radchain_run_leaves_no_orphan_server(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    from extractors.synthetic import generate_corpus
+
+    generate_corpus(tmp_path / "corpus", studies=60, seed=3, images=False)
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "OPENAI_BASE_URL")}
+    env.update(RADCHAIN_HOME=str(tmp_path / "home"), PREFECT_HOME=str(tmp_path / "prefect"),
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    cmd = [sys.executable, "-m", "flows.cli", "run", "--source", str(tmp_path / "corpus"), "--extractor", "rules",
+           "--stages", "ingest,label,tasks,mine"]
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def alive(p: psutil.Process) -> bool:
+        try:
+            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    server = None
+    try:
+        deadline = time.monotonic() + 120
+        while server is None and time.monotonic() < deadline and proc.poll() is None:
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                try:
+                    if "uvicorn" in " ".join(child.cmdline()):
+                        server = child
+                except psutil.Error:
+                    pass
+            time.sleep(0.1)
+        assert server is not None, "the run started no temporary Prefect server"
+        time.sleep(1.0)  # let the watchdog record it
+        os.kill(proc.pid, signal.SIGKILL)  # the run only, not its process group
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while alive(server) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not alive(server), f"orphaned Prefect server pid {server.pid} survived the SIGKILL of its parent"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        if server is not None and alive(server):  # never leave a server behind, whatever happened
+            server.kill()

@@ -84,8 +84,10 @@ def register(app: typer.Typer) -> None:
             impression_col=impression_col, patient_col=patient_col, split_col=split_col, date_col=date_col,
             image_col=image_col,
         )
+        from flows.lifeline import start_reaper
         from flows.stages.mine import LLMEndpointDown
 
+        start_reaper()  # Prefect's temporary server (and a local Dask cluster) die with this process, SIGKILL too
         try:
             results = pipeline_flow(source=spec, stages=chosen, options=options)
         except LLMEndpointDown as e:  # the circuit breaker stopped the mine stage: one line, exit code 1
