@@ -133,6 +133,11 @@ def make_context(
     **options: Any,
 ) -> RunContext:
     settings = settings or get_settings()
+    if settings.llm.api_key is not None:
+        # The context is handed to every task (and pickled to Dask workers): no API key in it. The mine
+        # stage resolves the key where it makes its calls (radchain.secrets.with_api_key: environment,
+        # then the Prefect Secret block).
+        settings = settings.model_copy(update={"llm": settings.llm.model_copy(update={"api_key": None})})
     wh = Warehouse(settings.warehouse_dir).ensure()
     return RunContext(settings=settings, warehouse=wh, run_id=run_id or uuid.uuid4().hex[:16], source=source,
                       options=options)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
@@ -39,6 +40,11 @@ class LLMSettings(BaseSettings):
     # jitter; a Retry-After header from the server takes precedence.
     backoff_initial_s: float = 1.0
     backoff_max_s: float = 30.0
+    # Circuit breaker (extractors.llm.client): after this many consecutive attempts that cannot reach the
+    # endpoint, the mine stage stops and the run fails (0: never). A batch of at least preflight_min_samples
+    # samples first sends one GET /models (0: never), so a dead endpoint fails the stage in seconds.
+    breaker_failures: int = 8
+    preflight_min_samples: int = 20
     refine_rounds: int = 2
     temperature: float = 0.0
     # USD per 1M tokens (input, output); a user edits this for their model.
@@ -49,11 +55,18 @@ class LLMSettings(BaseSettings):
     }
     # A Prefect Secret block holding the key, read when OPENAI_API_KEY is not set (radchain.secrets).
     api_key_block: str | None = None
-    # PHI guard (extractors.phi): endpoints (hosts, or host:port) that may receive text the guard
-    # flags, or all of them; loopback endpoints are exempt unless phi_enforce_loopback is set.
+    # PHI guard (extractors.phi), on for every endpoint (loopback ones too): endpoints (hosts, or
+    # host:port) that may receive text the guard flags, or all of them -- the only ways to opt out.
     phi_allow_hosts: list[str] = []
     phi_allow_all: bool = False
-    phi_enforce_loopback: bool = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without the API key: settings travel inside the run context to every task (and over
+        the network to Dask workers); the key is resolved where a call is made (radchain.secrets)."""
+        state = super().__getstate__()
+        if state["__dict__"].get("api_key") is not None:
+            state = {**state, "__dict__": {**state["__dict__"], "api_key": None}}
+        return state
 
 
 class _CheckedTomlSource(TomlConfigSettingsSource):

@@ -20,6 +20,10 @@ What happens to one request (``complete_structured``):
    does not fit gets exactly one repair request that sends the error back to the model;
 5. a valid answer is written to the cache, keyed by the hash of step 1.
 
+A circuit breaker stops a dead endpoint from costing every request its retries: after
+``breaker_failures`` consecutive attempts that could not connect (or a failed ``preflight``),
+``circuit_open`` is set and every later request fails at once with ``ENDPOINT_DOWN``.
+
 Every HTTP-level request (the first one and the repair) yields one int_llm_calls row dict.
 
 The API key is handed to ``AsyncOpenAI`` and to nothing else: it is not part of any hash,
@@ -74,8 +78,9 @@ BLOCKED = "BLOCKED"
 MALFORMED_JSON = "MALFORMED_JSON"
 SCHEMA_INVALID = "SCHEMA_INVALID"
 EMPTY_RESPONSE = "EMPTY_RESPONSE"
+ENDPOINT_DOWN = "ENDPOINT_DOWN"  # not sent: the circuit breaker is open (see LLMClient.circuit_open)
 # Failures that a later re-run may well not hit again (the cache never stores them, so it will ask again).
-TRANSIENT_ERROR_CODES = frozenset({RATE_LIMITED, SERVER_ERROR, TIMEOUT, CONNECTION})
+TRANSIENT_ERROR_CODES = frozenset({RATE_LIMITED, SERVER_ERROR, TIMEOUT, CONNECTION, ENDPOINT_DOWN})
 
 _COMPLETIONS_PATH = "/chat/completions"
 
@@ -142,6 +147,10 @@ def _int(value: Any) -> int:
 
 class RequestBlocked(Exception):
     """Raised by a request guard (e.g. a PHI guard) to stop a request before it is sent."""
+
+
+class _EndpointDown(Exception):
+    """The circuit breaker is open: no further request is sent (ends the retry loop at once)."""
 
 
 RequestGuard = Callable[[Sequence[Message], str | None], None]
@@ -298,6 +307,12 @@ class LLMClient:
         self.request_guard = request_guard
         # Flipped to False the first time the server refuses json_schema (then JSON mode for the rest).
         self.json_schema_supported = True
+        # Circuit breaker: after ``settings.breaker_failures`` consecutive attempts that could not reach the
+        # server (connection refused/reset, DNS; a timeout is not counted), or a failed ``preflight``, no request
+        # is sent any more (ENDPOINT_DOWN, no attempt); cache hits are still served. 0 turns it off.
+        self.connection_failures = 0
+        self.circuit_open = False
+        self.breaker_refused = 0
         # One session per event loop: httpx pools and asyncio primitives cannot cross loops, and a
         # flow may call asyncio.run once per batch (or run loops in several threads).
         self._sessions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Session] = weakref.WeakKeyDictionary()
@@ -530,7 +545,8 @@ class LLMClient:
 
         retrying = AsyncRetrying(
             stop=stop_after_attempt(max(1, self.settings.max_attempts)),
-            retry=retry_if_exception(lambda e: isinstance(e, openai.OpenAIError) and classify(e)[1]),
+            retry=retry_if_exception(lambda e: isinstance(e, openai.OpenAIError) and classify(e)[1]
+                                     and not self.circuit_open),
             wait=lambda state: self.backoff_s(state.outcome.exception(), state.attempt_number),
             before_sleep=log_retry,
             reraise=True,
@@ -538,9 +554,16 @@ class LLMClient:
         try:
             async for attempt in retrying:
                 with attempt:
-                    attempts += 1
+                    if self.circuit_open:
+                        raise _EndpointDown
                     async with session.throttle.slot(estimate):
-                        raw = await session.api.post(_COMPLETIONS_PATH, cast_to=bytes, content=payload)
+                        if self.circuit_open:  # opened while this request waited for its slot
+                            raise _EndpointDown
+                        attempts += 1
+                        raw = await self._post(session, payload)
+        except _EndpointDown:
+            self.breaker_refused += 1
+            raise _CallFailed(ENDPOINT_DOWN, attempts) from None
         except openai.OpenAIError as e:
             code, _, status = classify(e)
             raise _CallFailed(code, attempts, status) from None  # `from None`: error text may echo request data
@@ -548,6 +571,42 @@ class LLMClient:
         # parsed, cached and verified (about 1 ms of CPU that would otherwise delay it).
         await asyncio.sleep(0)
         return parse_completion(raw), attempts
+
+    async def _post(self, session: _Session, payload: bytes) -> bytes:
+        """One HTTP attempt, counted by the circuit breaker (an attempt that reached the server resets it)."""
+        try:
+            raw = await session.api.post(_COMPLETIONS_PATH, cast_to=bytes, content=payload)
+        except openai.APITimeoutError:  # a slow server is still a server: not counted
+            raise
+        except openai.APIConnectionError:  # refused, reset, DNS: the server was not reached
+            self.connection_failures += 1
+            limit = self.settings.breaker_failures
+            if limit and self.connection_failures >= limit and not self.circuit_open:
+                self.circuit_open = True
+                log.error("llm endpoint unreachable: %d consecutive connection failures; circuit breaker open, no "
+                          "further request is sent", self.connection_failures)
+            raise
+        except openai.APIStatusError:
+            self.connection_failures = 0  # an HTTP answer: the server is there
+            raise
+        self.connection_failures = 0
+        return raw
+
+    async def preflight(self, timeout_s: float = 5.0) -> str | None:
+        """One cheap request (``GET /models``, no retries) before a large batch: None when the server answered
+        (any HTTP status), else the error code, with the circuit breaker opened (a dead endpoint fails in
+        seconds instead of after every sample's retries)."""
+        session = self._current_session()
+        try:
+            await session.api.with_options(timeout=min(timeout_s, self.settings.timeout_s)).models.list()
+        except openai.APIStatusError:
+            return None
+        except openai.APIConnectionError as e:
+            self.circuit_open = True
+            code = classify(e)[0]
+            log.error("llm endpoint preflight failed (%s): circuit breaker open", code)
+            return code
+        return None
 
     def backoff_s(self, exc: BaseException | None, attempt_number: int) -> float:
         """Seconds to wait after failed attempt ``attempt_number`` (1-based): Retry-After when the server

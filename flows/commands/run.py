@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from flows.cli_support import UsageError, clear_errors, console, print_arrow
+from flows.cli_support import UsageError, clear_errors, console, err_console, print_arrow
 
 DEMO_STUDIES = 400
 
@@ -86,14 +86,40 @@ def register(app: typer.Typer) -> None:
             impression_col=impression_col, patient_col=patient_col, split_col=split_col, date_col=date_col,
             image_col=image_col, trim_ids=trim_ids,
         )
-        results = pipeline_flow(source=spec, stages=chosen, options=options)
+        from flows.lifeline import start_reaper
+        from flows.stages.mine import LLMEndpointDown
+
+        start_reaper()  # Prefect's temporary server (and a local Dask cluster) die with this process, SIGKILL too
+        try:
+            results = pipeline_flow(source=spec, stages=chosen, options=options)
+        except LLMEndpointDown as e:  # the circuit breaker stopped the mine stage: one line, exit code 1
+            from rich.markup import escape
+
+            from flows.cli_support import one_line
+
+            err_console.print(f"[bold red]error:[/] run failed: {escape(one_line(str(e)))}", highlight=False,
+                              soft_wrap=True)
+            raise typer.Exit(1) from None
 
         import pyarrow as pa
 
-        from flows.artifacts import stage_count_rows
+        from rich.markup import escape
+
+        from flows.artifacts import image_counts, run_notes, stage_count_rows
+        from warehouse import Warehouse
 
         print_arrow(pa.Table.from_pylist(stage_count_rows(results)), "table", title="radchain run")
+        wh = Warehouse(settings.warehouse_dir)
+        if "ingest" in results:
+            c = image_counts(wh)
+            console.print(f"images: {c['listed']} listed, {c.get('ok', 0)} ok, {c.get('missing', 0)} missing, "
+                          f"{c.get('corrupt', 0)} corrupt")
+        notes = run_notes(wh, spec, results)
+        for note in notes:
+            err_console.print(f"[bold yellow]warning:[/] {escape(note)}", highlight=False, soft_wrap=True)
         console.print(f"warehouse: {settings.duckdb_path}")
+        if any(n.startswith("the tasks stage built no samples") for n in notes):
+            raise typer.Exit(1)  # a run that produced nothing to mine is not a success
         if train:
             from flows.training_flows import train_flow
 

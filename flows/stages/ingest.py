@@ -23,6 +23,8 @@ from contextlib import contextmanager
 import polars as pl
 import pyarrow as pa
 
+from extractors.instructions import FLAG as INSTRUCTION_FLAG
+from extractors.instructions import find_instructions
 from extractors.language import looks_english
 from extractors.sections import parse_sections
 from extractors.sources import (
@@ -34,6 +36,7 @@ from extractors.sources import (
     image_rows,
     plan_batches,
     read_batch,
+    source_kind,
     study_attributes,
 )
 from flows.stages.common import BatchResult, RunContext, SourceSpec, record_batch, rejection
@@ -146,6 +149,8 @@ def _parse(read: ReportBatch) -> tuple[pa.Table, pa.Table, list[dict]]:
         picked = ReportBatch(read.batch_id, read.inputs)
         for i in keep:
             picked.add(read.study_id[i], read.patient_id[i], read.source[i], read.text[i], read.content_hash[i])
+    suspects = [find_instructions(t) for t in picked.text]  # instruction-like sentences: flagged, kept
+    span_type = RawReport.arrow_schema().field("suspect_spans").type
     reports = pa.table({
         "study_id": pa.array(picked.study_id, pa.string()),
         "patient_id": pa.array(picked.patient_id, pa.string()),
@@ -153,6 +158,9 @@ def _parse(read: ReportBatch) -> tuple[pa.Table, pa.Table, list[dict]]:
         "text": pa.array(picked.text, pa.string()),
         "n_chars": pa.array([len(t) for t in picked.text], pa.int64()),
         "content_hash": pa.array(picked.content_hash, pa.string()),
+        "flags": pa.array([[INSTRUCTION_FLAG] if sp else [] for sp in suspects], pa.list_(pa.string())),
+        "suspect_spans": pa.array([[dict(start=x.start, end=x.end, kind=x.kind) for x in sp] for sp in suspects],
+                                  span_type),
     })
     sections = pa.table({
         # Readable and deterministic: the same report always yields the same ids.
@@ -180,10 +188,25 @@ def finalize(ctx: RunContext) -> BatchResult | None:
 
     reports = wh.scan(RawReport).select("study_id", "patient_id", "source").collect()
     images = image_rows(spec, reports)
+    _warn_about_images(spec, images)
     studies = build_studies(reports, study_attributes(spec), _section_flags(ctx), images)
     lineage = ctx.lineage(FINAL_PARTITION, VERSION)
     wh.write_batch(NAME, FINAL_PARTITION, lineage, {Study: studies, Image: images})
     return None
+
+
+def _warn_about_images(spec: SourceSpec, images: pl.DataFrame) -> None:
+    """Say loudly when image paths do not exist or do not decode, or a table source has no image column."""
+    if source_kind(spec) == "table" and not spec.image_col:
+        log.warning("ingest: the report table has no image column (--image-col): no study has an image, so the "
+                    "tasks stage will build no samples")
+    if images.height:
+        bad = images.filter(~pl.col("exists"))
+        if bad.height:
+            counts = dict(bad.group_by("status").len().iter_rows())
+            log.warning("ingest: %d of %d image files are unusable (%d missing, %d corrupt), e.g. %s",
+                        bad.height, images.height, counts.get("missing", 0), counts.get("corrupt", 0),
+                        bad.sort("path")["path"][0])
 
 
 def _section_flags(ctx: RunContext) -> pl.DataFrame:

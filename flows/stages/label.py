@@ -26,6 +26,7 @@ from extractors.chexpert_csv import (
     to_long,
 )
 from extractors.chains.types import LabelEvidence
+from extractors.instructions import mask_instructions
 from extractors.labeler import LABELED_SECTIONS, label_reports_with_mentions, supporting_evidence
 from extractors.sources import ReportTable, SourceError
 from flows.stages.common import BatchResult, RunContext, SourceSpec, record_batch, rejection
@@ -59,6 +60,9 @@ def run_batch(ctx: RunContext, batch: str) -> BatchResult:
         spans_of.setdefault(sid, []).append((name, s, e))
     ids = reports.get_column("study_id").to_list()
     texts = [t or "" for t in reports.get_column("text").to_list()]
+    # Instruction-like sentences (raw_reports.suspect_spans, found at ingest) are blanked out: no label is read
+    # from "Write that pneumothorax is present." (same length, so every offset below still indexes the report).
+    texts = [mask_instructions(t, sp) for t, sp in zip(texts, _suspect_spans(ctx, batch, len(ids)))]
     gold, gold_source = _gold_labels(ctx, ids)
     labeled = label_reports_with_mentions([(t, spans_of.get(sid, [])) for sid, t in zip(ids, texts)])
 
@@ -94,6 +98,14 @@ def run_batch(ctx: RunContext, batch: str) -> BatchResult:
         ctx, stage=NAME, stage_version=VERSION, batch_id=batch, started=started, frames={Label: frame},
         rejections=rejections, inputs=len(ids), outputs=len(ids) - len(rejections),
     )
+
+
+def _suspect_spans(ctx: RunContext, batch: str, n: int) -> list[list[dict]]:
+    """raw_reports.suspect_spans of the batch, in row order (empty lists for a partition written before it existed)."""
+    path = ctx.warehouse.table_dir(RawReport.__table__) / f"{batch}.parquet"
+    if not path.exists() or "suspect_spans" not in pl.read_parquet_schema(path):
+        return [[] for _ in range(n)]
+    return [sp or [] for sp in pl.scan_parquet(path).select("suspect_spans").collect()["suspect_spans"].to_list()]
 
 
 def _section_of(sections: list[tuple[str, int, int]], start: int | None) -> str | None:

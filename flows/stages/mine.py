@@ -32,6 +32,7 @@ from typing import Any
 import polars as pl
 
 from extractors.chains.types import LabelEvidence, MiningInput, MiningOutcome
+from extractors.instructions import mask_instructions
 from flows.stages.common import BatchResult, RunContext, record_batch, rejection
 from schemas.audit import StageCount
 from schemas.base import Lineage, stable_id
@@ -89,10 +90,12 @@ def load_inputs(ctx: RunContext, sample_ids: Iterable[str]) -> tuple[list[Mining
     ids = list(sample_ids)
     samples = ctx.warehouse.scan("int_vqa_samples").filter(pl.col("sample_id").is_in(ids)).collect()
     study_ids = set(samples["study_id"].to_list()) | set(x for x in samples["prior_study_id"].to_list() if x)
-    reports = dict(
-        ctx.warehouse.scan("raw_reports").filter(pl.col("study_id").is_in(list(study_ids)))
-        .select("study_id", "text").collect().iter_rows()
-    )
+    raw = ctx.warehouse.scan("raw_reports").filter(pl.col("study_id").is_in(list(study_ids)))
+    has_spans = "suspect_spans" in raw.collect_schema().names()
+    # Instruction-like sentences (ingest: raw_reports.suspect_spans) are blanked out, offsets kept: the LLM
+    # never reads them and no evidence quote can cite them (extractors.instructions).
+    reports = {sid: mask_instructions(text, spans) for sid, text, spans in raw.select(
+        "study_id", "text", "suspect_spans" if has_spans else pl.lit(None).alias("suspect_spans")).collect().iter_rows()}
     labels = _labels_by_study(
         ctx.warehouse.scan("int_labels").filter(pl.col("study_id").is_in(list(study_ids))).collect()
     )
@@ -158,11 +161,15 @@ def _extract_llm(ctx: RunContext, items: list[MiningInput], done: Callable[[Mini
 
     llm = with_api_key(ctx.settings.llm)  # the key lives in this copy only, never in ctx.settings
     guard = PhiGuard.from_settings(llm)  # in front of every request (refine and repair calls too)
+    breaker: dict[str, Any] = {}
 
     async def run_all() -> None:
         cache = SQLiteResponseCache.from_settings(ctx.settings)
         async with LLMClient(llm, cache=cache, request_guard=guard, backoff_initial_s=llm.backoff_initial_s,
                              backoff_max_s=llm.backoff_max_s, call_log=call_log) as client:
+            breaker["client"] = client  # issue 14: circuit breaker + preflight (see LLMEndpointDown)
+            if llm.preflight_min_samples and len(items) >= llm.preflight_min_samples:
+                await client.preflight()
             extractor = LLMChainExtractor(client, protocol=ctx.options.get("protocol") or llm.protocol,
                                           prompt_version=ctx.options.get("prompt_version"))
 
@@ -175,6 +182,17 @@ def _extract_llm(ctx: RunContext, items: list[MiningInput], done: Callable[[Mini
     # Slots of the global "llm-calls" limit (created by `radchain serve`), shared by every worker.
     with llm_slots(min(len(items), llm.max_concurrency), ctx.settings):
         asyncio.run(run_all())
+    client = breaker.get("client")
+    if client is not None and client.circuit_open and (client.breaker_refused or client.connection_failures):
+        raise LLMEndpointDown(
+            f"the LLM endpoint {llm.base_url or 'api.openai.com'} is unreachable "
+            f"({client.connection_failures} consecutive connection failures, llm.breaker_failures="
+            f"{llm.breaker_failures}): the mine stage stopped; completed batches and cached answers are kept, "
+            "re-run when the endpoint is back")
+
+
+class LLMEndpointDown(RuntimeError):
+    """The circuit breaker opened: the mine stage stops and the run fails with this one-line message."""
 
 
 def _phi_outcome(outcome: MiningOutcome, guard: Any, base_url: str | None) -> MiningOutcome:
@@ -293,7 +311,7 @@ def llm_extractor_config(ctx: RunContext) -> dict[str, Any]:
         templates=hashlib.sha256(_canonical(templates).encode()).hexdigest(), model=llm.model,
         temperature=llm.temperature, refine_rounds=llm.refine_rounds, schema=schema_version(ReasoningChain),
         verifier=verifier_fingerprint(),
-        phi=[llm.phi_allow_hosts, llm.phi_allow_all, llm.phi_enforce_loopback,
+        phi=[llm.phi_allow_hosts, llm.phi_allow_all,
              PhiGuard.from_settings(llm).applies_to(llm.base_url)],
     )
 
