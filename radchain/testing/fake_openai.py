@@ -23,7 +23,11 @@ Knobs, for tests and benchmarks:
   ``enqueue_faults(...)`` scripts the exact faults of the next requests instead;
 * ``reject_json_schema``: answer 400 to ``response_format: json_schema`` (a server with
   JSON mode only), to exercise the client's fallback;
-* ``api_key``: when set, requests without ``Authorization: Bearer <api_key>`` get 401.
+* ``api_key``: when set, requests without ``Authorization: Bearer <api_key>`` get 401;
+* ``prompt_caching`` (on by default): automatic prompt caching as OpenAI documents it: a prompt
+  of at least ``cache_min_tokens`` (1,024) tokens whose first 1,024 + k*128 tokens were already
+  seen in an earlier request reports them as ``usage.prompt_tokens_details.cached_tokens``
+  (tokens here are 4 characters of the messages' contents, as ``prompt_tokens``).
 
 Fault kinds: ``rate_limit`` (429 with ``Retry-After``), ``server_error`` (500),
 ``timeout`` (sleeps ``timeout_sleep_s``, past the client's timeout, then answers),
@@ -177,6 +181,9 @@ class FakeOpenAIServer:
         timeout_sleep_s: float = 5.0,
         reject_json_schema: bool = False,
         api_key: str | None = None,
+        prompt_caching: bool = True,
+        cache_min_tokens: int = 1024,
+        cache_block_tokens: int = 128,
     ) -> None:
         unknown = set(faults or {}) - set(FAULT_KINDS)
         if unknown:
@@ -191,6 +198,11 @@ class FakeOpenAIServer:
         self.timeout_sleep_s = timeout_sleep_s
         self.reject_json_schema = reject_json_schema
         self.api_key = api_key
+        self.prompt_caching = prompt_caching
+        self.cache_min_tokens = cache_min_tokens
+        self.cache_block_tokens = cache_block_tokens
+        self._prefixes: set[bytes] = set()  # digests of prompt prefixes seen (at cacheable lengths)
+        self.cached_tokens_served = 0
 
         self._lock = threading.Lock()
         self._scripted: deque[str] = deque()
@@ -287,7 +299,12 @@ class FakeOpenAIServer:
             self.max_in_flight = self.in_flight
             self.first_request_at = self.last_response_at = None
             self.served_s = 0.0
+            self.cached_tokens_served = 0
             self.bodies.clear()
+
+    def clear_prompt_cache(self) -> None:
+        with self._lock:
+            self._prefixes.clear()
 
     def received_text(self) -> str:
         """Every request body received, as one string (for 'this must never reach the server' checks)."""
@@ -409,10 +426,35 @@ class FakeOpenAIServer:
             return _make_off_topic(content, body)
         return content
 
+    def _cached_tokens(self, body: Mapping[str, Any], prompt_tokens: int) -> int:
+        """Tokens of this prompt's longest prefix seen before, at 1,024 + k*128 tokens (0 below 1,024);
+        this prompt's own prefixes are remembered for later requests."""
+        if not self.prompt_caching or prompt_tokens < self.cache_min_tokens:
+            return 0
+        text = "".join(str(m.get("content") or "") for m in body.get("messages") or []).encode("utf-8")
+        h = hashlib.sha256(str(body.get("model") or "").encode())
+        cached, pos, boundary = 0, 0, self.cache_min_tokens
+        digests = []
+        while boundary <= prompt_tokens:
+            end = boundary * 4
+            h.update(text[pos:end])
+            pos = end
+            digests.append((boundary, h.copy().digest()))
+            boundary += self.cache_block_tokens
+        with self._lock:
+            for n, digest in digests:
+                if digest in self._prefixes:
+                    cached = n
+                else:
+                    self._prefixes.add(digest)
+            self.cached_tokens_served += cached
+        return cached
+
     def _completion(self, body: dict[str, Any], content: str) -> dict[str, Any]:
         prompt_chars = sum(len(str(m.get("content") or "")) for m in body.get("messages") or [])
         prompt_tokens = max(1, prompt_chars // 4)
         completion_tokens = max(1, len(content) // 4)
+        cached_tokens = self._cached_tokens(body, prompt_tokens)
         return {
             "id": f"chatcmpl-fake-{uuid.uuid4().hex[:12]}",
             "object": "chat.completion",
@@ -428,6 +470,9 @@ class FakeOpenAIServer:
                 "prompt_tokens": prompt_tokens,
                 "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": cached_tokens, "audio_tokens": 0},
+                "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
+                                              "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0},
             },
         }
 
