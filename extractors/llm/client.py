@@ -584,7 +584,7 @@ class LLMClient:
             except openai.OpenAIError as e:
                 code, retryable, status = classify(e)
                 if retryable and attempts < max(1, self.settings.max_attempts):
-                    log.warning("batch request failed (%s%s); retrying in the next batch", code,
+                    log.info("batch request failed (%s%s); retrying in the next batch", code,
                                 f" HTTP {status}" if status else "")
                     continue
                 raise _CallFailed(code, attempts, status) from None
