@@ -243,3 +243,26 @@ def test_estimate_artifact_is_published(pristine, tmp_path, monkeypatch):
 
     artifacts = asyncio.run(read())
     assert artifacts and json.loads(artifacts[0].data)[-1]["stage"] == "total"
+
+
+def test_run_dry_run_prints_the_estimate_and_calls_nothing(pristine, server, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from radchain.settings import reset_settings_cache
+
+    home = fresh_home(pristine, tmp_path / "dry")
+    for k, v in llm_env(home, server.base_url).items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("COLUMNS", "200")
+    reset_settings_cache()
+    server.reset_counters()
+    out = CliRunner().invoke(app, ["run", "--stages", "mine", "--extractor", "llm", "--dry-run", "--llm-mode", "batch",
+                                   "--budget", "1000", "--prompt-version", "single-v3"])
+    assert out.exit_code == 0, out.output
+    assert "LLM cost estimate" in out.output and "single=single-v3" in out.output
+    assert "single batch estimate" in out.output and "fits" in out.output
+    assert server.requests == 0 and not server.batches  # nothing was mined
+    from warehouse import Warehouse
+
+    assert Warehouse(home / "warehouse").partitions("int_chains") == []

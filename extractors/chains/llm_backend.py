@@ -1,7 +1,9 @@
 """Chain mining with an LLM: the "single" protocol (default) and the release's "paper" protocol.
 
 ``single`` (prompt version ``single-v2``; ``single-v1`` is kept for reproducibility: v2 is
-the same instructions with a shorter system prompt): one structured call writes the plan and the
+the same instructions with a shorter system prompt; ``single-v3`` is v2 plus two worked
+examples, so that its static prefix (1,280 tokens) reaches the 1,024 tokens hosted prompt
+caching needs: bench/mine.py (d) measures whether that pays): one structured call writes the plan and the
 evidence steps in the ReasoningChain schema, given the report, the question, the answer
 and the study's labels for the findings asked about.
 

@@ -20,7 +20,14 @@ What happens to one request (``complete_structured``):
    does not fit gets exactly one repair request that sends the error back to the model;
 5. a valid answer is written to the cache, keyed by the hash of step 1.
 
-Every HTTP-level request (the first one and the repair) yields one int_llm_calls row dict.
+Every HTTP-level request (the first one and the repair) yields one int_llm_calls row dict, with
+``cached_tokens`` (``usage.prompt_tokens_details.cached_tokens``: input served from the provider's
+prompt cache, priced at the cached rate), ``mode`` and, in batch mode, ``openai_batch_id``.
+
+With a ``transport`` (extractors.llm.batch.BatchTransport: ``--llm-mode batch``), step 2 hands the
+request body to the transport instead of posting it: it goes out in the next OpenAI Batch API job,
+and a request the job failed is retried in a later one (no throttle, no backoff wait: a batch is
+its own queue). Steps 1 and 3-5 are unchanged, so the same answers give the same results.
 
 The API key is handed to ``AsyncOpenAI`` and to nothing else: it is not part of any hash,
 row, cache entry or log line.

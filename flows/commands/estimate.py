@@ -21,7 +21,7 @@ ARTIFACT_KEY = "mine-cost-estimate"
 
 
 def compute_estimates(settings: Any, *, protocols: list[str], sample: int | None = None,
-                      seed: int = 13) -> tuple[list[Any], int, int]:
+                      seed: int = 13, prompt_version: str | None = None) -> tuple[list[Any], int, int]:
     """(one Estimate per protocol, samples planned, samples whose prompts were built)."""
     from extractors.chains.llm_backend import LLMChainExtractor
     from extractors.llm.client import LLMClient
@@ -42,7 +42,7 @@ def compute_estimates(settings: Any, *, protocols: list[str], sample: int | None
     client = LLMClient(settings.llm)  # builds request hashes only: no connection is opened
     out = []
     for protocol in protocols:
-        extractor = LLMChainExtractor(client, protocol=protocol)
+        extractor = LLMChainExtractor(client, protocol=protocol, prompt_version=prompt_version)
         history = mine.ledger_history(ctx, client.model, extractor.prompt_version)
         est = CostEstimator(extractor, settings.llm, history).estimate(items)
         if len(items) < len(ids):  # scale a sample up to the plan
@@ -79,12 +79,17 @@ def publish_artifact(rows: list[dict[str, Any]], notes: list[str]) -> None:
 
 
 def print_estimate(settings: Any, *, protocol: str | None = None, mode: str | None = None,
-                   budget: float | None = None, sample: int | None = None, artifact: bool = True) -> list[Any]:
+                   budget: float | None = None, sample: int | None = None, artifact: bool = True,
+                   prompt_version: str | None = None) -> list[Any]:
     import pyarrow as pa
 
     t0 = time.perf_counter()
     protocols = [protocol] if protocol else ["single", "paper"]
-    estimates, planned, built = compute_estimates(settings, protocols=protocols, sample=sample, seed=settings.seed)
+    if prompt_version and not protocol:
+        protocol = "paper" if prompt_version.startswith("paper") else "single"
+        protocols = [protocol]
+    estimates, planned, built = compute_estimates(settings, protocols=protocols, sample=sample, seed=settings.seed,
+                                                  prompt_version=prompt_version)
     rows = estimate_rows(estimates)
     short = dict(input_tokens="input", cached_tokens="cached", output_tokens="output")
     shown = [{short.get(k, k): v for k, v in r.items() if k not in ("prompt_version", "output_from")} for r in rows]
@@ -122,6 +127,7 @@ def register(app: typer.Typer) -> None:
         sample: int | None = typer.Option(None, "--sample", help="build the prompts of this many samples (seeded) "
                                           "and scale up; default all"),
         artifact: bool = typer.Option(True, "--artifact/--no-artifact", help="also publish a Prefect artifact"),
+        prompt_version: str | None = typer.Option(None, "--prompt-version", help="e.g. single-v3 (few-shot)"),
     ) -> None:
         """Estimate calls, tokens and dollars of mining the planned samples (sync vs batch), with no network call."""
         from radchain.runtime import prepare_environment
@@ -131,4 +137,5 @@ def register(app: typer.Typer) -> None:
             raise UsageError("--protocol must be single or paper")
         if sample is not None and sample < 1:
             raise UsageError("--sample must be at least 1")
-        print_estimate(settings, protocol=protocol, mode=llm_mode, budget=budget, sample=sample, artifact=artifact)
+        print_estimate(settings, protocol=protocol, mode=llm_mode, budget=budget, sample=sample, artifact=artifact,
+                       prompt_version=prompt_version)

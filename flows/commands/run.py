@@ -51,6 +51,9 @@ def register(app: typer.Typer) -> None:
                                             "RADCHAIN_LLM_MODE or sync"),
         protocol: str | None = typer.Option(None, "--protocol", help="LLM protocol: single | paper (default: "
                                             "RADCHAIN_LLM_PROTOCOL or single)"),
+        prompt_version: str | None = typer.Option(None, "--prompt-version", help="LLM prompt version, e.g. "
+                                                  "single-v3 (few-shot, a cacheable 1,280-token prefix); default: "
+                                                  "the protocol's (single-v2, paper-v1)"),
         dry_run: bool = typer.Option(False, "--dry-run", help="run the local stages before mine, then print the "
                                      "cost estimate of mining (radchain estimate) instead of calling the model"),
     ) -> None:
@@ -87,6 +90,8 @@ def register(app: typer.Typer) -> None:
             options["llm_mode"] = llm_mode
         if protocol is not None:
             options["protocol"] = protocol
+        if prompt_version is not None:
+            options["prompt_version"] = prompt_version
         if runner != "default" or dask_address or dask_workers is not None:
             from flows.runners import RunnerError, RunnerSpec
 
@@ -111,7 +116,7 @@ def register(app: typer.Typer) -> None:
                 pipeline_flow(source=spec, stages=before_mine, options=options)
             from flows.commands.estimate import print_estimate
 
-            print_estimate(settings, protocol=protocol, mode=llm_mode, budget=budget)
+            print_estimate(settings, protocol=protocol, mode=llm_mode, budget=budget, prompt_version=prompt_version)
             return
         results = pipeline_flow(source=spec, stages=chosen, options=options)
 

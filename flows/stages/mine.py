@@ -16,6 +16,14 @@ re-derives its batches, from the response cache), its audit row, chains and reje
 this hash with matching counts, and none of its rejections is an LLM call failure (those
 were not cached, so a re-run asks again). A reused batch writes only a new audit row
 (outputs and rejections as stored, skipped 0); ``options["force"]`` turns reuse off.
+
+Cost controls (LLM extractor): with a budget (``options["budget_usd"]`` from ``radchain run
+--budget``, else ``RADCHAIN_LLM_BUDGET_USD``), each sample's estimated cost
+(extractors.llm.estimate) is reserved before it starts and samples that do not fit are skipped
+(``skipped`` with ``skip_reason`` BUDGET in audit_stage_counts; such a batch is not reused, so a
+re-run with a higher cap mines them); ``finalize`` logs the closing budget line. With
+``options["llm_mode"]`` (or ``RADCHAIN_LLM_MODE``) ``batch``, calls go through the OpenAI Batch
+API (extractors.llm.batch; job state in warehouse/llm_batches.py).
 """
 
 from __future__ import annotations
