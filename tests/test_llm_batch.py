@@ -263,3 +263,68 @@ def test_batch_run_survives_failures_expiry_and_sigkill_with_the_sync_chains(pri
     assert fresh["request_hash"].n_unique() == fresh.height
     assert fresh.height == sum(server.batch_executions.values())
     assert fresh.filter(pl.col("attempts") > 1).height > 0  # retried requests count their attempts
+
+
+def test_a_cancelled_batch_is_retried_in_the_next_one(responder, tmp_path):
+    """Someone cancels the running batch (e.g. in the dashboard): its requests come back as batch_cancelled
+    errors and go out again in a new batch; each is answered (paid) once."""
+    from openai import OpenAI
+
+    from extractors.llm.batch import BatchTransport
+    from radchain.settings import LLMSettings
+    from warehouse.llm_batches import SQLiteBatchStore
+
+    server = _server(responder, batch_delay_s=0.6)
+    try:
+        settings = LLMSettings(base_url=server.base_url, api_key="sk-x", model=GPT4O, batch_poll_s=0.05)
+        payloads = [json.dumps({"model": GPT4O, "messages": [{"role": "user", "content": f"c{i}"}]}).encode()
+                    for i in range(6)]
+
+        async def go():
+            transport = BatchTransport(settings, SQLiteBatchStore(tmp_path))
+
+            async def cancel_first():
+                while not server.batches:
+                    await asyncio.sleep(0.01)
+                bid = next(iter(server.batches))
+                await asyncio.to_thread(OpenAI(api_key="sk-x", base_url=server.base_url).batches.cancel, bid)
+
+            async def ask(p):  # what LLMClient does with a retryable failure: submit again
+                for _ in range(3):
+                    try:
+                        return await transport.submit(p)
+                    except Exception as e:  # noqa: BLE001
+                        assert getattr(e, "radchain_code", None) == "BATCH_CANCELLED" and e.retryable
+                raise AssertionError("not answered")
+
+            try:
+                canceller = asyncio.ensure_future(cancel_first())
+                answers = await asyncio.gather(*(ask(p) for p in payloads))
+                await canceller
+                return answers
+            finally:
+                await transport.aclose()
+
+        answers = asyncio.run(go())
+        statuses = [b["status"] for b in server.batches.values()]
+        assert statuses[0] == "cancelled" and statuses[-1] == "completed" and len(statuses) == 2
+        assert {bid for _, bid in answers} == {list(server.batches)[1]}
+        assert sorted(server.batch_executions.values()) == [1] * 6
+    finally:
+        server.stop()
+
+
+def test_budget_applies_in_batch_mode(pristine, responder, tmp_path, monkeypatch):
+    server = _server(responder, batch_delay_s=0.05)
+    try:
+        full_ctx, _ = mine(monkeypatch, fresh_home(pristine, tmp_path / "full"), server.base_url, llm_mode="batch")
+        full = float(full_ctx.warehouse.read("int_llm_calls")["cost_usd"].sum())
+        cap = round(full / 2, 6)
+        ctx, results = mine(monkeypatch, fresh_home(pristine, tmp_path / "capped"), server.base_url,
+                            env={"RADCHAIN_LLM_BUDGET_USD": str(cap)}, llm_mode="batch")
+        spent = float(ctx.warehouse.read("int_llm_calls")["cost_usd"].sum())
+        assert spent <= cap  # a batch wave is reserved in full before it is uploaded
+        assert sum(r.skipped for r in results) > 0 and {r.skip_reason for r in results if r.skipped} == {"BUDGET"}
+        assert all(r.inputs == r.outputs + r.rejected + r.skipped for r in results)
+    finally:
+        server.stop()

@@ -609,7 +609,8 @@ class FakeOpenAIServer:
         batch = self.batches[bid]
         step = self.batch_delay_s / 3
         await self._sleep(step)
-        batch["status"], batch["in_progress_at"] = "in_progress", int(time.time())
+        if batch["status"] != "cancelling":
+            batch["status"], batch["in_progress_at"] = "in_progress", int(time.time())
         await self._sleep(step)
         out, err = [], []
         answer_upto = len(lines) // 2 if expire else len(lines)
@@ -643,7 +644,9 @@ class FakeOpenAIServer:
                 "status_code": 200, "request_id": uuid.uuid4().hex, "body": self._completion(body, content)}})
             batch["request_counts"]["completed"] += 1
         batch["request_counts"]["failed"] = len(err)
-        batch["status"], batch["finalizing_at"] = "finalizing", int(time.time())
+        cancelled = batch["status"] == "cancelling"
+        if not cancelled:
+            batch["status"], batch["finalizing_at"] = "finalizing", int(time.time())
         await self._sleep(step)
         if out:
             batch["output_file_id"] = self._new_file(f"{bid}_output.jsonl", "batch_output",
@@ -655,7 +658,7 @@ class FakeOpenAIServer:
             batch["status"], batch["expired_at"] = "expired", now
             with self._lock:
                 self.batches_expired += 1
-        elif batch["status"] == "cancelling":
+        elif cancelled:
             batch["status"], batch["cancelled_at"] = "cancelled", now
         else:
             batch["status"], batch["completed_at"] = "completed", now
