@@ -199,6 +199,11 @@ def test_estimate_matches_the_ledger_within_ten_percent(pristine, server, tmp_pa
     assert abs(before.total.input_tokens - ledger_in) <= 0.10 * ledger_in
     # After the run the ledger's history replaces the assumptions: output tokens and refinement rates.
     (after,), _, _ = compute_estimates(get_settings(), protocols=["single"])
+    from flows.commands.estimate import comparison_line, ledger_actuals
+
+    actual = ledger_actuals(get_settings(), GPT4O, "single-v2")
+    assert actual["run_id"] == ctx.run_id and actual["input_tokens"] == ledger_in and actual["modes"] == ["sync"]
+    assert f"input {ledger_in} " in comparison_line(before, actual)
     assert "ledger" in after.stages[0].output_source
     assert abs(after.total.output_tokens - ledger["completion_tokens"].sum()) <= 0.10 * ledger["completion_tokens"].sum()
     assert abs(after.total.input_tokens - ledger_in) <= 0.10 * ledger_in

@@ -56,6 +56,39 @@ def compute_estimates(settings: Any, *, protocols: list[str], sample: int | None
     return out, len(ids), len(items)
 
 
+def ledger_actuals(settings: Any, model: str, prompt_version: str) -> dict[str, Any] | None:
+    """What the latest run that used this model and prompt version spent, from int_llm_calls (or None)."""
+    import polars as pl
+
+    from warehouse import Warehouse
+
+    calls = (Warehouse(settings.warehouse_dir).ensure().scan("int_llm_calls")
+             .filter((pl.col("model") == model) & (pl.col("prompt_version") == prompt_version)).collect())
+    if not calls.height:
+        return None
+    run_id = calls.sort("created_at")["run_id"][-1]
+    run = calls.filter(pl.col("run_id") == run_id)
+    fresh = run.filter(~pl.col("cache_hit"))
+    return dict(run_id=run_id, samples=run["sample_id"].n_unique(), calls=fresh.height,
+                input_tokens=int(fresh["prompt_tokens"].sum() or 0),
+                cached_tokens=int(fresh["cached_tokens"].fill_null(0).sum() or 0),
+                output_tokens=int(fresh["completion_tokens"].sum() or 0), usd=float(fresh["cost_usd"].sum() or 0.0),
+                modes=sorted(set(fresh["mode"].fill_null("sync").to_list())))
+
+
+def comparison_line(est: Any, actual: dict[str, Any]) -> str:
+    """The estimate, scaled to the samples that run mined, beside the ledger's figures."""
+    total = est.total
+    share = actual["samples"] / max(1, est.samples)
+    est_in = total.input_tokens * share
+    off = (est_in - actual["input_tokens"]) / actual["input_tokens"] if actual["input_tokens"] else 0.0
+    return (f"ledger, last {est.protocol} run {actual['run_id'][:12]} ({actual['samples']} samples, "
+            f"{'/'.join(actual['modes']) or 'cache hits only'}): {actual['calls']} calls, input "
+            f"{actual['input_tokens']} (estimate for as many samples {est_in:.0f}, {off:+.1%}), cached "
+            f"{actual['cached_tokens']}, output {actual['output_tokens']} (estimate "
+            f"{total.output_tokens * share:.0f}), ${actual['usd']:.4f}")
+
+
 def estimate_rows(estimates: list[Any]) -> list[dict[str, Any]]:
     return [row for est in estimates for row in est.rows()]
 
@@ -101,6 +134,12 @@ def print_estimate(settings: Any, *, protocol: str | None = None, mode: str | No
         notes += [a for a in est.assumptions if a not in notes]
     for note in notes:
         console.print(f"  {note}")
+    for est in estimates:  # after a run: the estimate beside what the ledger says it cost
+        actual = ledger_actuals(settings, est.model, est.prompt_version)
+        if actual is not None:
+            line = comparison_line(est, actual)
+            notes.append(line)
+            console.print(f"  {line}")
     cap = settings.llm.budget_usd if budget is None else budget
     chosen_mode = mode or settings.llm.mode
     if cap is not None:
