@@ -123,8 +123,9 @@ def test_budget_stops_mining_at_the_cap_with_budget_skips(pristine, server, tmp_
     workers = 2 * ctx.settings.llm.max_concurrency  # samples in flight at once (extract_many's pool)
     one_wave = workers * float(per_sample.max())
     assert spent <= cap + one_wave
-    assert spent <= cap * 1.0001  # and in practice under it: estimates cover these samples' actual cost
-    assert spent > cap - 2 * float(per_sample.max()) * workers  # it stopped at the cap, not long before
+    # It stopped at the cap, not long before: once calibrated on the first samples' actual cost, the
+    # estimates are close, so only about one wave's reservations separate the spend from the cap.
+    assert spent > cap - one_wave
 
     audit = ctx.warehouse.read("audit_stage_counts").filter(pl.col("stage") == "mine")
     assert (audit["inputs"] == audit["outputs"] + audit["rejected"] + audit["skipped"]).all()

@@ -9,7 +9,8 @@ and what was not mined is skipped with reason ``BUDGET``.
 
 What the cap bounds: every sample admitted fitted under it at its estimate, so the spend can
 pass the cap only by what the samples in flight at that moment cost beyond their estimates
-(refinement rounds, retries): at most one wave of in-flight samples.
+(refinement rounds, retries): at most one wave of in-flight samples. (The mine stage calibrates
+the estimates on the actual cost of the samples already finished: flows/stages/mine.py.)
 """
 
 from __future__ import annotations

@@ -187,11 +187,16 @@ def ledger_history(ctx: RunContext, model: str, prompt_version: str) -> dict[str
             for r in calls.iter_rows(named=True)}
 
 
-def _budget_gate(ctx: RunContext, extractor: Any, client: Any, items: list[MiningInput], mode: str,
-                 progress: Any) -> tuple[Callable[[MiningInput], str | None] | None, Callable[[MiningOutcome], None]]:
+_CALIBRATE_AFTER = 16  # finished samples before the budget's estimates are calibrated on actual spend
+
+
+def _budget_gate(ctx: RunContext, extractor: Any, client: Any, items: list[MiningInput],
+                 mode: str) -> tuple[Callable[[MiningInput], str | None] | None, Callable[[MiningOutcome], None]]:
     """(admit, settle) hooks for extract_many that keep the run under its budget (extractors.llm.budget);
     (None, a no-op) when no budget is set. A sample whose first request is in the response cache is
-    estimated at $0 (a re-run pays nothing for it)."""
+    estimated at $0 (a re-run pays nothing for it). Once ``_CALIBRATE_AFTER`` samples have finished,
+    estimates are scaled by what those samples actually cost over their estimates (the assumed output
+    length of a prompt version without ledger history can be far off either way)."""
     cap = budget_cap(ctx)
     if cap is None:
         return None, lambda o: None
@@ -202,22 +207,32 @@ def _budget_gate(ctx: RunContext, extractor: Any, client: Any, items: list[Minin
     budget = Budget(cap, spent_usd=run_spend_usd(ctx))
     estimator = CostEstimator(extractor, client.settings, ledger_history(ctx, client.model, extractor.prompt_version))
     estimator.learn_prefixes(items)
-    reserved: dict[str, float] = {}
+    reserved: dict[str, tuple[float, float]] = {}  # sample id -> (reserved estimate, uncalibrated estimate)
+    seen = [0, 0.0, 0.0]  # settled samples, their uncalibrated estimates, their actual cost
 
     def admit(item: MiningInput) -> str | None:
         stage, messages = extractor.planned_requests(item, plan_chars=0, chain_chars=0)[0]
         key = client.hash_request(messages, prompt_version=extractor.prompt_version,
                                   schema=None if stage == "plan" else ReasoningChain)
         cached = client.cache is not None and client.cache.get(key) is not None
-        estimate = 0.0 if cached else estimator.sample_usd(item, mode)
-        if not budget.admit(estimate):
+        raw = 0.0 if cached else estimator.sample_usd(item, mode)
+        factor = 1.0
+        if seen[0] >= _CALIBRATE_AFTER and seen[1] > 0:
+            factor = min(4.0, max(0.25, seen[2] / seen[1]))
+        if not budget.admit(raw * factor):
             return REASON
-        reserved[item.sample_id] = estimate
+        reserved[item.sample_id] = (raw * factor, raw)
         return None
 
     def settle(outcome: MiningOutcome) -> None:
         if outcome.sample_id in reserved:
-            budget.settle(reserved.pop(outcome.sample_id), sum(c["cost_usd"] for c in outcome.llm_calls))
+            estimate, raw = reserved.pop(outcome.sample_id)
+            actual = sum(c["cost_usd"] for c in outcome.llm_calls)
+            budget.settle(estimate, actual)
+            if raw > 0:
+                seen[0] += 1
+                seen[1] += raw
+                seen[2] += actual
 
     return admit, settle
 
@@ -252,7 +267,7 @@ def _extract_llm(ctx: RunContext, items: list[MiningInput], done: Callable[[Mini
                              backoff_max_s=llm.backoff_max_s, call_log=call_log, transport=transport) as client:
             extractor = LLMChainExtractor(client, protocol=ctx.options.get("protocol") or llm.protocol,
                                           prompt_version=ctx.options.get("prompt_version"))
-            admit, settle = _budget_gate(ctx, extractor, client, items, mode, ctx.options.get("progress"))
+            admit, settle = _budget_gate(ctx, extractor, client, items, mode)
 
             def after(o: MiningOutcome) -> None:
                 settle(o)
@@ -265,6 +280,7 @@ def _extract_llm(ctx: RunContext, items: list[MiningInput], done: Callable[[Mini
             finally:
                 if transport is not None:
                     await transport.aclose()
+                    transport.store.close()
 
     from flows.locking import llm_slots
 
