@@ -270,7 +270,10 @@ class Warehouse:
         files = sorted(self.table_dir(name).glob("*.parquet"))
         if not files:
             return pl.LazyFrame(schema=pl.from_arrow(model.arrow_schema().empty_table()).schema)
-        return pl.scan_parquet(files)
+        # The table's schema, missing columns inserted as nulls: partitions written before a column was
+        # added (e.g. int_llm_calls.cached_tokens) still scan.
+        schema = pl.from_arrow(model.arrow_schema().empty_table()).schema
+        return pl.scan_parquet(files, schema=schema, missing_columns="insert")
 
     def read(self, table: str | type[TableRecord]) -> pl.DataFrame:
         return self.scan(table).collect()

@@ -46,6 +46,18 @@ def register(app: typer.Typer) -> None:
         dask_workers: int | None = typer.Option(None, "--dask-workers",
                                                 help="--runner dask without --dask-address: worker processes "
                                                      "of the local cluster (default: cores)"),
+        budget: float | None = typer.Option(None, "--budget", help="LLM spend cap of this run in USD (default: "
+                                            "RADCHAIN_LLM_BUDGET_USD); samples past it are skipped (BUDGET)"),
+        llm_mode: str | None = typer.Option(None, "--llm-mode", help="how mining calls the model: sync (chat "
+                                            "completions) | batch (the OpenAI Batch API, half price); default "
+                                            "RADCHAIN_LLM_MODE or sync"),
+        protocol: str | None = typer.Option(None, "--protocol", help="LLM protocol: single | paper (default: "
+                                            "RADCHAIN_LLM_PROTOCOL or single)"),
+        prompt_version: str | None = typer.Option(None, "--prompt-version", help="LLM prompt version, e.g. "
+                                                  "single-v3 (few-shot, a cacheable 1,280-token prefix); default: "
+                                                  "the protocol's (single-v2, paper-v1)"),
+        dry_run: bool = typer.Option(False, "--dry-run", help="run the local stages before mine, then print the "
+                                     "cost estimate of mining (radchain estimate) instead of calling the model"),
     ) -> None:
         """Run the pipeline stages as a Prefect flow and print per-stage counts."""
         from radchain.runtime import prepare_environment
@@ -68,6 +80,20 @@ def register(app: typer.Typer) -> None:
         if extractor not in ("auto", "rules", "llm"):
             raise UsageError("--extractor must be rules, llm or auto")
         options: dict = {"extractor": extractor}
+        if budget is not None:
+            if budget < 0:
+                raise UsageError("--budget must be >= 0")
+            options["budget_usd"] = budget
+        if llm_mode is not None:
+            from radchain.settings import LLM_MODES
+
+            if llm_mode not in LLM_MODES:
+                raise UsageError(f"--llm-mode must be one of {', '.join(LLM_MODES)}")
+            options["llm_mode"] = llm_mode
+        if protocol is not None:
+            options["protocol"] = protocol
+        if prompt_version is not None:
+            options["prompt_version"] = prompt_version
         if runner != "default" or dask_address or dask_workers is not None:
             from flows.runners import RunnerError, RunnerSpec
 
@@ -86,6 +112,14 @@ def register(app: typer.Typer) -> None:
             impression_col=impression_col, patient_col=patient_col, split_col=split_col, date_col=date_col,
             image_col=image_col, trim_ids=trim_ids,
         )
+        if dry_run:
+            before_mine = [s for s in chosen if ALL_STAGES.index(s) < ALL_STAGES.index("mine")]
+            if before_mine:
+                pipeline_flow(source=spec, stages=before_mine, options=options)
+            from flows.commands.estimate import print_estimate
+
+            print_estimate(settings, protocol=protocol, mode=llm_mode, budget=budget, prompt_version=prompt_version)
+            return
         from flows.lifeline import start_reaper
         from flows.stages.mine import LLMEndpointDown
 
@@ -118,6 +152,9 @@ def register(app: typer.Typer) -> None:
         for note in notes:
             err_console.print(f"[bold yellow]warning:[/] {escape(note)}", highlight=False, soft_wrap=True)
         console.print(f"warehouse: {settings.duckdb_path}")
+        line = budget_line(settings, results)
+        if line:
+            console.print(line)
         if any(n.startswith("the tasks stage built no samples") for n in notes):
             raise typer.Exit(1)  # a run that produced nothing to mine is not a success
         if train:
@@ -139,3 +176,14 @@ def ensure_demo_corpus(out: Path, studies: int, seed: int) -> Path:
         generate_corpus(out, studies=studies, seed=seed)
         marker.write_text(wanted)
     return out
+
+
+def budget_line(settings, results) -> str | None:
+    """The closing line of a run whose mining a budget cut short (or None)."""
+    mine = results.get("mine") or []
+    skipped = sum(r.skipped for r in mine if r.skip_reason and "BUDGET" in r.skip_reason)
+    if not skipped:
+        return None
+    return (f"[bold red]budget reached[/]: {skipped} samples were not mined (skipped, reason BUDGET in "
+            f"audit_stage_counts); raise --budget / RADCHAIN_LLM_BUDGET_USD and re-run to mine them "
+            f"(mined samples are cached and cost nothing again)")
