@@ -24,7 +24,7 @@ from training.generate import generate
 from training.grpo import grpo_dataset, prompt_length, run_grpo
 from training.model_factory import build_model_from_architecture, load_model, load_trained
 from training.processor import RadchainVLProcessor, build_image_processor, load_processor, save_processor
-from training.sft import conversation_texts, run_sft, sft_dataset
+from training.sft import apply_task_mixture, conversation_texts, run_sft, sft_dataset
 from training.tokenizer import (
     IM_END,
     IMAGE_PAD,
@@ -306,6 +306,24 @@ def test_sft_trains_and_saves_a_loadable_checkpoint(cfg, sft_rows, sft_result):
     assert any(not torch.equal(initial[k], trained[k]) for k in initial)
 
 
+def test_sft_draws_rows_by_task_mixture_and_records_its_curve(sft_result, cfg):
+    m = sft_result.metrics
+    assert m["task_mixture"] is True and m["rows_per_task"] == {"binary": 4}
+    losses = [entry["loss"] for entry in m["curve"] if "loss" in entry]
+    assert len(losses) == m["steps"] and all(math.isfinite(x) for x in losses)  # logging_steps 1
+
+
+def test_task_mixture_applies_the_weights_unless_turned_off_or_absent(cfg):
+    rows = [dict(task="binary", weight=0.9, i=i) for i in range(10)] + \
+           [dict(task="open", weight=0.1, i=i) for i in range(10)]
+    drawn = apply_task_mixture(rows, cfg.sft)
+    assert len(drawn) == 20 and sum(r["task"] == "binary" for r in drawn) >= 15
+    assert apply_task_mixture(rows, cfg.sft) == drawn  # seeded
+    assert apply_task_mixture(rows, cfg.sft.model_copy(update={"task_mixture": False})) is rows
+    unweighted = [dict(task="binary"), dict(task="open")]
+    assert apply_task_mixture(unweighted, cfg.sft) is unweighted
+
+
 def test_sft_accepts_mart_json_columns_and_rejects_image_mismatches(sft_rows, image_path):
     mart_row = {"messages_json": json.dumps(sft_row(0, image_path)["messages"]), "images": [image_path]}
     assert len(sft_dataset([mart_row])) == 1
@@ -360,6 +378,20 @@ def test_grpo_runs_from_the_sft_checkpoint_with_two_rewards(grpo_run, sft_result
     assert json.loads(call["gold_labels"][0]) == {"Pleural Effusion": "negative"}
     assert call["sample_id"][0].startswith("sample-")
     assert all(isinstance(image, Image.Image) for image in call["images"][0])
+
+
+def test_grpo_steps_per_generation_splits_a_step_into_smaller_generate_calls(cfg, image_path, tmp_path):
+    # Two prompts x 2 rollouts per step on 2 completions per micro-step: gradient accumulation 2. TRL's
+    # default generates all 4 completions in one call; steps_per_generation=1 generates 2 at a time.
+    grpo = cfg.grpo.model_copy(update=dict(prompts_per_step=2, steps_per_generation=1, beta=0.0))
+    small = cfg.model_copy(update=dict(grpo=grpo))
+    probe = KwargsProbe()
+    rows = [grpo_row(0, image_path), grpo_row(2, image_path)]
+    result = run_grpo(small, rows, [probe], out_dir=tmp_path)
+    assert result.metrics["gradient_accumulation_steps"] == 2
+    assert [call["n"] for call in probe.calls] == [2, 2]
+    with pytest.raises(ValidationError):
+        grpo.model_validate(dict(grpo.model_dump(), generation_batch_size=4))
 
 
 def test_grpo_without_sft_checkpoint_saves_the_initial_policy_for_the_reference(cfg, image_path, tmp_path):
