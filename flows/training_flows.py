@@ -28,7 +28,7 @@ from warehouse import Warehouse
 
 VERSION = "train-v1"
 # Columns the GRPO reward functions read (everything else in the mart stays out of the batch).
-RL_COLUMNS = ("sample_id", "task", "prompt_json", "images", "solution", "gold_steps", "gold_labels")
+RL_COLUMNS = ("sample_id", "task", "prompt_json", "images", "solution", "gold_steps", "gold_labels", "weight")
 
 
 def _warehouse() -> Warehouse:
@@ -167,30 +167,42 @@ def grpo_flow(dataset_version: str | None = None, config: str = "tiny-cpu", init
 
 @flow(name="radchain-evaluate", log_prints=False, persist_result=False)
 def evaluate_flow(checkpoint: str, dataset_version: str | None = None, max_per_task: int | None = None,
-                  max_new_tokens: int = 256, model_name: str | None = None) -> dict[str, Any]:
-    """Generate on mart_benchmark with a checkpoint, score accuracy and RadRScore per task."""
-    from flows.evaluation import publish_eval, score_outputs
+                  max_new_tokens: int | None = None, model_name: str | None = None,
+                  config: str = "tiny-cpu") -> dict[str, Any]:
+    """Generate on mart_benchmark with a checkpoint; score accuracy, RadRScore and format compliance per
+    task beside the majority, random and oracle baselines (all in fct_eval_results).
+
+    ``max_new_tokens``: None takes the config's ``grpo.max_completion_length``, the length the policy
+    was trained to answer in (a shorter budget cuts chains before their <answer>).
+    """
+    from flows.evaluation import EXPLANATION, publish_eval, score_with_baselines
+    from training.baselines import majority_answers
+    from training.config import load_config
     from training.generate import generate
 
     wh = _warehouse()
+    cfg = load_config(config)
+    budget = max_new_tokens or cfg.grpo.max_completion_length
     version = dataset_version or latest_dataset_version(wh)
     rows, skipped = mart_rows(wh, "mart_benchmark", version, splits=None, per_task=max_per_task)
     if not rows:
         raise ValueError(f"dataset {version} has no benchmark rows with images to evaluate")
-    outputs = generate(checkpoint, rows, max_new_tokens=max_new_tokens)
+    outputs = generate(checkpoint, rows, max_new_tokens=budget)
     out_dir = get_settings().runs_dir / "eval" / f"{Path(checkpoint).parent.name}-{version}"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    preds = out_dir / "predictions.jsonl"
-    with preds.open("w", encoding="utf-8") as fh:
-        for r, o in zip(rows, outputs, strict=True):
-            fh.write(json.dumps({"sample_id": r["sample_id"], "output": o}) + "\n")
+    train_answers = (wh.scan("mart_rl_prompts").filter((pl.col("dataset_version") == version)
+                                                       & (pl.col("split") == "train"))
+                     .select("task", "solution").collect().to_dicts())
     from flows.locking import warehouse_lock
 
     with warehouse_lock(wh.root, purpose="evaluation: writing fct_eval_results"):
-        eval_id, results = score_outputs(wh, preds, model=model_name or Path(checkpoint).parent.name,
-                                         checkpoint=checkpoint)
-    chart = publish_eval(results, out_dir / "eval.png", key="eval-results")
-    return dict(eval_id=eval_id, predictions=str(preds), chart=str(chart), n=len(rows), skipped=skipped, results=results)
+        eval_id, scored = score_with_baselines(
+            wh, rows, outputs, out_dir, model=model_name or Path(checkpoint).parent.name, checkpoint=checkpoint,
+            majority=majority_answers(train_answers), seed=get_settings().seed)
+    chart = publish_eval(scored, out_dir / "eval.png", key="eval-results",
+                         title=f"{model_name or Path(checkpoint).parent.name} on {version}")
+    get_run_logger().info("evaluation %s: chart %s. %s", eval_id, chart, EXPLANATION)
+    return dict(eval_id=eval_id, predictions=str(out_dir / "predictions.jsonl"), chart=str(chart), n=len(rows),
+                skipped=skipped, max_new_tokens=budget, results=scored["model"], baselines=scored)
 
 
 def _run_job_deployment(name: str, parameters: dict[str, Any]) -> None:
@@ -211,7 +223,7 @@ def _registry_row(training_run_id: str) -> dict[str, Any]:
 @flow(name="radchain-train", log_prints=False, persist_result=False)
 def train_flow(dataset_version: str | None = None, config: str = "tiny-cpu", use_deployments: bool = False,
                max_examples: int | None = None, max_eval_per_task: int | None = None,
-               max_new_tokens: int = 256) -> dict[str, Any]:
+               max_new_tokens: int | None = None) -> dict[str, Any]:
     """SFT → GRPO from the SFT checkpoint → evaluate, as separate jobs."""
     version = dataset_version or latest_dataset_version(_warehouse())
     sft_id, grpo_id = f"sft-{uuid.uuid4().hex[:12]}", f"grpo-{uuid.uuid4().hex[:12]}"
@@ -229,7 +241,7 @@ def train_flow(dataset_version: str | None = None, config: str = "tiny-cpu", use
         grpo_flow(**grpo_params)
     grpo = _registry_row(grpo_id)
     eval_params = dict(checkpoint=grpo["checkpoint"], dataset_version=version, max_per_task=max_eval_per_task,
-                       max_new_tokens=max_new_tokens)
+                       max_new_tokens=max_new_tokens, config=config)
     if use_deployments:
         _run_job_deployment("radchain-evaluate/evaluate", eval_params)
         evaluation = None

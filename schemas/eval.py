@@ -32,6 +32,13 @@ class EvalResult(TableRecord):
     factuality: float | None = None
     effectiveness: float | None = None
     radrscore: float | None = None  # mean of the three component averages (the release's convention)
+    # Share of outputs that are exactly one <think>…</think> then one <answer>…</answer> (format_reward's rule).
+    format_compliance: float | None = None
+    # None: a model's outputs. "majority" | "random" | "oracle": a baseline scored by the same scorer on
+    # the same samples (training/baselines.py); baseline_of is then the eval_id of the model evaluation
+    # it stands beside.
+    baseline: str | None = None
+    baseline_of: str | None = None
     predictions_path: str
     scored_at: datetime
 

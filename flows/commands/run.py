@@ -95,10 +95,12 @@ def register(app: typer.Typer) -> None:
         if train:
             from flows.training_flows import train_flow
 
-            out = train_flow(config=config, max_examples=max_examples, max_eval_per_task=max_eval_per_task,
-                             max_new_tokens=64)
+            from flows.commands.train_cmds import print_evaluation
+
+            out = train_flow(config=config, max_examples=max_examples, max_eval_per_task=max_eval_per_task)
             console.print(f"trained on {out['dataset_version']}: SFT {out['sft']['status']}, GRPO "
-                          f"{out['grpo']['status']}; eval chart {out['evaluation']['chart']}")
+                          f"{out['grpo']['status']}")
+            print_evaluation(out["evaluation"])
 
 
 def ensure_demo_corpus(out: Path, studies: int, seed: int) -> Path:
