@@ -1,4 +1,4 @@
-"""Evaluation tables (accuracy and RadRScore per task, per-sample scores) and the PRM step dataset."""
+"""Evaluation tables: accuracy, RadRScore and format compliance per task (model and baselines), per-sample scores."""
 
 from __future__ import annotations
 
@@ -64,26 +64,3 @@ class ScoredPrediction(TableRecord):
     radrscore: float
     n_model_steps: int
     n_model_findings: int
-
-
-class PrmStep(TableRecord):
-    __table__ = "mart_prm_steps"
-    __description__ = (
-        "Step-labelled chains for process-reward-model training (TRL stepwise supervision: prompt, "
-        "completions = steps, labels = one bool per step); accepted chains plus perturbed negatives."
-    )
-    __grain__ = "one (chain, perturbation)"
-    __key__ = ("dataset_version", "prm_id")
-
-    dataset_version: str
-    prm_id: str
-    chain_id: str
-    sample_id: str
-    task: str
-    split: str
-    prompt: str
-    completions: list[str]
-    labels: list[bool]
-    perturbation: Literal["none", "status_flip", "finding_swap"]
-    perturbed_step: int | None = None  # index of the altered step; None for the unaltered chain
-    detail: str | None = None  # what was changed, e.g. "Pleural Effusion absent -> present"

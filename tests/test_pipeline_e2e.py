@@ -15,7 +15,7 @@ import pytest
 from flows.stages.common import SourceSpec
 
 DATA_TABLES = ("raw_reports", "stg_sections", "stg_studies", "stg_images", "int_labels", "int_vqa_samples",
-               "int_chains", "int_chain_steps", "mart_sft_examples", "mart_rl_prompts", "mart_benchmark", "mart_prm_steps",
+               "int_chains", "int_chain_steps", "mart_sft_examples", "mart_rl_prompts", "mart_benchmark",
                "fct_dataset_versions", "audit_stage_counts", "fct_materializations")
 
 
@@ -96,18 +96,6 @@ def test_all_five_tasks_and_no_test_sample_in_training_marts(built):
     assert bench_splits.to_pylist() == [{"split": "test"}]
 
 
-def test_prm_steps_hold_clean_chains_and_labelled_perturbations(built):
-    prm = built["wh"].read("mart_prm_steps")
-    clean = prm.filter(pl.col("perturbation") == "none")
-    assert clean.height > 0 and all(all(x) for x in clean["labels"].to_list())
-    bad = prm.filter(pl.col("perturbation") != "none").to_dicts()
-    assert bad
-    for r in bad:
-        i = r["perturbed_step"]
-        assert r["labels"][:i] == [True] * i and r["labels"][i] is False
-    assert set(prm["split"]) <= {"train", "validate"}
-
-
 def test_rerun_is_idempotent(built):
     from flows.pipeline import pipeline_flow
 
@@ -145,7 +133,7 @@ def test_train_dag_sft_grpo_evaluate_records_runs_and_results(built):
     from flows.training_flows import train_flow
 
     wh = built["wh"]
-    out = train_flow(max_examples=8, max_eval_per_task=2, max_new_tokens=16)
+    out = train_flow(max_examples=8, max_eval_per_task=2)
     runs = wh.read("fct_training_runs").sort("kind", descending=True)
     assert runs["kind"].to_list() == ["sft", "grpo"]
     assert runs["status"].to_list() == ["completed", "completed"]
@@ -153,6 +141,23 @@ def test_train_dag_sft_grpo_evaluate_records_runs_and_results(built):
     sft = runs.filter(pl.col("kind") == "sft").to_dicts()[0]
     assert grpo["init_checkpoint"] == sft["checkpoint"] and Path(grpo["checkpoint"]).is_dir()
     assert json.loads(grpo["metrics_json"])["reward_names"] == ["outcome_reward", "format_reward", "process_reward"]
-    results = wh.read("fct_eval_results").filter(pl.col("eval_id") == out["evaluation"]["eval_id"])
+    evaluation = out["evaluation"]
+    assert evaluation["max_new_tokens"] == 12  # tiny-cpu's grpo.max_completion_length, not a constant
+    results = wh.read("fct_eval_results").filter(pl.col("eval_id") == evaluation["eval_id"])
     assert set(results["task"]) == {"binary", "single", "multi", "open", "temporal", "all"}
-    assert Path(out["evaluation"]["chart"]).stat().st_size > 1000
+    assert results["baseline"].is_null().all() and results["format_compliance"].is_not_null().all()
+    assert Path(evaluation["chart"]).stat().st_size > 1000
+    # The baselines sit beside the model in the same table, scored on the same samples.
+    baselines = wh.read("fct_eval_results").filter(pl.col("baseline_of") == evaluation["eval_id"])
+    assert sorted(set(baselines["baseline"])) == ["majority", "oracle", "random"]
+    by = {(r["baseline"], r["task"]): r for r in baselines.to_dicts()}
+    model_all = results.filter(pl.col("task") == "all").to_dicts()[0]
+    for kind in ("majority", "random", "oracle"):
+        assert by[(kind, "all")]["n"] == model_all["n"]
+    assert by[("oracle", "all")]["accuracy"] == 1.0 and by[("oracle", "all")]["format_compliance"] == 1.0
+    assert by[("majority", "all")]["n_unparseable"] == model_all["n"]  # no reasoning, by construction
+    # The majority answer of a binary question is the training set's most common letter.
+    train = wh.read("mart_rl_prompts").filter((pl.col("task") == "binary") & (pl.col("split") == "train"))
+    counts = train["solution"].value_counts().sort(["count", "solution"], descending=[True, False])
+    preds = Path(evaluation["predictions"]).with_name("baseline-majority.jsonl").read_text().splitlines()
+    assert f"<answer>{counts['solution'][0]}</answer>" in {json.loads(line)["output"] for line in preds}
