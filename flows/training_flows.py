@@ -119,6 +119,19 @@ def _run_job(kind: str, training_run_id: str, config: str, version: str, rows: l
     return row
 
 
+def _launched(kind: str, cfg, config: str, rows: list[dict], out: Path, init_checkpoint: str | None = None,
+              rewards: list[tuple[str, float]] | None = None):
+    """Run a job as ``accelerate launch -m training.<kind>`` (one process per GPU of this worker) on a
+    JSONL export of its rows; the TrainResult the launched main process wrote (training/launch.py)."""
+    from training.launch import launch_command, run_launched, write_rows
+
+    data = write_rows(rows, out / f"{kind}_rows.jsonl")
+    config_ref = str(Path(config).resolve()) if Path(config).exists() else config
+    cmd = launch_command(kind, cfg.launch, config_ref, data, out, init_checkpoint, rewards or ())
+    get_run_logger().info("%s: %s", kind, " ".join(cmd))
+    return run_launched(cmd, out)
+
+
 @flow(name="radchain-sft", log_prints=False, persist_result=False)
 def sft_flow(dataset_version: str | None = None, config: str = "tiny-cpu", max_examples: int | None = None,
              training_run_id: str | None = None) -> dict[str, Any]:
@@ -127,8 +140,13 @@ def sft_flow(dataset_version: str | None = None, config: str = "tiny-cpu", max_e
     wh = _warehouse()
     version = dataset_version or latest_dataset_version(wh)
     rows, skipped = mart_rows(wh, "mart_sft_examples", version, limit=max_examples)
+    def job(cfg, rows, out):
+        if cfg.launch.mode == "accelerate":
+            return _launched("sft", cfg, config, rows, out)
+        return run_sft(cfg, rows, out_dir=out)
+
     row = _run_job("sft", training_run_id or f"sft-{uuid.uuid4().hex[:12]}", config, version, rows, skipped, None,
-                   lambda cfg, rows, out: run_sft(cfg, rows, out_dir=out))
+                   job)
     get_run_logger().info("SFT %s: %s, checkpoint %s", row["training_run_id"], row["status"], row["checkpoint"])
     return row
 
@@ -157,6 +175,10 @@ def grpo_flow(dataset_version: str | None = None, config: str = "tiny-cpu", init
 
     def job(cfg, rows, out):
         funcs, weights = reward_functions(cfg)
+        if cfg.launch.mode == "accelerate":
+            # The launched processes resolve the same names: training.rewards.<name>_reward.
+            specs = [(f"training.rewards:{name}_reward", w) for name, w in zip(cfg.rewards, weights, strict=True)]
+            return _launched("grpo", cfg, config, rows, out, init_checkpoint, specs)
         return run_grpo(cfg, rows, funcs, weights, out_dir=out, init_checkpoint=init_checkpoint)
 
     row = _run_job("grpo", training_run_id or f"grpo-{uuid.uuid4().hex[:12]}", config, version, rows, skipped,

@@ -161,3 +161,35 @@ def test_train_dag_sft_grpo_evaluate_records_runs_and_results(built):
     counts = train["solution"].value_counts().sort(["count", "solution"], descending=[True, False])
     preds = Path(evaluation["predictions"]).with_name("baseline-majority.jsonl").read_text().splitlines()
     assert f"<answer>{counts['solution'][0]}</answer>" in {json.loads(line)["output"] for line in preds}
+
+
+def test_sft_and_grpo_jobs_launched_with_accelerate_are_recorded(built, tmp_path):
+    """The GPU path on a CPU: the jobs run `accelerate launch -m training.sft|grpo` (one process, --cpu)
+    on a JSONL export of their rows, and the flow records what the launched job wrote."""
+    import yaml
+
+    from flows.training_flows import grpo_flow, sft_flow
+
+    wh = built["wh"]
+    data = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/tiny-cpu.yaml").read_text())
+    data["name"] = "tiny-cpu-launched"
+    data["launch"] = {"mode": "accelerate", "num_processes": 1, "cpu": True}
+    config = tmp_path / "tiny-launched.yaml"
+    config.write_text(yaml.safe_dump(data, sort_keys=False))  # the reward order is the config's
+
+    sft = sft_flow(config=str(config), max_examples=4)
+    assert sft["status"] == "completed", sft["error"]
+    metrics = json.loads(sft["metrics_json"])
+    command = metrics["launch"]["command"]
+    assert command[1:3] == ["-m", "accelerate.commands.launch"] and "--cpu" in command
+    assert command[command.index("-m", 3) + 1] == "training.sft"
+    assert metrics["steps"] == 2 and [e["step"] for e in metrics["curve"]] == [1, 2]
+    assert (Path(sft["checkpoint"]) / "model.safetensors").exists()
+
+    grpo = grpo_flow(config=str(config), init_checkpoint=sft["checkpoint"], max_prompts=2)
+    assert grpo["status"] == "completed", grpo["error"]
+    gm = json.loads(grpo["metrics_json"])
+    assert gm["reward_names"] == ["outcome_reward", "format_reward", "process_reward"]
+    assert gm["model_source"] == f"checkpoint:{sft['checkpoint']}"
+    runs = wh.read("fct_training_runs").filter(pl.col("config_name") == "tiny-cpu-launched")
+    assert sorted(runs["kind"].to_list()) == ["grpo", "sft"] and set(runs["status"]) == {"completed"}

@@ -449,3 +449,37 @@ def test_gpu_benchmark_runs_in_cpu_size_mode(tmp_path):
     (result,) = json.loads(report.read_text())
     assert result["sft_steps"] == 2 and result["grpo_steps"] == 1 and result["grpo_generations"] == 2
     assert result["sft_tokens_per_step"] >= 64  # the prompt alone is ~64 tokens
+
+
+def test_launch_command_runs_the_job_module_under_accelerate_with_the_workers_world_size(tmp_path):
+    from training.config import LaunchSettings
+    from training.launch import launch_command
+
+    release = load_config("qwen2vl-7b-release")
+    assert release.launch.mode == "accelerate" and release.grpo.steps_per_generation == 4
+    cmd = launch_command("grpo", release.launch.model_copy(update={"num_processes": 8}), "qwen2vl-7b-release",
+                         tmp_path / "rl.jsonl", tmp_path / "out", init_checkpoint="/runs/sft/final",
+                         rewards=[("training.rewards:outcome_reward", 1.0)], python="python")
+    assert cmd[:3] == ["python", "-m", "accelerate.commands.launch"]
+    assert cmd[cmd.index("--config_file") + 1] == str(REPO / "configs/accelerate/zero3.yaml")
+    assert cmd[cmd.index("--num_processes") + 1] == "8"
+    assert cmd[cmd.index("-m", 3):][:2] == ["-m", "training.grpo"]
+    assert cmd[cmd.index("--init") + 1] == "/runs/sft/final"
+    assert cmd[cmd.index("--reward") + 1] == "training.rewards:outcome_reward=1.0"
+    # No GPU here: the world size falls back to one process; without a config file, plain accelerate.
+    sft = launch_command("sft", LaunchSettings(mode="accelerate"), "tiny-cpu", tmp_path / "sft.jsonl",
+                         tmp_path / "o")
+    assert sft[sft.index("--num_processes") + 1] == str(max(1, torch.cuda.device_count()))
+    assert "--config_file" not in sft and sft[sft.index("--train") + 1] == str(tmp_path / "sft.jsonl")
+    with pytest.raises(FileNotFoundError):
+        launch_command("sft", LaunchSettings(accelerate_config="configs/accelerate/zero9.yaml"), "x", tmp_path,
+                       tmp_path)
+    with pytest.raises(ValueError):
+        launch_command("grpo", LaunchSettings(), "x", tmp_path, tmp_path)  # no rewards
+
+
+def test_accelerate_zero3_config_parses():
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    config = ClusterConfig.from_yaml_file(str(REPO / "configs/accelerate/zero3.yaml"))
+    assert config.distributed_type == "DEEPSPEED" and config.deepspeed_config["zero_stage"] == 3

@@ -208,6 +208,20 @@ class GRPOSettings(ScheduleSettings):
         return self
 
 
+class LaunchSettings(_Strict):
+    """How the sft/grpo jobs run. ``in_process``: inside the flow's own process (one device; tests, the
+    demo). ``accelerate``: the job starts ``accelerate launch -m training.sft|grpo`` with one process per
+    GPU of the worker (DeepSpeed through ``accelerate_config``), then records what the launched job wrote
+    (training/launch.py)."""
+
+    mode: Literal["in_process", "accelerate"] = "in_process"
+    # An accelerate config (configs/accelerate/zero2.yaml or zero3.yaml; relative paths are read from the
+    # repository root). None: accelerate's defaults (multi-GPU data parallel without DeepSpeed).
+    accelerate_config: str | None = None
+    num_processes: int | None = None  # None: every GPU the worker sees (1 on a CPU-only worker)
+    cpu: bool = False  # pass --cpu to accelerate (CPU smoke runs of the launch path)
+
+
 class TrainingConfig(_Strict):
     name: str
     description: str = ""
@@ -216,6 +230,7 @@ class TrainingConfig(_Strict):
     grpo: GRPOSettings = Field(default_factory=GRPOSettings)
     # Reward name -> weight; the caller resolves a name to training.rewards.<name>_reward. GRPO sums them.
     rewards: dict[str, float] = Field(default_factory=dict)
+    launch: LaunchSettings = Field(default_factory=LaunchSettings)
 
 
 def world_size() -> int:
