@@ -483,3 +483,31 @@ def test_accelerate_zero3_config_parses():
 
     config = ClusterConfig.from_yaml_file(str(REPO / "configs/accelerate/zero3.yaml"))
     assert config.distributed_type == "DEEPSPEED" and config.deepspeed_config["zero_stage"] == 3
+
+
+def test_memory_estimate_shards_with_zero_and_bounds_the_rollout_kv_cache():
+    from training.memory import GIB, estimate
+
+    cfg = load_config("qwen2vl-7b-release")
+    sft = estimate(cfg, "sft", world_size=8)
+    params = sft.parameters_b * 1e9
+    assert 8.2e9 < params < 8.4e9  # Qwen2-VL-7B-Instruct has 8.29B parameters, vision tower included
+    # ZeRO-3 on 8 GPUs: bf16 weights and gradients and the 12-byte fp32 optimizer state, all / 8.
+    assert sft.zero_stage == 3
+    assert sft.weights_gb == pytest.approx(2 * params / 8 / GIB)
+    assert sft.optimizer_gb == pytest.approx(12 * params / 8 / GIB)
+    # Rollout KV cache: 28 layers x 4 KV heads x 128 dims x K,V x bf16 = 57,344 bytes per token.
+    kv_token = 28 * 4 * 128 * 2 * 2
+    grpo = estimate(cfg, "grpo", world_size=8)
+    assert grpo.rollouts_per_generate == 8 * 4  # per_device 8 x steps_per_generation 4
+    assert grpo.kv_cache_gb == pytest.approx(32 * 4096 * kv_token / GIB)
+    # TRL's default (no steps_per_generation) generates the whole step per GPU: 256 x 8 / 8 = 256 rollouts.
+    default = cfg.model_copy(update={"grpo": cfg.grpo.model_copy(update={"steps_per_generation": None})})
+    whole = estimate(default, "grpo", world_size=8)
+    assert whole.rollouts_per_generate == 256 and whole.kv_cache_gb > 50
+    # In process (no DeepSpeed) one GPU holds fp32 weights, gradients and Adam: 16 bytes per parameter.
+    local = cfg.model_copy(update={"launch": cfg.launch.model_copy(update={"mode": "in_process"})})
+    one = estimate(local, "sft", world_size=1)
+    assert one.zero_stage == 0
+    assert one.weights_gb + one.gradients_gb + one.optimizer_gb == pytest.approx(16 * params / GIB)
+    assert one.total_gb > 80  # does not fit one 80 GB card
