@@ -51,7 +51,7 @@ def has_usable_images(row: dict) -> bool:
 
 def mart_rows(wh: Warehouse, table: str, version: str, splits: tuple[str, ...] | None = ("train",),
               columns: tuple[str, ...] | None = None, limit: int | None = None,
-              per_task: int | None = None) -> tuple[list[dict], int]:
+              per_task: int | None = None, keep=None) -> tuple[list[dict], int]:
     """Rows of one dataset version whose image files exist; returns (rows, skipped for missing images).
 
     ``per_task`` keeps the first n rows of each task (by sample id), so a capped evaluation still
@@ -61,6 +61,8 @@ def mart_rows(wh: Warehouse, table: str, version: str, splits: tuple[str, ...] |
     if splits is not None:
         q = q.filter(pl.col("split").is_in(list(splits)))
     rows = q.sort("sample_id").collect().to_dicts()
+    if keep is not None:  # a row filter applied before the caps (e.g. SFT variants)
+        rows = [r for r in rows if keep(r)]
     kept = [r for r in rows if has_usable_images(r)]
     skipped = len(rows) - len(kept)
     if per_task is not None:
@@ -137,9 +139,13 @@ def sft_flow(dataset_version: str | None = None, config: str = "tiny-cpu", max_e
              training_run_id: str | None = None) -> dict[str, Any]:
     from training.sft import run_sft
 
+    from training.config import load_config
+
     wh = _warehouse()
     version = dataset_version or latest_dataset_version(wh)
-    rows, skipped = mart_rows(wh, "mart_sft_examples", version, limit=max_examples)
+    variants = set(load_config(config).sft.variants)
+    rows, skipped = mart_rows(wh, "mart_sft_examples", version, limit=max_examples,
+                              keep=lambda r: r["variant"] in variants)
     def job(cfg, rows, out):
         if cfg.launch.mode == "accelerate":
             return _launched("sft", cfg, config, rows, out)

@@ -156,6 +156,9 @@ class SFTSettings(ScheduleSettings):
     # refuses keep_end truncation for images; the datasets keep conversations short instead.
     max_length: int | None = None
     assistant_only_loss: bool = True  # loss on the assistant turn only (its text and <|im_end|>)
+    # Which mart_sft_examples variants to train on: "chain" (<think>chain</think><answer>X</answer>) and/or
+    # "answer_only" (<answer>X</answer> to the same prompt, which still asks for reasoning).
+    variants: list[Literal["chain", "answer_only"]] = Field(default_factory=lambda: ["chain", "answer_only"])
 
 
 class GRPOSettings(ScheduleSettings):
