@@ -137,15 +137,15 @@ def _launched(kind: str, cfg, config: str, rows: list[dict], out: Path, init_che
 @flow(name="radchain-sft", log_prints=False, persist_result=False)
 def sft_flow(dataset_version: str | None = None, config: str = "tiny-cpu", max_examples: int | None = None,
              training_run_id: str | None = None) -> dict[str, Any]:
-    from training.sft import run_sft
-
     from training.config import load_config
+    from training.sft import run_sft
 
     wh = _warehouse()
     version = dataset_version or latest_dataset_version(wh)
     variants = set(load_config(config).sft.variants)
     rows, skipped = mart_rows(wh, "mart_sft_examples", version, limit=max_examples,
                               keep=lambda r: r["variant"] in variants)
+
     def job(cfg, rows, out):
         if cfg.launch.mode == "accelerate":
             return _launched("sft", cfg, config, rows, out)

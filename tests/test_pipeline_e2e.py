@@ -193,3 +193,27 @@ def test_sft_and_grpo_jobs_launched_with_accelerate_are_recorded(built, tmp_path
     assert gm["model_source"] == f"checkpoint:{sft['checkpoint']}"
     runs = wh.read("fct_training_runs").filter(pl.col("config_name") == "tiny-cpu-launched")
     assert sorted(runs["kind"].to_list()) == ["grpo", "sft"] and set(runs["status"]) == {"completed"}
+
+
+def test_evaluate_command_prints_the_model_beside_its_baselines_and_what_the_bars_are(built):
+    """`radchain evaluate` on the checkpoint the train DAG left: the table holds the model and the three
+    baselines per task, and the output says what the chart's bars are."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    runs = built["wh"].read("fct_training_runs").filter((pl.col("kind") == "grpo") & (pl.col("status") == "completed"))
+    if runs.is_empty():  # run alone (-k): train one first
+        from flows.training_flows import train_flow
+
+        checkpoint = train_flow(max_examples=4, max_eval_per_task=1)["grpo"]["checkpoint"]
+    else:
+        checkpoint = runs.sort("finished_at")["checkpoint"][-1]
+    result = CliRunner().invoke(app, ["evaluate", "--checkpoint", checkpoint, "--max-per-task", "2",
+                                      "--config", "tiny-cpu"])
+    assert result.exit_code == 0, result.output
+    text = result.output
+    for series in ("model", "majority", "random", "oracle"):
+        assert series in text
+    assert "12 new tokens" in text  # tiny-cpu's grpo.max_completion_length
+    assert "ceiling of this scorer" in text and "eval.png" in text

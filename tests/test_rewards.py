@@ -16,7 +16,7 @@ from training.answers import (
     set_f1,
 )
 from training.judge_llm import JudgeVerdict, build_messages, judge_agreement, score_from_verdict
-from training.radrscore import GoldChain, ReasoningScore, normalise_labels, score_reasoning
+from training.radrscore import GoldChain, ReasoningScore, normalise_labels
 from training.rewards import (
     DEFAULT_REWARD_FUNCS,
     DEFAULT_REWARD_WEIGHTS,
