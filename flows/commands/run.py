@@ -35,7 +35,8 @@ def register(app: typer.Typer) -> None:
         train: bool = typer.Option(False, "--train", help="then SFT → GRPO → evaluate on the new dataset version "
                                                           "(tiny-cpu config unless --config)"),
         config: str = typer.Option("tiny-cpu", help="training config for --train"),
-        max_examples: int | None = typer.Option(64, help="--train: cap training rows (smoke-sized by default)"),
+        max_examples: int | None = typer.Option(64, help="--train: cap training rows (smoke-sized by default; "
+                                                         "0: no cap)"),
         max_eval_per_task: int | None = typer.Option(10, help="--train: cap benchmark samples per task"),
         runner: str = typer.Option("default", help="where a stage's batches run: default (one after another "
                                                    "in this process) | dask (a Dask cluster, through prefect-dask)"),
@@ -160,10 +161,12 @@ def register(app: typer.Typer) -> None:
         if train:
             from flows.training_flows import train_flow
 
-            out = train_flow(config=config, max_examples=max_examples, max_eval_per_task=max_eval_per_task,
-                             max_new_tokens=64)
+            from flows.commands.train_cmds import print_evaluation
+
+            out = train_flow(config=config, max_examples=max_examples or None, max_eval_per_task=max_eval_per_task)
             console.print(f"trained on {out['dataset_version']}: SFT {out['sft']['status']}, GRPO "
-                          f"{out['grpo']['status']}; eval chart {out['evaluation']['chart']}")
+                          f"{out['grpo']['status']}")
+            print_evaluation(out["evaluation"])
 
 
 def ensure_demo_corpus(out: Path, studies: int, seed: int) -> Path:

@@ -133,11 +133,14 @@ def score_file(
     semantic: bool = False,
     write: bool = True,
     settings: Any = None,
+    baseline: str | None = None,
+    baseline_of: str | None = None,
 ) -> tuple[str, Any]:
     """Score a predictions JSONL against the warehouse gold; write the eval tables when ``write``.
 
     Returns (eval_id, training.radrscore.ScoreReport). Used by `radchain score` and by the
-    evaluation job (flows/evaluation.py). Raises UsageError on unusable input.
+    evaluation job (flows/evaluation.py), which also scores the baselines (``baseline`` names one,
+    ``baseline_of`` the model evaluation it stands beside). Raises UsageError on unusable input.
     """
     from radchain.runtime import prepare_environment
     from training.radrscore import EmbeddingStepMatcher, score_predictions
@@ -156,8 +159,9 @@ def score_file(
     model_name = model or file_model or predictions.stem
     report.model = model_name
     eval_id = _eval_id(predictions, model_name, checkpoint, judge, semantic)
+    report.format_compliance = format_compliance(report)
     if write:
-        _write(wh, eval_id, report, model_name, checkpoint, judge, predictions, llm_calls)
+        _write(wh, eval_id, report, model_name, checkpoint, judge, predictions, llm_calls, baseline, baseline_of)
     return eval_id, report
 
 
@@ -187,6 +191,18 @@ def _score_release(path: Path, *, semantic: bool) -> None:
         t.add_row(model, task, str(len(scs)), _fmt(avg.completeness), _fmt(avg.factuality), _fmt(avg.effectiveness),
                   _fmt(avg.radrscore), str(sum(s.unparseable for s in scs)), str(sum(s.tagless for s in scs)))
     console.print(t)
+
+
+def format_compliance(report: Any) -> dict[str, float | None]:
+    """Task (and "all") -> share of well-formed outputs, over the samples the report scored."""
+    from training.answers import is_well_formed
+
+    by_task: dict[str, list[bool]] = {}
+    for s in report.per_sample:
+        ok = is_well_formed(s.output)
+        by_task.setdefault(s.task, []).append(ok)
+        by_task.setdefault("all", []).append(ok)
+    return {task: (sum(v) / len(v) if v else None) for task, v in by_task.items()}
 
 
 def read_predictions(path: Path) -> tuple[list[dict[str, Any]], str | None]:
@@ -278,19 +294,20 @@ def _fmt(x: float | None) -> str:
 def _print_report(report: Any, title: str) -> None:
     t = Table(title=title)
     t.add_column("task", no_wrap=True)
-    for col in ("n", "accuracy", "complete", "factual", "effective", "RadRScore", "unparsed", "no answer",
-                "no chain"):
+    for col in ("n", "accuracy", "complete", "factual", "effective", "RadRScore", "format", "unparsed",
+                "no answer", "no chain"):
         t.add_column(col, justify="right")
     last_task = len(report.per_task) - 2  # the row before "all" closes the per-task section
     for i, r in enumerate(report.per_task):
         t.add_row(cell(r.task), str(r.n), _fmt(r.accuracy), _fmt(r.completeness), _fmt(r.factuality),
-                  _fmt(r.effectiveness), _fmt(r.radrscore), str(r.n_unparseable), str(r.n_no_answer),
+                  _fmt(r.effectiveness), _fmt(r.radrscore),
+                  _fmt(getattr(report, "format_compliance", {}).get(r.task)), str(r.n_unparseable), str(r.n_no_answer),
                   str(r.n_no_gold_chain), end_section=(i == last_task))
     table_console().print(t)
 
 
 def _write(wh: Any, eval_id: str, report: Any, model: str, checkpoint: str | None, judge: str, path: Path,
-           llm_calls: list[dict[str, Any]]) -> None:
+           llm_calls: list[dict[str, Any]], baseline: str | None = None, baseline_of: str | None = None) -> None:
     from radchain import __version__
     from schemas.base import Lineage
     from schemas.llm import LlmCall
@@ -300,7 +317,8 @@ def _write(wh: Any, eval_id: str, report: Any, model: str, checkpoint: str | Non
     lineage = Lineage(run_id=f"score-{eval_id}", batch_id=eval_id, code_version=f"radchain-{__version__}/{VERSION}")
     results = [
         dict(eval_id=eval_id, model=model, checkpoint=checkpoint, judge=judge, predictions_path=str(path.resolve()),
-             scored_at=now, **r.as_dict())
+             scored_at=now, format_compliance=report.format_compliance.get(r.task), baseline=baseline,
+             baseline_of=baseline_of, **r.as_dict())
         for r in report.per_task
     ]
     predictions = [
