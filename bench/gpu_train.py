@@ -9,6 +9,7 @@ answers. Prints, per size: SFT tokens/s, GRPO step time and peak GPU memory.
     python bench/gpu_train.py                       # on a GPU: 2B and 7B, bf16
     python bench/gpu_train.py --sizes 2b --sft-steps 5
     python bench/gpu_train.py --cpu-size            # tiny shapes, CPU, short sequences (tests)
+    python bench/gpu_train.py --estimate            # per-GPU memory plan of every GPU config (no GPU needed)
 
 One GPU, pure bf16 weights (no fp32 master copy) so that a 7B full fine-tune with AdamW and the GRPO
 reference model fit in one H200; gradient checkpointing as in the configs. Random weights rarely emit
@@ -227,6 +228,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=None, help="write all results to this file")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints written in the workdir")
+    parser.add_argument("--estimate", action="store_true", help="print the per-GPU memory estimate of each "
+                                                                "config (training/memory.py) and exit")
+    parser.add_argument("--gpus", default="1,8", help="--estimate: world sizes to estimate for")
     args = parser.parse_args(argv)
     small = args.cpu_size
     args.prompt_tokens = args.prompt_tokens or (64 if small else 2048)
@@ -235,8 +239,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def print_estimates(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """ESTIMATE lines: weights, gradients, optimizer, activations, logits, reference, KV cache per GPU."""
+    from training.memory import estimate, format_estimate
+
+    rows = []
+    for size in [s.strip() for s in args.sizes.split(",") if s.strip()]:
+        cfg = load_config(SIZES[size])
+        for gpus in [int(g) for g in args.gpus.split(",")]:
+            for job in ("sft", "grpo"):
+                e = estimate(cfg, job, world_size=gpus)
+                print(format_estimate(e), flush=True)
+                rows.append(e.as_dict())
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.estimate:
+        rows = print_estimates(args)
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=2))
+        return 0
     if not args.cpu_size and not torch.cuda.is_available():
         print("no CUDA device: run on a GPU machine, or pass --cpu-size", file=sys.stderr)
         return 2

@@ -21,6 +21,17 @@ Prints (medians where repeated):
     at an equal or higher acceptance rate. The same figures without faults are printed too.
 (c) the re-run of (a) over the same samples: its wall time as a fraction of the first run's
     (floor <= 0.1) and its HTTP requests (must be 0).
+(d) dollars per accepted chain at GPT-4o-2024-08-06 prices (the settings' price table: $2.50 in,
+    $1.25 cached in, $10 out per 1M tokens; Batch API $1.25 / $5), side by side in one run with the
+    content faults of (b) (and 5% failed batch requests in batch mode), fresh caches, the fake
+    server's prompt caching on: the release's protocol (``paper``, sync) vs ``single`` sync and
+    batch, each with the default prompt (``single-v2``, a 559-token static prefix: below the
+    1,024 tokens prompt caching needs) and with the few-shot prompt (``single-v3``, a 1,280-token
+    static prefix that is cached). Floor: ``single`` + batch <= 0.25x the release's dollars per
+    accepted chain, at an acceptance rate no lower. The few-shot prompt is kept as the default only
+    if it is cheaper per accepted chain (the figures print the acceptance gain it would need).
+
+The process exits 1 when any floor is missed.
 """
 
 from __future__ import annotations
@@ -61,6 +72,10 @@ _TMP: Path | None = None
 FLOOR_THROUGHPUT = 0.85
 FLOOR_TOKEN_RATIO = 0.5
 FLOOR_RERUN = 0.1
+FLOOR_BATCH_COST = 0.25  # single + batch dollars per accepted chain / the release's (paper, sync)
+CONTENT_FAULTS = {k: v for k, v in dict(malformed_json=0.02, schema_invalid=0.02, ungrounded=0.02,
+                                        contradiction=0.02).items()}
+BATCH_FAILURE_RATE = 0.05
 FAULTS = dict(rate_limit=0.05, server_error=0.02, timeout=0.01, malformed_json=0.02, schema_invalid=0.02,
               ungrounded=0.02, contradiction=0.02)
 CLIENT_TIMEOUT_S = 2.0
@@ -68,7 +83,7 @@ CLIENT_TIMEOUT_S = 2.0
 
 # ---- the fake server, in this process or in its own --------------------------------------------------
 def _server_kwargs(latency: float, concurrency: int) -> dict[str, Any]:
-    return dict(latency_s=latency, max_concurrency=concurrency, retry_after_s=0.05,
+    return dict(latency_s=latency, max_concurrency=concurrency, retry_after_s=0.05, batch_delay_s=0.05,
                 timeout_sleep_s=2 * CLIENT_TIMEOUT_S)
 
 
@@ -76,6 +91,7 @@ def _stats(server) -> dict[str, Any]:
     phase = (None if server.first_request_at is None or server.last_response_at is None
              else server.last_response_at - server.first_request_at)
     return dict(requests=server.requests, statuses=dict(server.statuses), faults=dict(server.faults_served),
+                batches=len(server.batches), batch_lines_failed=server.batch_lines_failed,
                 max_in_flight=server.max_in_flight, in_flight=server.in_flight, request_phase_s=phase,
                 served_ms=1000 * server.served_s / max(1, server.requests))
 
@@ -101,10 +117,12 @@ def _serve(conn, warehouse_dir: str, latency: float, concurrency: int) -> None:
             conn.send((getattr(server, "dbg", []), getattr(server, "dbg2", []))); server.dbg = []; server.dbg2 = []; continue
         if cmd == "reset":
             server.reset_counters()
+            server.clear_prompt_cache()  # each run starts with a cold provider prompt cache
         elif cmd == "faults":
             server.faults = dict(arg)
             server.seed = arg.get("_seed", 0) if isinstance(arg, dict) else 0
             server.faults.pop("_seed", None)
+            server.batch_failure_rate = server.faults.pop("_batch_failure_rate", 0.0)
         conn.send(dict(_stats(server), misses=responder.misses))
 
 
@@ -160,9 +178,12 @@ class LocalServer:
 
     def reset(self) -> None:
         self.server.reset_counters()
+        self.server.clear_prompt_cache()
 
     def set_faults(self, faults: dict[str, float], seed: int = 0) -> None:
-        self.server.faults, self.server.seed = dict(faults), seed
+        faults = dict(faults)
+        self.server.batch_failure_rate = faults.pop("_batch_failure_rate", 0.0)
+        self.server.faults, self.server.seed = faults, seed
 
     def cpu_s(self) -> float | None:
         return None  # one process: client and server CPU cannot be told apart
@@ -208,7 +229,8 @@ def build_warehouse(home: Path, samples: int, seed: int) -> tuple[Path, dict[str
 
 
 # ---- one mine run ----------------------------------------------------------------------------------------
-def mine_once(home: Path, base_url: str, protocol: str, concurrency: int, server) -> dict[str, Any]:
+def mine_once(home: Path, base_url: str, protocol: str, concurrency: int, server, mode: str = "sync",
+              prompt_version: str | None = None) -> dict[str, Any]:
     import polars as pl
     from pydantic import SecretStr
 
@@ -219,8 +241,9 @@ def mine_once(home: Path, base_url: str, protocol: str, concurrency: int, server
     settings.llm = LLMSettings().model_copy(update=dict(
         base_url=base_url, api_key=SecretStr("sk-bench"), protocol=protocol, max_concurrency=concurrency,
         requests_per_minute=1_000_000, tokens_per_minute=1_000_000_000, timeout_s=CLIENT_TIMEOUT_S,
+        mode=mode, batch_poll_s=0.02,
     ))
-    ctx = make_context(settings, extractor="llm", show_progress=False)
+    ctx = make_context(settings, extractor="llm", show_progress=False, prompt_version=prompt_version)
     server.reset()
     server_cpu0 = server.cpu_s()
     cpu0, t0 = time.process_time(), time.perf_counter()
@@ -241,6 +264,10 @@ def mine_once(home: Path, base_url: str, protocol: str, concurrency: int, server
         acceptance=accepted / inputs if inputs else 0.0, ledger_rows=calls.height, fresh_rows=fresh.height,
         attempts=int(fresh["attempts"].sum()) if fresh.height else 0, tokens=tokens,
         cache_hits=int(calls["cache_hit"].sum()) if calls.height else 0,
+        usd=float(fresh["cost_usd"].sum()) if fresh.height else 0.0,
+        prompt_tokens=int(fresh["prompt_tokens"].sum()) if fresh.height else 0,
+        cached_tokens=int(fresh["cached_tokens"].sum()) if fresh.height else 0,
+        batches=stats.get("batches", 0),
     )
 
 
@@ -266,6 +293,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--fault-seed", type=int, default=1)
     parser.add_argument("--in-process", action="store_true", help="run the fake server in this process")
     parser.add_argument("--skip-protocols", action="store_true", help="skip (b)")
+    parser.add_argument("--skip-cost", action="store_true", help="skip (d)")
+    parser.add_argument("--only-cost", action="store_true", help="run (d) only")
     args = parser.parse_args(argv)
 
     import logging
@@ -296,7 +325,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # (a) + (c): no faults, single protocol; each repeat on a fresh cache, then the re-run on the full one.
         server.set_faults({})
         firsts, reruns = [], []
-        for rep in range(args.repeats):
+        for rep in range(0 if args.only_cost else args.repeats):
             # A fresh warehouse and an empty cache each time: the mine stage reuses batches whose inputs did not
             # change, so a first run over partitions already mined would mine nothing.
             home = copy_home(warehouse_dir, tmp / "a" / "home")
@@ -327,6 +356,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"(c) rep {rep + 1}: re-run {again['wall_s']:.2f}s = {again['fraction_of_first']:.3f} of the first; "
                   f"{again['requests']} requests; {again['cache_hits']} cache hits", flush=True)
         med = statistics.median
+        if not args.skip_cost:
+            out["d"] = cost_comparison(args, server, warehouse_dir, tmp)
+        if args.only_cost:
+            return _verdicts(out, args)
         out["a"] = dict(
             req_per_s_median=med(f["req_per_s"] for f in firsts),
             fraction_of_ideal_median=med(f["fraction_of_ideal"] for f in firsts),
@@ -352,7 +385,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
 
         # (b): both protocols, fresh caches, without faults and with the fault mix.
-        if not args.skip_protocols:
+        if not args.skip_protocols and not args.only_cost:
             out["b"] = {}
             for label, faults in (("no_faults", {}), ("fault_mix", FAULTS)):
                 runs = {}
@@ -386,11 +419,82 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
+    return _verdicts(out, args)
+
+
+def cost_comparison(args: argparse.Namespace, server: Any, warehouse_dir: Path, tmp: Path) -> dict[str, Any]:
+    """(d): dollars per accepted chain of the release's protocol vs single (+ few-shot) sync and batch."""
+    variants = [  # label, protocol, mode, prompt version
+        ("paper sync", "paper", "sync", None),
+        ("single sync", "single", "sync", "single-v2"),
+        ("single+fewshot sync", "single", "sync", "single-v3"),
+        ("single batch", "single", "batch", "single-v2"),
+        ("single+fewshot batch", "single", "batch", "single-v3"),
+    ]
+    runs: dict[str, dict[str, Any]] = {}
+    for label, protocol, mode, version in variants:
+        faults = dict(CONTENT_FAULTS, _batch_failure_rate=BATCH_FAILURE_RATE if mode == "batch" else 0.0)
+        server.set_faults(faults, seed=args.fault_seed)
+        home = copy_home(warehouse_dir, tmp / f"d-{label.replace(' ', '-').replace('+', '-')}" / "home")
+        r = mine_once(home, server.base_url, protocol, args.concurrency, server, mode=mode, prompt_version=version)
+        r["usd_per_accepted"] = r["usd"] / max(1, r["accepted"])
+        r["cached_share"] = r["cached_tokens"] / max(1, r["prompt_tokens"])
+        r["calls_per_accepted"] = r["fresh_rows"] / max(1, r["accepted"])
+        runs[label] = r
+        print(f"(d) {label:21s}: accepted {r['accepted']}/{r['samples']} ({r['acceptance']:.4f}); "
+              f"${r['usd']:.4f} = ${1000 * r['usd_per_accepted']:.4f} per 1,000 accepted chains; "
+              f"{r['calls_per_accepted']:.3f} calls and {r['tokens'] / max(1, r['accepted']):.0f} tokens per accepted "
+              f"chain; cached {r['cached_share']:.1%} of input; {r['batches']} batches; {r['wall_s']:.1f}s",
+              flush=True)
+    paper = runs["paper sync"]
+    out: dict[str, Any] = {"floor": FLOOR_BATCH_COST, "runs": {}}
+    for label, r in runs.items():
+        out["runs"][label] = {k: r[k] for k in ("acceptance", "usd", "usd_per_accepted", "calls_per_accepted",
+                                                "cached_share", "batches", "accepted", "samples")}
+        out["runs"][label]["ratio_to_paper"] = r["usd_per_accepted"] / paper["usd_per_accepted"]
+        print(f"(d) {label:21s}: ${1000 * r['usd_per_accepted']:.4f} per 1,000 accepted chains = "
+              f"{out['runs'][label]['ratio_to_paper']:.3f}x the release's; acceptance {r['acceptance']:.4f}; "
+              f"{r['calls_per_accepted']:.3f} ledger calls per accepted; cached input {r['cached_share']:.1%}; "
+              f"{r['batches']} batches", flush=True)
+    best_batch = runs["single batch"]
+    out["batch_ratio"] = best_batch["usd_per_accepted"] / paper["usd_per_accepted"]
+    out["batch_acceptance_ge_paper"] = best_batch["acceptance"] >= paper["acceptance"]
+    # Few-shot: kept only if cheaper per accepted chain; the acceptance it would need to break even.
+    decision = {}
+    for mode in ("sync", "batch"):
+        plain, few = runs[f"single {mode}"], runs[f"single+fewshot {mode}"]
+        usd_per_sample_few = few["usd"] / max(1, few["samples"])
+        needed = usd_per_sample_few / plain["usd_per_accepted"]  # acceptance at which few-shot matches plain
+        decision[mode] = dict(plain=plain["usd_per_accepted"], fewshot=few["usd_per_accepted"],
+                              pays=few["usd_per_accepted"] < plain["usd_per_accepted"],
+                              breakeven_acceptance=needed, plain_acceptance=plain["acceptance"],
+                              fewshot_acceptance=few["acceptance"])
+        print(f"(d) few-shot ({mode}): ${1000 * few['usd_per_accepted']:.4f} vs ${1000 * plain['usd_per_accepted']:.4f} "
+              f"per 1,000 accepted chains (acceptance {few['acceptance']:.4f} vs {plain['acceptance']:.4f}); it would "
+              f"pay for itself at an acceptance of {needed:.4f} or more -> "
+              f"{'KEEP few-shot' if decision[mode]['pays'] else 'do not keep few-shot (single-v2 stays the default)'}",
+              flush=True)
+    out["fewshot"] = decision
+    return out
+
+
+def _verdicts(out: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    verdicts: dict[str, bool] = {}
+    if "d" in out:
+        d = out["d"]
+        verdicts["d_batch_cost"] = d["batch_ratio"] <= FLOOR_BATCH_COST and d["batch_acceptance_ge_paper"]
+        print(f"(d) single + batch / paper sync dollars per accepted chain: {d['batch_ratio']:.3f} (floor "
+              f"{FLOOR_BATCH_COST}, acceptance no lower: {d['batch_acceptance_ge_paper']}) -> "
+              f"{'PASS' if verdicts['d_batch_cost'] else 'BELOW FLOOR'}")
+    if "a" not in out:
+        out["verdicts"] = verdicts
+        print(json.dumps(out, indent=1, default=str))
+        return out
     a, c = out["a"], out["c"]
-    verdicts = {
+    verdicts.update({
         "a_throughput": a["fraction_of_ideal_median"] >= FLOOR_THROUGHPUT,
         "c_rerun": c["fraction_of_first_median"] <= FLOOR_RERUN and c["requests_max"] == 0,
-    }
+    })
     if "b" in out:
         fm = out["b"]["fault_mix"]
         verdicts["b_tokens"] = fm["token_ratio_single_over_paper"] <= FLOOR_TOKEN_RATIO and fm[
@@ -398,7 +502,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out["verdicts"] = verdicts
     out["load_avg_after"] = os.getloadavg()
     print(f"(a) throughput: median {a['req_per_s_median']:.0f} req/s = {a['fraction_of_ideal_median']:.3f} of "
-          f"ideal {ideal:.0f} (floor {FLOOR_THROUGHPUT}) -> {'PASS' if verdicts['a_throughput'] else 'BELOW FLOOR'}; "
+          f"ideal {out['ideal_req_per_s']:.0f} (floor {FLOOR_THROUGHPUT}) -> {'PASS' if verdicts['a_throughput'] else 'BELOW FLOOR'}; "
           f"client CPU {a['client_cpu_ms_per_request_median']:.2f} ms/request caps one process at "
           f"{a['cpu_bound_ceiling_fraction']:.2f} of ideal; load average {out['load_avg_before'][0]:.1f} on "
           f"{out['cpus']} CPUs")
@@ -414,5 +518,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return out
 
 
+def exit_code(result: dict[str, Any]) -> int:
+    """1 when any floor was missed (a benchmark below its floor must fail the job that runs it)."""
+    missed = [k for k, ok in result.get("verdicts", {}).items() if not ok]
+    if missed:
+        print(f"floors missed: {', '.join(missed)}", file=sys.stderr)
+    return 1 if missed else 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_code(main()))

@@ -123,7 +123,7 @@ def label_columns(columns: list[str], aliases: Mapping[str, str] | None = None) 
 
 
 def to_long(df: pl.DataFrame, *, id_col: str, aliases: Mapping[str, str] | None = None,
-            strict: bool = True, normalize_ids: bool = True) -> pl.DataFrame:
+            strict: bool = True, normalize_ids: bool = True, trim_ids: bool = True) -> pl.DataFrame:
     """A wide label table -> (study_id, observation, value), one row per id and label column.
 
     Unreadable cells raise LabelTableError when ``strict``; otherwise they become
@@ -141,7 +141,7 @@ def to_long(df: pl.DataFrame, *, id_col: str, aliases: Mapping[str, str] | None 
             f"no label column found among {', '.join(df.columns)}; name them as CheXpert observations "
             "or pass an alias table")
     wide = df.select(
-        _study_id_expr(pl.col(id_col).cast(pl.String), normalize_ids).alias("study_id"),
+        _study_id_expr(pl.col(id_col).cast(pl.String), normalize_ids, trim_ids).alias("study_id"),
         *(pl.col(c).cast(pl.String).alias(o) for c, o in mapping.items()),
     ).with_row_index("_row")
     long = wide.unpivot(index=["_row", "study_id"], variable_name="observation", value_name="raw")
@@ -168,9 +168,12 @@ def to_long(df: pl.DataFrame, *, id_col: str, aliases: Mapping[str, str] | None 
     return out.unique(["study_id", "observation"], keep="first", maintain_order=True)
 
 
-def _study_id_expr(col: pl.Expr, normalize: bool = True) -> pl.Expr:
-    """normalize_study_id as a polars expression (only trimming when not ``normalize``)."""
-    text = col.str.strip_chars()
+def _study_id_expr(col: pl.Expr, normalize: bool = True, trim: bool = True) -> pl.Expr:
+    """normalize_study_id as a polars expression (only trimming when not ``normalize``; ids kept
+    exactly as written, blanks included, when neither: a report table's ids, see extractors/sources.py)."""
+    text = col.str.strip_chars() if trim or normalize else col
+    if not (trim or normalize):
+        return pl.when(col.str.strip_chars().str.len_chars() > 0).then(col)
     if normalize:
         text = text.str.replace(r"^[sS](\d+)$", "$1").str.replace(r"^(\d+)\.0+$", "$1")
     return pl.when(text.str.len_chars() > 0).then(text)

@@ -7,18 +7,25 @@ a mapped column that is missing, a corrupt metadata CSV) raise ``SourceError``.
 
 Id conventions: MIMIC study and patient ids are stored without their ``s``/``p`` prefix,
 exactly as ``study_id``/``subject_id`` appear in the MIMIC-CXR CSVs ("50414267"). Table ids
-are the id column cast to text. When an id occurs twice, the first occurrence in sorted
-path order (MIMIC) or row order (table) wins and later ones are rejected as DUPLICATE_ID.
+are kept as written ("7.0" and " 007 " stay distinct from "7" and "007"); blanks around them
+are stripped only when the source asks (``trim_ids``); a float column's integral values lose
+their ".0" (a Parquet/JSONL integer id column with gaps becomes float). When an id occurs
+twice, the first occurrence in sorted path order (MIMIC) or row order (table) wins and later
+ones are rejected as DUPLICATE_ID.
 """
 
 from __future__ import annotations
 
+import csv
 import errno
 import hashlib
+import io
 import json
+import logging
 import os
 import re
 import stat
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +60,8 @@ class Reason:
     MISSING_ID = "MISSING_ID"  # table row without a study id
     UNREADABLE = "UNREADABLE"  # the file vanished or cannot be opened
     UNSUPPORTED_LANGUAGE = "UNSUPPORTED_LANGUAGE"  # not English: the labeler would read it as normal
+    WRONG_TYPE = "WRONG_TYPE"  # a table cell mapped as report text holds an object or a list, not text
+    MALFORMED_ROW = "MALFORMED_ROW"  # a CSV record that cannot be parsed (broken quote, wrong field count)
 
 
 class SourceError(ValueError):
@@ -72,6 +81,7 @@ class SourceLike(Protocol):
     split_col: str | None
     date_col: str | None
     image_col: str | None
+    # trim_ids (optional, default False): strip blanks around table ids; otherwise ids are kept as written.
 
 
 @dataclass(frozen=True)
@@ -227,33 +237,92 @@ def study_attributes(spec: SourceLike) -> pl.DataFrame:
 
 
 def image_rows(spec: SourceLike, reports: pl.DataFrame) -> pl.DataFrame:
-    """Images of the given reports (columns study_id, patient_id, source) with an exists flag.
+    """Images of the given reports (columns study_id, patient_id, source), each checked on disk.
 
-    ``exists`` means usable: the file is there and starts like an image (JPEG, PNG or DICOM),
-    so a truncated download or a garbage file named .jpg never reaches a training batch.
+    Every listed file is opened with Pillow (``inspect_image``): ``status`` is ``ok``, ``missing``
+    (no such file) or ``corrupt`` (there, but not an image Pillow can read: a truncated download,
+    two bytes of a JPEG signature, a garbage file named .jpg); ``width``, ``height`` and ``format``
+    come from the image header. ``exists`` means usable (``status == "ok"``), so such a file never
+    reaches a training batch.
     """
     if source_kind(spec) == "mimic":
         df = MimicTree(Path(spec.path)).images(reports)
     else:
         df = ReportTable(spec).images(reports)
-    if df.is_empty():
-        return df
-    usable = [bool(e) and looks_like_image(p) for p, e in df.select("path", "exists").iter_rows()]
-    return df.with_columns(pl.Series("exists", usable, dtype=pl.Boolean))
+    checks = [inspect_image(p) if e else ImageCheck(IMAGE_MISSING)
+              for p, e in df.select("path", "exists").iter_rows()]
+    return df.with_columns(
+        pl.Series("exists", [c.status == IMAGE_OK for c in checks], dtype=pl.Boolean),
+        pl.Series("status", [c.status for c in checks], dtype=pl.String),
+        pl.Series("width", [c.width for c in checks], dtype=pl.Int64),
+        pl.Series("height", [c.height for c in checks], dtype=pl.Int64),
+        pl.Series("format", [c.format for c in checks], dtype=pl.String),
+    )
 
 
-# File signatures: JPEG, PNG, and DICOM's "DICM" after its 128-byte preamble.
-_IMAGE_MAGIC = (b"\xff\xd8", b"\x89PNG\r\n\x1a\n")
+IMAGE_OK, IMAGE_MISSING, IMAGE_CORRUPT = "ok", "missing", "corrupt"
+_DICOM_MAGIC = b"DICM"  # after DICOM's 128-byte preamble
+_JPEG_EOI = b"\xff\xd9"
 
 
-def looks_like_image(path: str) -> bool:
-    """Cheap signature check (one 132-byte read), not a full decode."""
+@dataclass(frozen=True)
+class ImageCheck:
+    status: str  # ok | missing | corrupt
+    format: str | None = None  # JPEG, PNG, DICOM, ...
+    width: int | None = None
+    height: int | None = None
+    detail: str | None = None
+
+
+def inspect_image(path: str | os.PathLike[str]) -> ImageCheck:
+    """Open an image file with Pillow and check it cheaply, without decoding its pixels.
+
+    * the header must parse (format, width and height > 0): a file that only starts like an
+      image (``FF D8``) fails here;
+    * JPEG: the file must end with the end-of-image marker (``FF D9``, trailing padding allowed),
+      which a truncated download lacks;
+    * other formats: ``Image.verify()`` (PNG checks every chunk's CRC);
+    * DICOM (``DICM`` after the preamble), which Pillow cannot read: accepted on its signature, no size.
+
+    About 0.1 ms per file (header and the last bytes only), so a MIMIC-size image set costs
+    seconds, not the minutes a pixel decode would.
+    """
+    from PIL import Image, UnidentifiedImageError
+
     try:
         with open(path, "rb") as fh:
             head = fh.read(132)
-    except OSError:
-        return False
-    return head.startswith(_IMAGE_MAGIC) or head[128:132] == b"DICM"
+            if head[128:132] == _DICOM_MAGIC:
+                return ImageCheck(IMAGE_OK, "DICOM")
+            fh.seek(0)
+            try:
+                with Image.open(fh) as im:
+                    fmt, (width, height) = im.format, im.size
+                    if width <= 0 or height <= 0:
+                        return ImageCheck(IMAGE_CORRUPT, fmt, detail="zero-sized image")
+                    if fmt == "JPEG":
+                        fh.seek(max(0, os.fstat(fh.fileno()).st_size - 1024))
+                        if _JPEG_EOI not in fh.read():
+                            return ImageCheck(IMAGE_CORRUPT, fmt, width, height, "JPEG without its end marker "
+                                                                                 "(truncated)")
+                    else:
+                        im.verify()
+            except (UnidentifiedImageError, Image.DecompressionBombError) as e:
+                return ImageCheck(IMAGE_CORRUPT, detail=type(e).__name__)
+            except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as e:
+                return ImageCheck(IMAGE_CORRUPT, detail=f"{type(e).__name__}: {e}"[:200])
+    except FileNotFoundError:
+        return ImageCheck(IMAGE_MISSING)
+    except OSError as e:  # a folder, a dangling link, no permission
+        if not os.path.lexists(path):
+            return ImageCheck(IMAGE_MISSING)
+        return ImageCheck(IMAGE_CORRUPT, detail=f"unreadable: {type(e).__name__}")
+    return ImageCheck(IMAGE_OK, fmt, width, height)
+
+
+def looks_like_image(path: str) -> bool:
+    """The file is there and Pillow reads it as an image (``inspect_image``)."""
+    return inspect_image(path).status == IMAGE_OK
 
 
 IMAGE_SCHEMA = {"dicom_id": pl.String, "study_id": pl.String, "patient_id": pl.String, "path": pl.String,
@@ -532,6 +601,102 @@ def first_broken_json_line(path: Path) -> tuple[int, str] | None:
     return None
 
 
+# Byte-order marks of encodings polars cannot read; a file starting with one is decoded first.
+_BOMS = ((b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"),
+         (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"))
+# Columns the lenient CSV reader adds: the record's first line, and why it could not be parsed.
+_LINE_COL = "__radchain_line"
+_PROBLEM_COL = "__radchain_problem"
+_INTERNAL = (_LINE_COL, _PROBLEM_COL)
+MAX_MALFORMED_LINES = 1000
+_PREPARED: dict[tuple, "_Prepared"] = {}
+log = logging.getLogger("radchain.sources")
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """How a table file is read: as is (``frame`` None), or from a frame built in memory (a file
+    in UTF-16/32, or a CSV polars cannot parse, re-read record by record)."""
+
+    frame: pl.DataFrame | None = None
+    malformed: int = 0
+    first_problem: str = ""
+
+
+def _bom_encoding(path: Path) -> str | None:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        return None
+    for bom, encoding in _BOMS:
+        if head.startswith(bom):
+            return encoding
+    return None
+
+
+def lenient_csv(text: str, separator: str = ",") -> tuple[pl.DataFrame, int, str]:
+    """A CSV read record by record with Python's csv module: (frame, malformed records, first problem).
+
+    Every column is text. A record that cannot be parsed (a quote that never closes, text after
+    a closing quote, more or fewer fields than the header) becomes a row with null fields, its
+    first line in ``__radchain_line`` and the reason in ``__radchain_problem``; reading resumes
+    at the next line, so the good rows after a broken quote are kept. Blank lines are skipped.
+    """
+    lines = text.splitlines(keepends=True)
+    if not lines:
+        raise SourceError("the CSV file is empty")
+    try:
+        header = next(csv.reader(lines[:1], delimiter=separator, strict=True))
+    except (csv.Error, StopIteration) as e:
+        raise SourceError(f"line 1 (the header) cannot be parsed as CSV: {e}") from None
+    if len(set(header)) != len(header):
+        raise SourceError(f"the header repeats a column name: {', '.join(header)}")
+    cols: dict[str, list] = {h: [] for h in header}
+    line_no: list[int] = []
+    problems: list[str | None] = []
+    malformed, first = 0, ""
+
+    def bad(line: int, why: str) -> None:
+        nonlocal malformed, first
+        malformed += 1
+        if malformed > MAX_MALFORMED_LINES:
+            raise SourceError(f"more than {MAX_MALFORMED_LINES} malformed CSV records; the first: {first}")
+        first = first or f"line {line}: {why}"
+        for h in header:
+            cols[h].append(None)
+        line_no.append(line)
+        problems.append(f"line {line}: {why}")
+
+    pos = 1  # index in ``lines`` where the reader (re)starts
+    while pos < len(lines):
+        reader = csv.reader(iter(lines[pos:]), delimiter=separator, strict=True)
+        consumed = 0
+        try:
+            for row in reader:
+                start = pos + consumed + 1  # 1-based number of the record's first line
+                consumed = reader.line_num
+                if not row or (row == [""] and len(header) > 1):
+                    continue
+                if len(row) != len(header):
+                    bad(start, f"{len(row)} fields where the header has {len(header)}")
+                    continue
+                for h, v in zip(header, row):
+                    cols[h].append(v)
+                line_no.append(start)
+                problems.append(None)
+            pos = len(lines)
+        except csv.Error as e:
+            start = pos + consumed + 1
+            why = ("a quoted field that never closes" if "unexpected end of data" in str(e)
+                   else f"broken quoting ({e})")
+            bad(start, f"{why} (this line is skipped; reading goes on at the next one)")
+            pos = start  # the next line, 0-based
+    frame = pl.DataFrame({**cols, _LINE_COL: line_no, _PROBLEM_COL: problems},
+                         schema={**{h: pl.String for h in header}, _LINE_COL: pl.Int64, _PROBLEM_COL: pl.String})
+    return frame, malformed, first
+
+
 class ReportTable:
     """A CSV / Parquet / JSONL table of reports with a column mapping, read lazily with polars."""
 
@@ -540,24 +705,100 @@ class ReportTable:
         self.path = Path(spec.path).resolve()
         self.format = TABLE_SUFFIXES.get(self.path.suffix.lower(), "")
         self.separator = "\t" if self.path.suffix.lower() == ".tsv" else ","
+        self.trim_ids = bool(getattr(spec, "trim_ids", False))
+
+    def _prepared(self) -> _Prepared:
+        """Decide once per file version how to read it (same answer in every process, every batch)."""
+        try:
+            st = self.path.stat()
+        except OSError as e:
+            raise SourceError(f"cannot read {self.path}: {e.strerror or e}") from e
+        key = (str(self.path), st.st_size, st.st_mtime_ns, self.format, self.separator)
+        hit = _PREPARED.get(key)
+        if hit is None:
+            hit = self._prepare()
+            if len(_PREPARED) >= 8:
+                _PREPARED.pop(next(iter(_PREPARED)))
+            _PREPARED[key] = hit
+        return hit
+
+    def _prepare(self) -> _Prepared:
+        encoding = _bom_encoding(self.path) if self.format in ("csv", "jsonl") else None
+        if encoding is not None:
+            try:
+                text = self.path.read_bytes().decode(encoding)
+            except UnicodeDecodeError as e:
+                raise SourceError(f"cannot read {self.path}: it starts with a {encoding.upper()} byte-order mark "
+                                  f"but is not valid {encoding.upper()} ({e.reason} at byte {e.start})") from None
+            if self.format == "jsonl":
+                try:
+                    return _Prepared(pl.read_ndjson(io.BytesIO(text.encode("utf-8")), infer_schema_length=1000))
+                except pl.exceptions.PolarsError as e:
+                    raise SourceError(f"cannot read {self.path} (decoded from {encoding.upper()}): {e}") from e
+            return self._csv_from_text(text, decoded=encoding)
+        if self.format == "csv":
+            try:
+                # One full parse of every column (nothing kept): polars fails on some queries of a
+                # malformed CSV and not on others, so the decision is taken here, for the whole file.
+                self._scan_csv_file().select(pl.all().null_count()).collect()
+                return _Prepared()
+            except pl.exceptions.PolarsError:
+                text = self.path.read_bytes().decode("utf-8", errors="replace")  # as utf8-lossy
+                return self._csv_from_text(text, decoded=None)
+            except OSError as e:
+                raise SourceError(f"cannot read {self.path}: {e}") from e
+        return _Prepared()
+
+    def _csv_from_text(self, text: str, decoded: str | None) -> _Prepared:
+        frame, malformed, first = lenient_csv(text, self.separator)
+        if malformed:
+            log.warning("%s: %d malformed CSV record(s) rejected as MALFORMED_ROW, the good rows kept; %s",
+                        self.path, malformed, first)
+        elif decoded is None:
+            # polars failed yet every record parses: not a quoting problem this reader can help with.
+            raise SourceError(f"cannot read {self.path}: polars cannot parse it as CSV")
+        return _Prepared(frame, malformed, first)
+
+    def _scan_csv_file(self) -> pl.LazyFrame:
+        # All columns as text: ids keep leading zeros, nothing is guessed wrong, and bytes that
+        # are not UTF-8 become U+FFFD (rejected as ENCODING per row).
+        return pl.scan_csv(self.path, infer_schema=False, encoding="utf8-lossy", separator=self.separator)
 
     def scan(self) -> pl.LazyFrame:
+        if self.format not in ("csv", "parquet", "jsonl"):
+            raise SourceError(f"unknown table format {self.path.suffix!r} for {self.path}")
+        prepared = self._prepared() if self.format in ("csv", "jsonl") else _Prepared()
+        if prepared.frame is not None:
+            return prepared.frame.lazy()
         try:
             if self.format == "csv":
-                # All columns as text: ids keep leading zeros, nothing is guessed wrong, and
-                # bytes that are not UTF-8 become U+FFFD (rejected as ENCODING per row).
-                return pl.scan_csv(self.path, infer_schema=False, encoding="utf8-lossy", separator=self.separator)
+                return self._scan_csv_file()
             if self.format == "parquet":
                 return pl.scan_parquet(self.path)
-            if self.format == "jsonl":
-                return pl.scan_ndjson(self.path, infer_schema_length=1000)
+            return pl.scan_ndjson(self.path, infer_schema_length=1000)
         except (pl.exceptions.PolarsError, OSError) as e:
             raise SourceError(f"cannot read {self.path}: {e}") from e
-        raise SourceError(f"unknown table format {self.path.suffix!r} for {self.path}")
+
+    def columns(self) -> list[str]:
+        """The table's column names."""
+        return self._columns()
+
+    def text_frame(self, columns: list[str], id_alias: str = "study_id") -> pl.DataFrame:
+        """The ids (as the reports are read: as written, or trimmed when asked) and ``columns`` as
+        text, one row per table row (a malformed CSV record has nulls)."""
+        dtypes = self._dtypes()
+        return self._collect(self.scan().select(
+            self._ids(dtypes).alias(id_alias), *[_as_text(pl.col(c), dtypes.get(c)).alias(c) for c in columns]))
 
     def _columns(self) -> list[str]:
         try:
-            return list(self.scan().collect_schema().names())
+            return [c for c in self.scan().collect_schema().names() if c not in _INTERNAL]
+        except (pl.exceptions.PolarsError, OSError) as e:
+            raise self._unreadable(e) from e
+
+    def _dtypes(self) -> pl.Schema:
+        try:
+            return self.scan().collect_schema()
         except (pl.exceptions.PolarsError, OSError) as e:
             raise self._unreadable(e) from e
 
@@ -605,8 +846,14 @@ class ReportTable:
         except (pl.exceptions.PolarsError, OSError) as e:
             raise self._unreadable(e) from e
 
-    def _ids(self) -> pl.Expr:
-        return _as_text(pl.col(self.spec.id_col)).str.strip_chars()
+    def _ids(self, dtypes: pl.Schema | None = None) -> pl.Expr:
+        """The id column as text, as written (blank-only ids are empty; trimmed when asked)."""
+        dtypes = dtypes if dtypes is not None else self._dtypes()
+        text = _as_text(pl.col(self.spec.id_col), dtypes.get(self.spec.id_col))
+        trimmed = text.str.strip_chars()
+        if self.trim_ids:
+            return trimmed
+        return pl.when(trimmed == "").then(pl.lit("")).otherwise(text)
 
     def plan(self, batch_size: int) -> list[SourceBatch]:
         available = self._columns()
@@ -624,7 +871,7 @@ class ReportTable:
             for row in range(start, start + length):
                 sid = ids[row]
                 if not sid:
-                    continue  # rejected as MISSING_ID when read
+                    continue  # rejected as MISSING_ID (or MALFORMED_ROW) when read
                 first = first_seen.setdefault(sid, row)
                 if first != row:
                     dups.append((row - start, f"{self.path}#row={first}"))
@@ -636,12 +883,22 @@ class ReportTable:
         available = self._columns()
         text_col, findings_col, impression_col = self.text_columns(available)
         s = self.spec
+        dtypes = self._dtypes()
         lf = self.scan().slice(batch.offset, batch.length)
-        exprs = [self._ids().alias("id"),
-                 (_as_text(pl.col(s.patient_col)).str.strip_chars() if s.patient_col else pl.lit(None, pl.String))
-                 .alias("patient")]
+        exprs = [self._ids(dtypes).alias("id"),
+                 (_as_text(pl.col(s.patient_col), dtypes.get(s.patient_col)).str.strip_chars() if s.patient_col
+                  else pl.lit(None, pl.String)).alias("patient")]
+        nested: dict[str, str] = {}  # alias -> mapped column that holds objects or lists
         for alias, col in (("text", text_col), ("findings", findings_col), ("impression", impression_col)):
-            exprs.append(_as_text(pl.col(col)).alias(alias) if col else pl.lit(None, pl.String).alias(alias))
+            if col and _is_nested(dtypes.get(col)):
+                nested[alias] = col
+            exprs.append(_as_text(pl.col(col), dtypes.get(col)).alias(alias) if col and alias not in nested
+                         else pl.lit(None, pl.String).alias(alias))
+        for alias, col in nested.items():
+            exprs.append(pl.col(col).is_not_null().alias(f"_nested_{alias}"))
+        has_problems = _PROBLEM_COL in dtypes
+        if has_problems:
+            exprs += [pl.col(_PROBLEM_COL), pl.col(_LINE_COL)]
         df = self._collect(lf.select(exprs))
         out = ReportBatch(batch.batch_id, df.height)
         if df.height != batch.length:
@@ -650,13 +907,29 @@ class ReportTable:
         dups = dict(batch.duplicates)
         synthesize = findings_col is not None or impression_col is not None
         lossy = self.format == "csv"
-        for j, (sid, pid, text, findings, impression) in enumerate(df.iter_rows()):
+        jsonl = self.format == "jsonl"
+        names = df.columns
+        for j, values in enumerate(df.iter_rows()):
+            row = dict(zip(names, values))
+            sid, pid, text, findings, impression = (row["id"], row["patient"], row["text"], row["findings"],
+                                                    row["impression"])
             source = f"{self.path}#row={batch.offset + j}"
+            if has_problems and row[_PROBLEM_COL]:
+                out.reject(source, source, Reason.MALFORMED_ROW, f"the CSV record at {row[_PROBLEM_COL]}")
+                continue
             if not sid:
                 out.reject(source, source, Reason.MISSING_ID, f"column {s.id_col!r} is empty")
                 continue
             if j in dups:
                 out.reject(sid, source, Reason.DUPLICATE_ID, f"study id {sid} was already read from {dups[j]}")
+                continue
+            wrong = [nested[a] for a in nested if row[f"_nested_{a}"]]
+            if jsonl:
+                wrong += [c for a, c, v in (("text", text_col, text), ("findings", findings_col, findings),
+                                            ("impression", impression_col, impression)) if _json_container(v)]
+            if wrong:
+                out.reject(sid, source, Reason.WRONG_TYPE,
+                           f"column {wrong[0]!r} holds a JSON object or list, not report text")
                 continue
             if synthesize:
                 composed = synthesize_report(findings, impression)
@@ -683,11 +956,11 @@ class ReportTable:
 
     def study_attributes(self) -> pl.DataFrame:
         s = self.spec
-        dtypes = self.scan().collect_schema()
+        dtypes = self._dtypes()
         exprs = [_as_datetime(pl.col(s.date_col), dtypes[s.date_col]).alias("study_datetime") if s.date_col
                  else pl.lit(None, pl.Datetime("us", "UTC")).alias("study_datetime"),
-                 _as_text(pl.col(s.split_col)).str.strip_chars().str.to_lowercase().alias("split") if s.split_col
-                 else pl.lit(None, pl.String).alias("split")]
+                 _as_text(pl.col(s.split_col), dtypes[s.split_col]).str.strip_chars().str.to_lowercase().alias("split")
+                 if s.split_col else pl.lit(None, pl.String).alias("split")]
         df = self._unique_rows(exprs)
         df = df.with_columns(pl.when(pl.col("split").is_in(list(SPLITS))).then(pl.col("split")).alias("split"))
         return _dedupe_attributes(df.select(list(ATTRIBUTE_SCHEMA)).cast(ATTRIBUTE_SCHEMA))
@@ -696,11 +969,10 @@ class ReportTable:
         s = self.spec
         if not s.image_col:
             return pl.DataFrame(schema=IMAGE_SCHEMA)
-        lf = self.scan()
-        dtype = lf.collect_schema()[s.image_col]
+        dtype = self._dtypes()[s.image_col]
         col = pl.col(s.image_col)
         # One path per cell, or a list of paths, or several paths separated by ";".
-        paths = col.cast(pl.List(pl.String)) if isinstance(dtype, pl.List) else _as_text(col).str.split(";")
+        paths = col.cast(pl.List(pl.String)) if isinstance(dtype, pl.List) else _as_text(col, dtype).str.split(";")
         df = self._unique_rows([paths.alias("paths")]).explode("paths").with_columns(
             pl.col("paths").str.strip_chars()).filter(pl.col("paths").is_not_null() & (pl.col("paths") != ""))
         df = df.join(reports.select("study_id", "patient_id"), on="study_id", how="inner")
@@ -716,9 +988,28 @@ class ReportTable:
         return pl.DataFrame(rows, schema=IMAGE_SCHEMA).unique("dicom_id", keep="first", maintain_order=True)
 
 
-def _as_text(expr: pl.Expr) -> pl.Expr:
-    """Any column as text; integral floats ("123.0" from a CSV with gaps) lose their ".0"."""
-    return expr.cast(pl.String, strict=False).str.replace(r"^(-?\d+)\.0$", "$1")
+def _is_nested(dtype: pl.DataType | None) -> bool:
+    return dtype is not None and dtype.is_nested()
+
+
+def _json_container(value: str | None) -> bool:
+    """A JSONL cell polars turned into text although it was an object or a list (it does so when
+    the column also holds strings): the text parses as a JSON object or array."""
+    if not value or value[0] not in "{[":
+        return False
+    try:
+        return isinstance(json.loads(value), (dict, list))
+    except ValueError:
+        return False
+
+
+def _as_text(expr: pl.Expr, dtype: pl.DataType | None = None) -> pl.Expr:
+    """Any column as text. Text stays exactly as written ("7.0" is not "7"); only a float column's
+    integral values lose their ".0" (an integer id column with gaps is read as float)."""
+    text = expr.cast(pl.String, strict=False)
+    if dtype is not None and dtype.is_float():
+        return text.str.replace(r"^(-?\d+)\.0$", "$1")
+    return text
 
 
 def _as_datetime(expr: pl.Expr, dtype: pl.DataType) -> pl.Expr:

@@ -109,3 +109,46 @@ def publish_run_artifacts(ctx: RunContext, results: Mapping[str, Sequence[BatchR
     )
     publish_llm_spend(ctx.warehouse, ctx.run_id)
     publish_dataset_versions(ctx.warehouse, ctx.run_id)
+
+
+def image_counts(wh: Warehouse) -> dict[str, int]:
+    """stg_images rows per status (ok / missing / corrupt), plus 'listed'."""
+    if not wh.table_dir("stg_images").exists():
+        return {"listed": 0}
+    scan = wh.scan("stg_images")
+    if "status" not in scan.collect_schema().names():  # written before images were checked
+        frame = scan.select(pl.when(pl.col("exists")).then(pl.lit("ok")).otherwise(pl.lit("missing"))
+                            .alias("status")).collect()
+    else:
+        frame = scan.select("status").collect()
+    counts = {k: int(v) for k, v in frame.group_by("status").len().iter_rows()}
+    return {"listed": frame.height, **{k: counts.get(k, 0) for k in ("ok", "missing", "corrupt")}}
+
+
+def run_notes(wh: Warehouse, source: Any, results: Mapping[str, Sequence[BatchResult]]) -> list[str]:
+    """Warnings the run summary prints under the stage counts: image files that are not there or do not
+    decode, a table source without images, a tasks stage that built nothing (and why)."""
+    notes: list[str] = []
+    if "ingest" in results:
+        counts = image_counts(wh)
+        is_table = source is not None and getattr(source, "path", None) is not None and source.path.is_file()
+        if is_table and not getattr(source, "image_col", None):
+            notes.append("the report table was read without --image-col, so no study has an image and the tasks "
+                         "stage builds no samples (NO_IMAGE); pass --image-col COLUMN (paths relative to the table)")
+        bad = counts.get("missing", 0) + counts.get("corrupt", 0)
+        if bad:
+            example = (wh.scan("stg_images").filter(~pl.col("exists")).select("path").sort("path").head(1)
+                       .collect()["path"].to_list())
+            notes.append(f"{bad} of {counts['listed']} image files are unusable: {counts.get('missing', 0)} do not "
+                         f"exist, {counts.get('corrupt', 0)} do not decode (e.g. {example[0] if example else '?'}); "
+                         "a study left without a usable image is rejected by tasks (IMAGE_MISSING / IMAGE_CORRUPT; "
+                         "a MIMIC tree with no image file at all keeps its samples as text-only data); see "
+                         "stg_images.status")
+    tasks = results.get("tasks")
+    if tasks and sum(b.outputs for b in tasks) == 0 and wh.table_dir("int_vqa_samples").exists() \
+            and wh.count("int_vqa_samples") == 0:
+        reasons = (wh.scan("int_rejections").filter(pl.col("stage") == "tasks").group_by("reason_code").len()
+                   .sort("len", descending=True).head(3).collect())
+        why = ", ".join(f"{r} ({n})" for r, n in reasons.iter_rows()) or "no study passed the gates"
+        notes.append(f"the tasks stage built no samples from {sum(b.inputs for b in tasks)} studies: {why}")
+    return notes

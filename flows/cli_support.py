@@ -15,6 +15,7 @@ import pyarrow as pa
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 console = Console()
 err_console = Console(stderr=True)
@@ -37,6 +38,23 @@ def one_line(message: str, limit: int = MAX_ERROR_CHARS) -> str:
     text = " ".join(message.split())
     text = _UNPRINTABLE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
     return text if len(text) <= limit else text[:limit] + " ..."
+
+
+# In table cells line breaks and tabs stay (report text has them); every other control character,
+# ESC of ANSI/OSC-8 sequences included, is shown as a visible \\uXXXX escape.
+_UNPRINTABLE_IN_CELL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff]")
+
+
+def printable(text: str) -> str:
+    """Text from the data as safe terminal output: control characters (ESC, BEL, CR, C1, bidi
+    overrides ...) become visible ``\\uXXXX`` escapes; line breaks and tabs are kept."""
+    return _UNPRINTABLE_IN_CELL.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+def cell(value: Any) -> Text:
+    """A table cell: data, never Rich markup ("[bold]x[/bold]" and "[/path]" print as written),
+    never a terminal escape sequence, never syntax-highlighted."""
+    return Text("" if value is None else printable(str(value)))
 
 
 def clear_errors(fn: F) -> F:
@@ -67,6 +85,18 @@ def csv_cell(value: Any) -> Any:
     return value
 
 
+def table_console() -> Console:
+    """The console to print a wide table on: on a terminal its width; elsewhere (a pipe, a log
+    file, a test runner) wide enough that no column is cut or folded to fit 80 columns."""
+    if console.is_terminal:
+        return console
+    return Console(file=sys.stdout, width=UNLIMITED_WIDTH, color_system=None, highlight=False)
+
+
+# The width a table may take when stdout is not a terminal (Rich's default there is 80).
+UNLIMITED_WIDTH = 100_000
+
+
 def print_arrow(table: pa.Table, fmt: str = "table", title: str | None = None) -> None:
     rows = table.to_pylist()
     if fmt == "json":
@@ -79,11 +109,11 @@ def print_arrow(table: pa.Table, fmt: str = "table", title: str | None = None) -
             w.writerow([csv_cell(r[c]) for c in table.column_names])
         sys.stdout.write(buf.getvalue())
     elif fmt == "table":
-        t = Table(title=title)
+        t = Table(title=None if title is None else cell(title))
         for c in table.column_names:
-            t.add_column(c)
+            t.add_column(cell(c))
         for r in rows:
-            t.add_row(*("" if r[c] is None else str(r[c]) for c in table.column_names))
-        console.print(t)
+            t.add_row(*(cell(r[c]) for c in table.column_names))
+        table_console().print(t)
     else:
         raise UsageError(f"unknown format {fmt!r}: use table, csv or json")

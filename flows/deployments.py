@@ -4,14 +4,17 @@
 deployment     flow                         pool   schedule       writes
 =============  ===========================  =====  =============  =========================
 mine           radchain-pipeline            cpu    02:00 daily    the whole warehouse
-train          radchain-train               gpu    04:00 Sunday   via sft → grpo → evaluate
+train          radchain-train               cpu    04:00 Sunday   via sft → grpo → evaluate
 sft            radchain-sft                 gpu    (triggered)    fct_training_runs
 grpo           radchain-grpo                gpu    (triggered)    fct_training_runs
 evaluate       radchain-evaluate            gpu    (triggered)    fct_eval_results
 =============  ===========================  =====  =============  =========================
 
 Cron schedules are in UTC. ``train`` runs its jobs with ``run_deployment`` (its parameter
-``use_deployments`` is true), so each job lands on whatever worker polls the ``gpu`` pool.
+``use_deployments`` is true), so each job lands on whatever worker polls the ``gpu`` pool; ``train``
+itself only waits for them, so it sits on the ``cpu`` pool instead of holding a GPU. A job whose
+config says ``launch: {mode: accelerate}`` starts ``accelerate launch`` with one process per GPU
+of its worker (training/launch.py) and records what the launched job wrote.
 
 Each deployment has a concurrency limit of one run with a collision strategy (``enqueue``:
 a second run waits in *AwaitingConcurrencySlot*; ``cancel``: it is cancelled at once), so
@@ -37,8 +40,9 @@ REPO_DIR = Path(__file__).resolve().parents[1]
 CPU_POOL = "cpu"
 GPU_POOL = "gpu"
 POOLS = {
-    CPU_POOL: "CPU jobs of radchain: the data pipeline (ingest, label, tasks, mine, datasets).",
-    GPU_POOL: "GPU jobs of radchain: SFT, GRPO, evaluation and the train DAG that chains them.",
+    CPU_POOL: "CPU jobs of radchain: the data pipeline (ingest, label, tasks, mine, datasets) and the train DAG "
+              "that waits for the GPU jobs.",
+    GPU_POOL: "GPU jobs of radchain: SFT, GRPO (accelerate launch on the worker's GPUs) and evaluation.",
 }
 TIMEZONE = "UTC"
 COLLISIONS = ("enqueue", "cancel")
@@ -104,11 +108,12 @@ def deployment_specs(
         ),
         DeploymentSpec(
             name="train", flow_name="radchain-train", entrypoint="flows/training_flows.py:train_flow",
-            work_pool=GPU_POOL, cron="0 4 * * 0",
+            work_pool=CPU_POOL, cron="0 4 * * 0",
             parameters={"config": train_config, "use_deployments": True},
             tags=("radchain", "training", "weekly"),
             description="Weekly training DAG on the latest dataset version: SFT, then GRPO from the SFT "
-                        "checkpoint, then evaluation, each as its own deployment run on the gpu pool.",
+                        "checkpoint, then evaluation, each as its own deployment run on the gpu pool; the DAG "
+                        "itself only waits, on the cpu pool.",
             flow_retries=0,  # its jobs retry themselves; re-running the DAG would train everything again
         ),
         DeploymentSpec(

@@ -21,6 +21,9 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
 from prefect.runtime import flow_run
+from prefect.states import Failed
+
+from extractors.sources import SourceError
 
 from flows.locking import warehouse_lock
 from flows.runners import (
@@ -130,6 +133,11 @@ def make_context(
     **options: Any,
 ) -> RunContext:
     settings = settings or get_settings()
+    if settings.llm.api_key is not None:
+        # The context is handed to every task (and pickled to Dask workers): no API key in it. The mine
+        # stage resolves the key where it makes its calls (radchain.secrets.with_api_key: environment,
+        # then the Prefect Secret block).
+        settings = settings.model_copy(update={"llm": settings.llm.model_copy(update={"api_key": None})})
     wh = Warehouse(settings.warehouse_dir).ensure()
     return RunContext(settings=settings, warehouse=wh, run_id=run_id or uuid.uuid4().hex[:16], source=source,
                       options=options)
@@ -148,6 +156,17 @@ def pipeline_flow(
         raise ValueError(f"unknown stages {unknown}; known: {', '.join(ALL_STAGES)}")
     spec = RunnerSpec.from_options(options)
     run_id = str(flow_run.get_id() or uuid.uuid4())
+    try:
+        return _run_pipeline(source, stages, options, spec, run_id)
+    except SourceError as e:
+        # The source's content or mapping is unusable (a missing column, no rows, a broken JSON
+        # line ...): the run is Failed with that one line, and no traceback is logged for it.
+        # Calling the flow still raises the SourceError (the CLI prints it as one line).
+        return Failed(message=f"{type(e).__name__}: {e}", data=e)
+
+
+def _run_pipeline(source: SourceSpec | None, stages: list[str], options: dict[str, Any] | None,
+                  spec: RunnerSpec, run_id: str) -> dict[str, list[BatchResult]]:
     # One writer per warehouse: a second run waits (RADCHAIN_LOCK_TIMEOUT_S), then fails naming the holder.
     with warehouse_lock(get_settings().warehouse_dir, purpose=f"pipeline run {run_id}"):
         ctx = make_context(source=source, run_id=run_id, **(options or {}))

@@ -28,7 +28,7 @@ from warehouse import Warehouse
 
 VERSION = "train-v1"
 # Columns the GRPO reward functions read (everything else in the mart stays out of the batch).
-RL_COLUMNS = ("sample_id", "task", "prompt_json", "images", "solution", "gold_steps", "gold_labels")
+RL_COLUMNS = ("sample_id", "task", "prompt_json", "images", "solution", "gold_steps", "gold_labels", "weight")
 
 
 def _warehouse() -> Warehouse:
@@ -51,7 +51,7 @@ def has_usable_images(row: dict) -> bool:
 
 def mart_rows(wh: Warehouse, table: str, version: str, splits: tuple[str, ...] | None = ("train",),
               columns: tuple[str, ...] | None = None, limit: int | None = None,
-              per_task: int | None = None) -> tuple[list[dict], int]:
+              per_task: int | None = None, keep=None) -> tuple[list[dict], int]:
     """Rows of one dataset version whose image files exist; returns (rows, skipped for missing images).
 
     ``per_task`` keeps the first n rows of each task (by sample id), so a capped evaluation still
@@ -61,6 +61,8 @@ def mart_rows(wh: Warehouse, table: str, version: str, splits: tuple[str, ...] |
     if splits is not None:
         q = q.filter(pl.col("split").is_in(list(splits)))
     rows = q.sort("sample_id").collect().to_dicts()
+    if keep is not None:  # a row filter applied before the caps (e.g. SFT variants)
+        rows = [r for r in rows if keep(r)]
     kept = [r for r in rows if has_usable_images(r)]
     skipped = len(rows) - len(kept)
     if per_task is not None:
@@ -119,16 +121,38 @@ def _run_job(kind: str, training_run_id: str, config: str, version: str, rows: l
     return row
 
 
+def _launched(kind: str, cfg, config: str, rows: list[dict], out: Path, init_checkpoint: str | None = None,
+              rewards: list[tuple[str, float]] | None = None):
+    """Run a job as ``accelerate launch -m training.<kind>`` (one process per GPU of this worker) on a
+    JSONL export of its rows; the TrainResult the launched main process wrote (training/launch.py)."""
+    from training.launch import launch_command, run_launched, write_rows
+
+    data = write_rows(rows, out / f"{kind}_rows.jsonl")
+    config_ref = str(Path(config).resolve()) if Path(config).exists() else config
+    cmd = launch_command(kind, cfg.launch, config_ref, data, out, init_checkpoint, rewards or ())
+    get_run_logger().info("%s: %s", kind, " ".join(cmd))
+    return run_launched(cmd, out)
+
+
 @flow(name="radchain-sft", log_prints=False, persist_result=False)
 def sft_flow(dataset_version: str | None = None, config: str = "tiny-cpu", max_examples: int | None = None,
              training_run_id: str | None = None) -> dict[str, Any]:
+    from training.config import load_config
     from training.sft import run_sft
 
     wh = _warehouse()
     version = dataset_version or latest_dataset_version(wh)
-    rows, skipped = mart_rows(wh, "mart_sft_examples", version, limit=max_examples)
+    variants = set(load_config(config).sft.variants)
+    rows, skipped = mart_rows(wh, "mart_sft_examples", version, limit=max_examples,
+                              keep=lambda r: r["variant"] in variants)
+
+    def job(cfg, rows, out):
+        if cfg.launch.mode == "accelerate":
+            return _launched("sft", cfg, config, rows, out)
+        return run_sft(cfg, rows, out_dir=out)
+
     row = _run_job("sft", training_run_id or f"sft-{uuid.uuid4().hex[:12]}", config, version, rows, skipped, None,
-                   lambda cfg, rows, out: run_sft(cfg, rows, out_dir=out))
+                   job)
     get_run_logger().info("SFT %s: %s, checkpoint %s", row["training_run_id"], row["status"], row["checkpoint"])
     return row
 
@@ -157,6 +181,10 @@ def grpo_flow(dataset_version: str | None = None, config: str = "tiny-cpu", init
 
     def job(cfg, rows, out):
         funcs, weights = reward_functions(cfg)
+        if cfg.launch.mode == "accelerate":
+            # The launched processes resolve the same names: training.rewards.<name>_reward.
+            specs = [(f"training.rewards:{name}_reward", w) for name, w in zip(cfg.rewards, weights, strict=True)]
+            return _launched("grpo", cfg, config, rows, out, init_checkpoint, specs)
         return run_grpo(cfg, rows, funcs, weights, out_dir=out, init_checkpoint=init_checkpoint)
 
     row = _run_job("grpo", training_run_id or f"grpo-{uuid.uuid4().hex[:12]}", config, version, rows, skipped,
@@ -167,30 +195,42 @@ def grpo_flow(dataset_version: str | None = None, config: str = "tiny-cpu", init
 
 @flow(name="radchain-evaluate", log_prints=False, persist_result=False)
 def evaluate_flow(checkpoint: str, dataset_version: str | None = None, max_per_task: int | None = None,
-                  max_new_tokens: int = 256, model_name: str | None = None) -> dict[str, Any]:
-    """Generate on mart_benchmark with a checkpoint, score accuracy and RadRScore per task."""
-    from flows.evaluation import publish_eval, score_outputs
+                  max_new_tokens: int | None = None, model_name: str | None = None,
+                  config: str = "tiny-cpu") -> dict[str, Any]:
+    """Generate on mart_benchmark with a checkpoint; score accuracy, RadRScore and format compliance per
+    task beside the majority, random and oracle baselines (all in fct_eval_results).
+
+    ``max_new_tokens``: None takes the config's ``grpo.max_completion_length``, the length the policy
+    was trained to answer in (a shorter budget cuts chains before their <answer>).
+    """
+    from flows.evaluation import EXPLANATION, publish_eval, score_with_baselines
+    from training.baselines import majority_answers
+    from training.config import load_config
     from training.generate import generate
 
     wh = _warehouse()
+    cfg = load_config(config)
+    budget = max_new_tokens or cfg.grpo.max_completion_length
     version = dataset_version or latest_dataset_version(wh)
     rows, skipped = mart_rows(wh, "mart_benchmark", version, splits=None, per_task=max_per_task)
     if not rows:
         raise ValueError(f"dataset {version} has no benchmark rows with images to evaluate")
-    outputs = generate(checkpoint, rows, max_new_tokens=max_new_tokens)
+    outputs = generate(checkpoint, rows, max_new_tokens=budget)
     out_dir = get_settings().runs_dir / "eval" / f"{Path(checkpoint).parent.name}-{version}"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    preds = out_dir / "predictions.jsonl"
-    with preds.open("w", encoding="utf-8") as fh:
-        for r, o in zip(rows, outputs, strict=True):
-            fh.write(json.dumps({"sample_id": r["sample_id"], "output": o}) + "\n")
+    train_answers = (wh.scan("mart_rl_prompts").filter((pl.col("dataset_version") == version)
+                                                       & (pl.col("split") == "train"))
+                     .select("task", "solution").collect().to_dicts())
     from flows.locking import warehouse_lock
 
     with warehouse_lock(wh.root, purpose="evaluation: writing fct_eval_results"):
-        eval_id, results = score_outputs(wh, preds, model=model_name or Path(checkpoint).parent.name,
-                                         checkpoint=checkpoint)
-    chart = publish_eval(results, out_dir / "eval.png", key="eval-results")
-    return dict(eval_id=eval_id, predictions=str(preds), chart=str(chart), n=len(rows), skipped=skipped, results=results)
+        eval_id, scored = score_with_baselines(
+            wh, rows, outputs, out_dir, model=model_name or Path(checkpoint).parent.name, checkpoint=checkpoint,
+            majority=majority_answers(train_answers), seed=get_settings().seed)
+    chart = publish_eval(scored, out_dir / "eval.png", key="eval-results",
+                         title=f"{model_name or Path(checkpoint).parent.name} on {version}")
+    get_run_logger().info("evaluation %s: chart %s. %s", eval_id, chart, EXPLANATION)
+    return dict(eval_id=eval_id, predictions=str(out_dir / "predictions.jsonl"), chart=str(chart), n=len(rows),
+                skipped=skipped, max_new_tokens=budget, results=scored["model"], baselines=scored)
 
 
 def _run_job_deployment(name: str, parameters: dict[str, Any]) -> None:
@@ -211,7 +251,7 @@ def _registry_row(training_run_id: str) -> dict[str, Any]:
 @flow(name="radchain-train", log_prints=False, persist_result=False)
 def train_flow(dataset_version: str | None = None, config: str = "tiny-cpu", use_deployments: bool = False,
                max_examples: int | None = None, max_eval_per_task: int | None = None,
-               max_new_tokens: int = 256) -> dict[str, Any]:
+               max_new_tokens: int | None = None) -> dict[str, Any]:
     """SFT → GRPO from the SFT checkpoint → evaluate, as separate jobs."""
     version = dataset_version or latest_dataset_version(_warehouse())
     sft_id, grpo_id = f"sft-{uuid.uuid4().hex[:12]}", f"grpo-{uuid.uuid4().hex[:12]}"
@@ -229,7 +269,7 @@ def train_flow(dataset_version: str | None = None, config: str = "tiny-cpu", use
         grpo_flow(**grpo_params)
     grpo = _registry_row(grpo_id)
     eval_params = dict(checkpoint=grpo["checkpoint"], dataset_version=version, max_per_task=max_eval_per_task,
-                       max_new_tokens=max_new_tokens)
+                       max_new_tokens=max_new_tokens, config=config)
     if use_deployments:
         _run_job_deployment("radchain-evaluate/evaluate", eval_params)
         evaluation = None

@@ -9,13 +9,53 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
-from pydantic import Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 
 def _toml_path() -> Path:
     return Path(os.environ.get("RADCHAIN_CONFIG", "radchain.toml"))
+
+
+class ModelPrice(BaseModel):
+    """USD per 1M tokens of one model: sync input, cached input and output, and the Batch API's prices.
+
+    A price left out falls back: ``cached_input`` to ``input``; ``batch_input``/``batch_output`` to
+    the sync price; ``batch_cached_input`` to ``batch_input`` (no stacking of the two discounts
+    assumed). The old two-number form ``[input, output]`` is accepted too.
+    """
+
+    input: float
+    output: float
+    cached_input: float | None = None
+    batch_input: float | None = None
+    batch_output: float | None = None
+    batch_cached_input: float | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_sequence(cls, value: object) -> object:
+        if isinstance(value, (list, tuple)):
+            names = ("input", "output", "cached_input", "batch_input", "batch_output", "batch_cached_input")
+            if not 2 <= len(value) <= len(names):
+                raise ValueError(f"a price is [input, output] up to {len(names)} numbers, got {len(value)}")
+            return dict(zip(names, value))
+        return value
+
+    def rates(self, mode: str = "sync") -> tuple[float, float, float]:
+        """(input, cached input, output) USD per 1M tokens in ``mode`` (sync | batch)."""
+        cached = self.input if self.cached_input is None else self.cached_input
+        if mode != "batch":
+            return self.input, cached, self.output
+        b_in = self.input if self.batch_input is None else self.batch_input
+        b_out = self.output if self.batch_output is None else self.batch_output
+        b_cached = b_in if self.batch_cached_input is None else self.batch_cached_input
+        return b_in, b_cached, b_out
+
+
+LLM_MODES = ("sync", "batch")
 
 
 class LLMSettings(BaseSettings):
@@ -39,21 +79,51 @@ class LLMSettings(BaseSettings):
     # jitter; a Retry-After header from the server takes precedence.
     backoff_initial_s: float = 1.0
     backoff_max_s: float = 30.0
+    # Circuit breaker (extractors.llm.client): after this many consecutive attempts that cannot reach the
+    # endpoint, the mine stage stops and the run fails (0: never). A batch of at least preflight_min_samples
+    # samples first sends one GET /models (0: never), so a dead endpoint fails the stage in seconds.
+    breaker_failures: int = 8
+    preflight_min_samples: int = 20
     refine_rounds: int = 2
     temperature: float = 0.0
-    # USD per 1M tokens (input, output); a user edits this for their model.
-    price_per_mtok: dict[str, tuple[float, float]] = {
-        "gpt-4o-2024-08-06": (2.5, 10.0),
-        "gpt-4o": (2.5, 10.0),
-        "gpt-4o-mini": (0.15, 0.6),
+    # USD per 1M tokens per model (ModelPrice: input, output, cached input, Batch API input/output);
+    # a user edits this for their model. OpenAI's list prices (GPT-4o-2024-08-06: $2.50 in, $1.25 cached,
+    # $10 out; Batch API half of that). A model that is not in the table costs nothing (a local server).
+    price_per_mtok: dict[str, ModelPrice] = {
+        "gpt-4o-2024-08-06": ModelPrice(input=2.5, cached_input=1.25, output=10.0, batch_input=1.25,
+                                        batch_output=5.0),
+        "gpt-4o": ModelPrice(input=2.5, cached_input=1.25, output=10.0, batch_input=1.25, batch_output=5.0),
+        "gpt-4o-mini": ModelPrice(input=0.15, cached_input=0.075, output=0.6, batch_input=0.075, batch_output=0.3),
     }
+    # Spend cap of one run in USD (RADCHAIN_LLM_BUDGET_USD; `radchain run --budget` per run): mining stops
+    # taking new samples when spent + the estimate of those in flight would pass it (extractors.llm.budget).
+    budget_usd: float | None = None
+    # How mining calls the model: "sync" (chat completions, concurrently) or "batch" (the OpenAI Batch API:
+    # half the price, answers within the completion window; extractors.llm.batch).
+    mode: str = "sync"
+    batch_completion_window: str = "24h"
+    batch_poll_s: float = 30.0  # seconds between polls of a running batch
+    batch_max_requests: int = 50_000  # the API's per-batch limits: requests and input-file bytes
+    batch_max_bytes: int = 200_000_000
+    # `radchain estimate`: output tokens per call and refinement calls per sample assumed when the ledger
+    # has no history for the prompt version (0.05: bench/mine.py's fault mix makes about 1.09 ledger calls per
+    # accepted `single` chain, refinements and repairs together).
+    estimate_output_tokens: int = 450
+    estimate_refine_rate: float = 0.05
     # A Prefect Secret block holding the key, read when OPENAI_API_KEY is not set (radchain.secrets).
     api_key_block: str | None = None
-    # PHI guard (extractors.phi): endpoints (hosts, or host:port) that may receive text the guard
-    # flags, or all of them; loopback endpoints are exempt unless phi_enforce_loopback is set.
+    # PHI guard (extractors.phi), on for every endpoint (loopback ones too): endpoints (hosts, or
+    # host:port) that may receive text the guard flags, or all of them -- the only ways to opt out.
     phi_allow_hosts: list[str] = []
     phi_allow_all: bool = False
-    phi_enforce_loopback: bool = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without the API key: settings travel inside the run context to every task (and over
+        the network to Dask workers); the key is resolved where a call is made (radchain.secrets)."""
+        state = super().__getstate__()
+        if state["__dict__"].get("api_key") is not None:
+            state = {**state, "__dict__": {**state["__dict__"], "api_key": None}}
+        return state
 
 
 class _CheckedTomlSource(TomlConfigSettingsSource):

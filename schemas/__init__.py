@@ -12,12 +12,12 @@ from schemas.llm import LlmCall
 from schemas.audit import Materialization, Rejection, StageCount
 from schemas.datasets import BenchmarkItem, DatasetVersion, RlPrompt, SftExample
 from schemas.training import TrainingRun
-from schemas.eval import EvalResult, PrmStep, ScoredPrediction
+from schemas.eval import EvalResult, ScoredPrediction
 
 __all__ = [
     "OBSERVATIONS", "TARGET_OBSERVATIONS", "TASKS",
     "BenchmarkItem", "ChainRow", "ChainStepRow", "DatasetVersion", "EvalResult", "Evidence", "Image", "Label",
-    "Lineage", "LlmCall", "Materialization", "PrmStep", "RawReport", "ReasoningChain", "ReasoningStep",
+    "Lineage", "LlmCall", "Materialization", "RawReport", "ReasoningChain", "ReasoningStep",
     "Rejection", "RlPrompt", "ScoredPrediction", "Section", "SftExample", "StageCount", "StepFinding", "Study",
     "TableRecord", "TrainingRun", "VqaSample", "stable_id",
 ]

@@ -34,6 +34,7 @@ class StageCount(TableRecord):
     skipped: int
     wall_s: float
     finished_at: datetime
+    skip_reason: str | None = None  # why the skipped inputs were skipped (mine: BUDGET, the run's LLM spend cap)
 
 
 class Materialization(TableRecord):

@@ -72,6 +72,5 @@ class DatasetVersion(TableRecord):
     n_sft: int
     n_rl: int
     n_benchmark: int
-    n_prm: int
     mixture_json: str
     built_at: datetime

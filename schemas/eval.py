@@ -1,4 +1,4 @@
-"""Evaluation tables (accuracy and RadRScore per task, per-sample scores) and the PRM step dataset."""
+"""Evaluation tables: accuracy, RadRScore and format compliance per task (model and baselines), per-sample scores."""
 
 from __future__ import annotations
 
@@ -32,6 +32,13 @@ class EvalResult(TableRecord):
     factuality: float | None = None
     effectiveness: float | None = None
     radrscore: float | None = None  # mean of the three component averages (the release's convention)
+    # Share of outputs that are exactly one <think>…</think> then one <answer>…</answer> (format_reward's rule).
+    format_compliance: float | None = None
+    # None: a model's outputs. "majority" | "random" | "oracle": a baseline scored by the same scorer on
+    # the same samples (training/baselines.py); baseline_of is then the eval_id of the model evaluation
+    # it stands beside.
+    baseline: str | None = None
+    baseline_of: str | None = None
     predictions_path: str
     scored_at: datetime
 
@@ -57,26 +64,3 @@ class ScoredPrediction(TableRecord):
     radrscore: float
     n_model_steps: int
     n_model_findings: int
-
-
-class PrmStep(TableRecord):
-    __table__ = "mart_prm_steps"
-    __description__ = (
-        "Step-labelled chains for process-reward-model training (TRL stepwise supervision: prompt, "
-        "completions = steps, labels = one bool per step); accepted chains plus perturbed negatives."
-    )
-    __grain__ = "one (chain, perturbation)"
-    __key__ = ("dataset_version", "prm_id")
-
-    dataset_version: str
-    prm_id: str
-    chain_id: str
-    sample_id: str
-    task: str
-    split: str
-    prompt: str
-    completions: list[str]
-    labels: list[bool]
-    perturbation: Literal["none", "status_flip", "finding_swap"]
-    perturbed_step: int | None = None  # index of the altered step; None for the unaltered chain
-    detail: str | None = None  # what was changed, e.g. "Pleural Effusion absent -> present"

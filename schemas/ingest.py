@@ -4,12 +4,22 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from pydantic import BaseModel, Field
+
 from schemas.base import TableRecord
 
 SECTION_NAMES = (
     "preamble", "examination", "indication", "history", "technique", "comparison",
     "findings", "impression", "addendum", "other",
 )
+
+
+class SuspectSpan(BaseModel):
+    """A sentence of a report that reads like an instruction to a model (extractors.instructions)."""
+
+    start: int  # offsets into raw_reports.text
+    end: int
+    kind: str  # imperative | role | override
 
 
 class RawReport(TableRecord):
@@ -24,6 +34,10 @@ class RawReport(TableRecord):
     text: str
     n_chars: int
     content_hash: str
+    # SUSPECT_INSTRUCTION when the report holds instruction-like sentences (the report is kept, flagged;
+    # the label and mine stages read it with those sentences blanked out).
+    flags: list[str] = Field(default_factory=list)
+    suspect_spans: list[SuspectSpan] = Field(default_factory=list)
 
 
 class Section(TableRecord):
@@ -45,7 +59,8 @@ class Section(TableRecord):
 
 class Image(TableRecord):
     __table__ = "stg_images"
-    __description__ = "Images of each study (JPG/DICOM paths) and whether the file exists."
+    __description__ = ("Images of each study (JPG/PNG/DICOM paths), each opened with Pillow at ingest: status "
+                       "ok/missing/corrupt, width, height, format; exists = usable (status ok).")
     __grain__ = "one image"
     __key__ = ("dicom_id",)
 
@@ -54,7 +69,11 @@ class Image(TableRecord):
     patient_id: str
     path: str
     view_position: str | None = None
-    exists: bool  # the file is there and starts like an image (JPEG/PNG/DICOM signature)
+    exists: bool  # usable: status == "ok"
+    status: str = "ok"  # ok | missing (no such file) | corrupt (there, but Pillow cannot read it: extractors.sources)
+    width: int | None = None  # pixels, from the image header (None for DICOM and unusable files)
+    height: int | None = None
+    format: str | None = None  # JPEG, PNG, DICOM, ...
 
 
 class Study(TableRecord):

@@ -11,7 +11,8 @@ from schemas.base import TableRecord
 class LlmCall(TableRecord):
     __table__ = "int_llm_calls"
     __description__ = (
-        "Ledger of LLM requests per run: hash, stage, model, prompt version, status, tokens, latency, cost. "
+        "Ledger of LLM requests per run: hash, stage, model, prompt version, status, tokens (cached input too), "
+        "latency, cost, mode (sync | batch) and Batch API batch id. "
         "A cache hit is a row with cache_hit = true and zero cost; the spend stays on the row that filled the cache."
     )
     __grain__ = "one request (after retries) in one run"
@@ -31,3 +32,8 @@ class LlmCall(TableRecord):
     cost_usd: float
     error_code: str | None = None
     created_at: datetime
+    # Input tokens the provider served from its prompt cache (usage.prompt_tokens_details.cached_tokens; part of
+    # prompt_tokens, priced at the cached rate); null in partitions written before the column existed.
+    cached_tokens: int | None = 0
+    mode: str | None = "sync"  # sync (chat completions) | batch (the OpenAI Batch API)
+    openai_batch_id: str | None = None  # the Batch API batch that answered (mode = batch)

@@ -40,7 +40,7 @@ STAGE_TABLES = {
     "raw_reports": "ingest", "stg_sections": "ingest", "stg_studies": "ingest", "stg_images": "ingest",
     "int_labels": "label", "int_vqa_samples": "tasks", "int_chains": "mine", "int_chain_steps": "mine",
     "int_llm_calls": "mine", "mart_sft_examples": "datasets", "mart_rl_prompts": "datasets",
-    "mart_benchmark": "datasets", "mart_prm_steps": "datasets", "fct_dataset_versions": "datasets",
+    "mart_benchmark": "datasets", "fct_dataset_versions": "datasets",
 }
 SHARED_TABLES = ("audit_stage_counts", "int_rejections", "fct_materializations")
 WAREHOUSE_READY = "<warehouse>"  # pseudo-file: the run created its warehouse folders (it is under way)

@@ -63,3 +63,14 @@ def test_mixture_sample_follows_weights():
     got = mixture_sample(rows, 200, seed=1)
     assert len(got) == 200 and all(r["task"] == "binary" for r in got)
     assert mixture_sample(rows, 50, seed=3) == mixture_sample(rows, 50, seed=3)
+
+
+def test_mixture_sample_gives_each_task_its_weight_share_whatever_its_size():
+    # 90 binary rows at 0.1 and 10 temporal rows at 0.05: temporal gets 0.05 / 0.15 of the draw, not 10 %.
+    rows = [dict(task="binary", weight=0.1, i=i) for i in range(90)] + \
+           [dict(task="temporal", weight=0.05, i=i) for i in range(10)]
+    got = mixture_sample(rows, 3000, seed=2)
+    share = sum(r["task"] == "temporal" for r in got) / len(got)
+    assert abs(share - 1 / 3) < 0.03
+    # Within a task, rows are equally likely: every binary row is drawn.
+    assert {r["i"] for r in got if r["task"] == "binary"} == set(range(90))

@@ -40,7 +40,7 @@ def test_the_five_deployments_are_declared(tmp_path):
         "radchain-pipeline/mine", "radchain-train/train", "radchain-sft/sft", "radchain-grpo/grpo",
         "radchain-evaluate/evaluate"}
     assert specs["mine"].work_pool == CPU_POOL and specs["mine"].cron == "0 2 * * *"
-    assert specs["train"].work_pool == GPU_POOL and specs["train"].cron == "0 4 * * 0"
+    assert specs["train"].work_pool == CPU_POOL and specs["train"].cron == "0 4 * * 0"
     assert all(specs[n].work_pool == GPU_POOL and specs[n].cron is None for n in ("sft", "grpo", "evaluate"))
     assert specs["train"].parameters == {"config": "tiny-cpu", "use_deployments": True}
     assert specs["mine"].parameters["source"]["path"] == str((tmp_path / "src").resolve())
@@ -201,7 +201,7 @@ def test_serve_created_pools_limit_and_deployments(served, api):
     assert mine.parameters["source"]["path"] == str(served["corpus"].resolve())
     assert [s.schedule.cron for s in mine.schedules] == ["0 2 * * *"]
     assert [s.active for s in mine.schedules] == [False]  # --no-schedules
-    assert deps["train"].work_pool_name == GPU_POOL and deps["train"].parameters["use_deployments"] is True
+    assert deps["train"].work_pool_name == CPU_POOL and deps["train"].parameters["use_deployments"] is True
     assert [s.schedule.cron for s in deps["train"].schedules] == ["0 4 * * 0"]
     assert deps["evaluate"].pull_steps == [{"prefect.deployments.steps.set_working_directory":
                                             {"directory": str(REPO_DIR)}}]

@@ -22,6 +22,14 @@ TABLES = ("raw_reports", "stg_sections", "stg_studies", "stg_images", "int_rejec
           "fct_materializations")
 
 
+def _jpeg(path: Path) -> None:
+    """A real (decodable) JPEG: ingest opens every image with Pillow."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("L", (32, 24), color=100).save(path, "JPEG")
+
+
 def mimic_report(findings: str, impression: str, indication: str = "___ year old man with cough") -> bytes:
     """A report in MIMIC-CXR byte layout: title line, one leading space on every line."""
     lines = [" " * 33 + "FINAL REPORT", " EXAMINATION:  CHEST (PA AND LAT)", " ",
@@ -54,7 +62,7 @@ def mimic_tree(tmp_path) -> Path:
     for study, dicom in (("50414267", "02aa804e-bde0afdd"), ("53189527", "2a2277a9-b0ded155")):
         img = root / "files" / "p10" / "p10000032" / f"s{study}" / f"{dicom}.jpg"
         img.parent.mkdir(parents=True, exist_ok=True)
-        img.write_bytes(b"\xff\xd8\xff")
+        _jpeg(img)
     (root / "mimic-cxr-2.0.0-metadata.csv").write_text(
         "dicom_id,subject_id,study_id,PerformedProcedureStepDescription,ViewPosition,Rows,Columns,StudyDate,StudyTime\n"
         "02aa804e-bde0afdd,10000032,50414267,CHEST (PA AND LAT),PA,3056,2544,21800506,213014.531\n"
@@ -244,7 +252,7 @@ def _write_table(path: Path, rows: list[dict]) -> Path:
 @pytest.mark.parametrize("suffix", [".csv", ".parquet", ".jsonl"])
 def test_table_with_a_text_column(tmp_path, suffix):
     (tmp_path / "img").mkdir()
-    (tmp_path / "img" / "a1.jpg").write_bytes(b"\xff\xd8")
+    _jpeg(tmp_path / "img" / "a1.jpg")
     table = _write_table(tmp_path / f"reports{suffix}", _table_rows())
     ctx = context(tmp_path / "home", table, patient_col="patient", date_col="date", split_col="split",
                   image_col="image")

@@ -15,7 +15,7 @@ import pytest
 from flows.stages.common import SourceSpec
 
 DATA_TABLES = ("raw_reports", "stg_sections", "stg_studies", "stg_images", "int_labels", "int_vqa_samples",
-               "int_chains", "int_chain_steps", "mart_sft_examples", "mart_rl_prompts", "mart_benchmark", "mart_prm_steps",
+               "int_chains", "int_chain_steps", "mart_sft_examples", "mart_rl_prompts", "mart_benchmark",
                "fct_dataset_versions", "audit_stage_counts", "fct_materializations")
 
 
@@ -96,18 +96,6 @@ def test_all_five_tasks_and_no_test_sample_in_training_marts(built):
     assert bench_splits.to_pylist() == [{"split": "test"}]
 
 
-def test_prm_steps_hold_clean_chains_and_labelled_perturbations(built):
-    prm = built["wh"].read("mart_prm_steps")
-    clean = prm.filter(pl.col("perturbation") == "none")
-    assert clean.height > 0 and all(all(x) for x in clean["labels"].to_list())
-    bad = prm.filter(pl.col("perturbation") != "none").to_dicts()
-    assert bad
-    for r in bad:
-        i = r["perturbed_step"]
-        assert r["labels"][:i] == [True] * i and r["labels"][i] is False
-    assert set(prm["split"]) <= {"train", "validate"}
-
-
 def test_rerun_is_idempotent(built):
     from flows.pipeline import pipeline_flow
 
@@ -145,7 +133,7 @@ def test_train_dag_sft_grpo_evaluate_records_runs_and_results(built):
     from flows.training_flows import train_flow
 
     wh = built["wh"]
-    out = train_flow(max_examples=8, max_eval_per_task=2, max_new_tokens=16)
+    out = train_flow(max_examples=8, max_eval_per_task=2)
     runs = wh.read("fct_training_runs").sort("kind", descending=True)
     assert runs["kind"].to_list() == ["sft", "grpo"]
     assert runs["status"].to_list() == ["completed", "completed"]
@@ -153,6 +141,79 @@ def test_train_dag_sft_grpo_evaluate_records_runs_and_results(built):
     sft = runs.filter(pl.col("kind") == "sft").to_dicts()[0]
     assert grpo["init_checkpoint"] == sft["checkpoint"] and Path(grpo["checkpoint"]).is_dir()
     assert json.loads(grpo["metrics_json"])["reward_names"] == ["outcome_reward", "format_reward", "process_reward"]
-    results = wh.read("fct_eval_results").filter(pl.col("eval_id") == out["evaluation"]["eval_id"])
+    evaluation = out["evaluation"]
+    assert evaluation["max_new_tokens"] == 12  # tiny-cpu's grpo.max_completion_length, not a constant
+    results = wh.read("fct_eval_results").filter(pl.col("eval_id") == evaluation["eval_id"])
     assert set(results["task"]) == {"binary", "single", "multi", "open", "temporal", "all"}
-    assert Path(out["evaluation"]["chart"]).stat().st_size > 1000
+    assert results["baseline"].is_null().all() and results["format_compliance"].is_not_null().all()
+    assert Path(evaluation["chart"]).stat().st_size > 1000
+    # The baselines sit beside the model in the same table, scored on the same samples.
+    baselines = wh.read("fct_eval_results").filter(pl.col("baseline_of") == evaluation["eval_id"])
+    assert sorted(set(baselines["baseline"])) == ["majority", "oracle", "random"]
+    by = {(r["baseline"], r["task"]): r for r in baselines.to_dicts()}
+    model_all = results.filter(pl.col("task") == "all").to_dicts()[0]
+    for kind in ("majority", "random", "oracle"):
+        assert by[(kind, "all")]["n"] == model_all["n"]
+    assert by[("oracle", "all")]["accuracy"] == 1.0 and by[("oracle", "all")]["format_compliance"] == 1.0
+    assert by[("majority", "all")]["n_unparseable"] == model_all["n"]  # no reasoning, by construction
+    # The majority answer of a binary question is the training set's most common letter.
+    train = wh.read("mart_rl_prompts").filter((pl.col("task") == "binary") & (pl.col("split") == "train"))
+    counts = train["solution"].value_counts().sort(["count", "solution"], descending=[True, False])
+    preds = Path(evaluation["predictions"]).with_name("baseline-majority.jsonl").read_text().splitlines()
+    assert f"<answer>{counts['solution'][0]}</answer>" in {json.loads(line)["output"] for line in preds}
+
+
+def test_sft_and_grpo_jobs_launched_with_accelerate_are_recorded(built, tmp_path):
+    """The GPU path on a CPU: the jobs run `accelerate launch -m training.sft|grpo` (one process, --cpu)
+    on a JSONL export of their rows, and the flow records what the launched job wrote."""
+    import yaml
+
+    from flows.training_flows import grpo_flow, sft_flow
+
+    wh = built["wh"]
+    data = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/tiny-cpu.yaml").read_text())
+    data["name"] = "tiny-cpu-launched"
+    data["launch"] = {"mode": "accelerate", "num_processes": 1, "cpu": True}
+    config = tmp_path / "tiny-launched.yaml"
+    config.write_text(yaml.safe_dump(data, sort_keys=False))  # the reward order is the config's
+
+    sft = sft_flow(config=str(config), max_examples=4)
+    assert sft["status"] == "completed", sft["error"]
+    metrics = json.loads(sft["metrics_json"])
+    command = metrics["launch"]["command"]
+    assert command[1:3] == ["-m", "accelerate.commands.launch"] and "--cpu" in command
+    assert command[command.index("-m", 3) + 1] == "training.sft"
+    assert metrics["steps"] == 2 and [e["step"] for e in metrics["curve"]] == [1, 2]
+    assert (Path(sft["checkpoint"]) / "model.safetensors").exists()
+
+    grpo = grpo_flow(config=str(config), init_checkpoint=sft["checkpoint"], max_prompts=2)
+    assert grpo["status"] == "completed", grpo["error"]
+    gm = json.loads(grpo["metrics_json"])
+    assert gm["reward_names"] == ["outcome_reward", "format_reward", "process_reward"]
+    assert gm["model_source"] == f"checkpoint:{sft['checkpoint']}"
+    runs = wh.read("fct_training_runs").filter(pl.col("config_name") == "tiny-cpu-launched")
+    assert sorted(runs["kind"].to_list()) == ["grpo", "sft"] and set(runs["status"]) == {"completed"}
+
+
+def test_evaluate_command_prints_the_model_beside_its_baselines_and_what_the_bars_are(built):
+    """`radchain evaluate` on the checkpoint the train DAG left: the table holds the model and the three
+    baselines per task, and the output says what the chart's bars are."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    runs = built["wh"].read("fct_training_runs").filter((pl.col("kind") == "grpo") & (pl.col("status") == "completed"))
+    if runs.is_empty():  # run alone (-k): train one first
+        from flows.training_flows import train_flow
+
+        checkpoint = train_flow(max_examples=4, max_eval_per_task=1)["grpo"]["checkpoint"]
+    else:
+        checkpoint = runs.sort("finished_at")["checkpoint"][-1]
+    result = CliRunner().invoke(app, ["evaluate", "--checkpoint", checkpoint, "--max-per-task", "2",
+                                      "--config", "tiny-cpu"])
+    assert result.exit_code == 0, result.output
+    text = result.output
+    for series in ("model", "majority", "random", "oracle"):
+        assert series in text
+    assert "12 new tokens" in text  # tiny-cpu's grpo.max_completion_length
+    assert "ceiling of this scorer" in text and "eval.png" in text

@@ -1,4 +1,4 @@
-"""Reward functions in TRL's signature, output parsing, PRM rows and the LLM judge's prompt/parse level."""
+"""Reward functions in TRL's signature, output parsing and the LLM judge's prompt/parse level."""
 
 from __future__ import annotations
 
@@ -15,10 +15,8 @@ from training.answers import (
     parse_output,
     set_f1,
 )
-from training.findings_text import step_findings
 from training.judge_llm import JudgeVerdict, build_messages, judge_agreement, score_from_verdict
-from training.prm import build_prm_rows
-from training.radrscore import GoldChain, ReasoningScore, normalise_labels, score_reasoning
+from training.radrscore import GoldChain, ReasoningScore, normalise_labels
 from training.rewards import (
     DEFAULT_REWARD_FUNCS,
     DEFAULT_REWARD_WEIGHTS,
@@ -61,7 +59,9 @@ def test_parse_output_blocks_and_truncation():
     assert p.well_formed and p.answer == "A" and p.think.startswith("There is no pleural effusion.")
     truncated = parse_output("<think>No pneumothorax. There is")
     assert truncated.think == "No pneumothorax. There is" and truncated.answer is None
-    assert parse_output("just text").unparseable
+    free = parse_output("There is no pneumothorax.\nThe answer is B.")  # tagless: read by pattern
+    assert free.tagless and free.think == "There is no pneumothorax." and free.answer == "B"
+    assert parse_output("B").unparseable and parse_output("B").answer == "B"  # an answer, no reasoning
     assert parse_output("<think>a</think><answer>A</answer><answer>B</answer>").answer == "B"
 
 
@@ -112,7 +112,7 @@ def test_each_reward_responds_to_its_own_defect():
     cs = [GOOD, wrong_answer, bad_format, false_reasoning, "", "A"]
     kw = columns(len(cs))
     assert format_reward(cs, **kw) == [1.0, 1.0, 0.0, 1.0, 0.0, 0.0]
-    assert outcome_reward(cs, **kw) == [1.0, 0.0, 1.0, 1.0, 0.0, 0.0]
+    assert outcome_reward(cs, **kw) == [1.0, 0.0, 1.0, 1.0, 0.0, 1.0]  # a bare "A" is a free-text answer
     process = process_reward(cs, **kw)
     assert process[0] == process[1] == process[2] == 1.0
     assert 0.0 < process[3] < 1.0 and process[4] == process[5] == 0.0
@@ -142,46 +142,6 @@ def test_default_weights_line_up_with_functions():
 def test_mismatched_column_length_is_an_error():
     with pytest.raises(ValueError):
         outcome_reward([GOOD, GOOD], solution=["A"], task=["binary", "binary"])
-
-
-# ---- PRM rows ----------------------------------------------------------------------------------
-def test_prm_rows_positive_flip_and_swap():
-    samples = {"s1": dict(sample_id="s1", task="binary", split="train", question="Q?", study_id="st1")}
-    chains = [dict(chain_id="c1", sample_id="s1", steps=STEPS)]
-    labels = {"st1": {"Cardiomegaly": "positive", "Pleural Effusion": "negative", "Pneumothorax": "negative"}}
-    rows = build_prm_rows(chains, samples, seed=3, labels=labels)
-    assert rows == build_prm_rows(chains, samples, seed=3, labels=labels)  # deterministic
-    kinds = [r["perturbation"] for r in rows]
-    assert kinds == ["none", "status_flip", "finding_swap"]
-    pos, flip, swap = rows
-    assert pos["labels"] == [True] * 3 and pos["completions"] == [s["text"] for s in STEPS]
-    for row in (flip, swap):
-        i = row["perturbed_step"]
-        assert row["labels"] == [True] * i + [False] * (3 - i)
-        assert row["completions"][i] != STEPS[i]["text"]
-        assert row["completions"][:i] == [s["text"] for s in STEPS[:i]]
-        new_obs, new_status = row["detail"].split(" -> ")[1].rsplit(" ", 1)
-        assert (new_obs, new_status) in {(o, s) for o, s, _ in step_findings(row["completions"][i])}
-        # the rewritten step states only that finding, and the study's labels contradict it
-        lab = normalise_labels(labels["st1"])
-        assert score_reasoning(row["completions"][i], GoldChain(()), lab).factuality == 0.0
-    trunc = build_prm_rows(chains, samples, seed=3, labels=labels, after_error="truncate")
-    for row in trunc[1:]:
-        assert len(row["completions"]) == row["perturbed_step"] + 1 and row["labels"][-1] is False
-    no_labels = build_prm_rows(chains, samples, seed=3)
-    assert [r["perturbation"] for r in no_labels] == ["none", "status_flip"]
-
-
-def test_prm_rows_fit_the_table_schema():
-    from schemas.base import Lineage
-    from schemas.eval import PrmStep
-    from warehouse.store import Warehouse
-
-    samples = [dict(sample_id="s1", task="binary", split="train", question="Q?", study_id="st1")]
-    rows = build_prm_rows([dict(chain_id="c1", sample_id="s1", steps=STEPS)], samples, seed=1)
-    rows = [dict(r, dataset_version="ds-test") for r in rows]  # the datasets stage adds the version
-    table = Warehouse("/nonexistent")._to_arrow(PrmStep, rows, Lineage(run_id="r", batch_id="b", code_version="v"))
-    assert table.num_rows == len(rows)
 
 
 # ---- LLM judge: prompt and parse level ----------------------------------------------------------

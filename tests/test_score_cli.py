@@ -191,7 +191,6 @@ def test_llm_judge_requests_pass_the_phi_guard(warehouse, tmp_path, monkeypatch)
     preds = _write_predictions(tmp_path / "leaky.jsonl", leaky)
     with fake.FakeOpenAIServer(responder=_verdict_responder) as server:
         monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
-        monkeypatch.setenv("RADCHAIN_LLM_PHI_ENFORCE_LOOPBACK", "true")  # treat the local server as remote
         reset_settings_cache()
         result = CliRunner().invoke(_app(), ["score", "--predictions", str(preds), "--judge", "llm"])
         assert result.exit_code == 0, result.output

@@ -418,7 +418,18 @@ def test_primary_image_prefers_existing_frontal_then_falls_back():
     studies = pl.DataFrame([dict(study_id=s, patient_id=s, split="train", has_findings=True, has_impression=True)
                             for s in ("a", "b")])
     corpus = prepare(None, studies, images)
-    assert dict(corpus.studies.select("study_id", "image_path").iter_rows()) == {"a": "a_ap.jpg", "b": "b_unknown.jpg"}
+    # b's files are all missing while the source has images: gated IMAGE_MISSING, no image path for anyone.
+    assert dict(corpus.studies.select("study_id", "image_path").iter_rows()) == {"a": "a_ap.jpg", "b": None}
+    assert dict(corpus.studies.select("study_id", "gate").iter_rows()) == {"a": None, "b": "IMAGE_MISSING"}
+    # A reports-only source (no image file exists at all) falls back to a path, as text-only data.
+    only_missing = prepare(None, studies, images.with_columns(exists=pl.lit(False)))
+    assert dict(only_missing.studies.select("study_id", "image_path").iter_rows()) == \
+        {"a": "a_pa_missing.jpg", "b": "b_unknown.jpg"}
+    assert only_missing.studies["gate"].is_null().all()
+    # A broken file is never used, and a study left with only broken files is IMAGE_CORRUPT.
+    corrupt = images.with_columns(status=pl.Series(["ok", "missing", "ok", "corrupt", "missing"]))
+    gated = prepare(None, studies, corrupt).studies
+    assert dict(gated.select("study_id", "gate").iter_rows()) == {"a": None, "b": "IMAGE_CORRUPT"}
 
 
 def test_bad_input_never_crashes():

@@ -24,7 +24,7 @@ from training.generate import generate
 from training.grpo import grpo_dataset, prompt_length, run_grpo
 from training.model_factory import build_model_from_architecture, load_model, load_trained
 from training.processor import RadchainVLProcessor, build_image_processor, load_processor, save_processor
-from training.sft import conversation_texts, run_sft, sft_dataset
+from training.sft import apply_task_mixture, conversation_texts, run_sft, sft_dataset
 from training.tokenizer import (
     IM_END,
     IMAGE_PAD,
@@ -306,6 +306,24 @@ def test_sft_trains_and_saves_a_loadable_checkpoint(cfg, sft_rows, sft_result):
     assert any(not torch.equal(initial[k], trained[k]) for k in initial)
 
 
+def test_sft_draws_rows_by_task_mixture_and_records_its_curve(sft_result, cfg):
+    m = sft_result.metrics
+    assert m["task_mixture"] is True and m["rows_per_task"] == {"binary": 4}
+    losses = [entry["loss"] for entry in m["curve"] if "loss" in entry]
+    assert len(losses) == m["steps"] and all(math.isfinite(x) for x in losses)  # logging_steps 1
+
+
+def test_task_mixture_applies_the_weights_unless_turned_off_or_absent(cfg):
+    rows = [dict(task="binary", weight=0.9, i=i) for i in range(10)] + \
+           [dict(task="open", weight=0.1, i=i) for i in range(10)]
+    drawn = apply_task_mixture(rows, cfg.sft)
+    assert len(drawn) == 20 and sum(r["task"] == "binary" for r in drawn) >= 15
+    assert apply_task_mixture(rows, cfg.sft) == drawn  # seeded
+    assert apply_task_mixture(rows, cfg.sft.model_copy(update={"task_mixture": False})) is rows
+    unweighted = [dict(task="binary"), dict(task="open")]
+    assert apply_task_mixture(unweighted, cfg.sft) is unweighted
+
+
 def test_sft_accepts_mart_json_columns_and_rejects_image_mismatches(sft_rows, image_path):
     mart_row = {"messages_json": json.dumps(sft_row(0, image_path)["messages"]), "images": [image_path]}
     assert len(sft_dataset([mart_row])) == 1
@@ -360,6 +378,20 @@ def test_grpo_runs_from_the_sft_checkpoint_with_two_rewards(grpo_run, sft_result
     assert json.loads(call["gold_labels"][0]) == {"Pleural Effusion": "negative"}
     assert call["sample_id"][0].startswith("sample-")
     assert all(isinstance(image, Image.Image) for image in call["images"][0])
+
+
+def test_grpo_steps_per_generation_splits_a_step_into_smaller_generate_calls(cfg, image_path, tmp_path):
+    # Two prompts x 2 rollouts per step on 2 completions per micro-step: gradient accumulation 2. TRL's
+    # default generates all 4 completions in one call; steps_per_generation=1 generates 2 at a time.
+    grpo = cfg.grpo.model_copy(update=dict(prompts_per_step=2, steps_per_generation=1, beta=0.0))
+    small = cfg.model_copy(update=dict(grpo=grpo))
+    probe = KwargsProbe()
+    rows = [grpo_row(0, image_path), grpo_row(2, image_path)]
+    result = run_grpo(small, rows, [probe], out_dir=tmp_path)
+    assert result.metrics["gradient_accumulation_steps"] == 2
+    assert [call["n"] for call in probe.calls] == [2, 2]
+    with pytest.raises(ValidationError):
+        grpo.model_validate(dict(grpo.model_dump(), generation_batch_size=4))
 
 
 def test_grpo_without_sft_checkpoint_saves_the_initial_policy_for_the_reference(cfg, image_path, tmp_path):
@@ -417,3 +449,65 @@ def test_gpu_benchmark_runs_in_cpu_size_mode(tmp_path):
     (result,) = json.loads(report.read_text())
     assert result["sft_steps"] == 2 and result["grpo_steps"] == 1 and result["grpo_generations"] == 2
     assert result["sft_tokens_per_step"] >= 64  # the prompt alone is ~64 tokens
+
+
+def test_launch_command_runs_the_job_module_under_accelerate_with_the_workers_world_size(tmp_path):
+    from training.config import LaunchSettings
+    from training.launch import launch_command
+
+    release = load_config("qwen2vl-7b-release")
+    assert release.launch.mode == "accelerate" and release.grpo.steps_per_generation == 4
+    cmd = launch_command("grpo", release.launch.model_copy(update={"num_processes": 8}), "qwen2vl-7b-release",
+                         tmp_path / "rl.jsonl", tmp_path / "out", init_checkpoint="/runs/sft/final",
+                         rewards=[("training.rewards:outcome_reward", 1.0)], python="python")
+    assert cmd[:3] == ["python", "-m", "accelerate.commands.launch"]
+    assert cmd[cmd.index("--config_file") + 1] == str(REPO / "configs/accelerate/zero3.yaml")
+    assert cmd[cmd.index("--num_processes") + 1] == "8"
+    assert cmd[cmd.index("-m", 3):][:2] == ["-m", "training.grpo"]
+    assert cmd[cmd.index("--init") + 1] == "/runs/sft/final"
+    assert cmd[cmd.index("--reward") + 1] == "training.rewards:outcome_reward=1.0"
+    # No GPU here: the world size falls back to one process; without a config file, plain accelerate.
+    sft = launch_command("sft", LaunchSettings(mode="accelerate"), "tiny-cpu", tmp_path / "sft.jsonl",
+                         tmp_path / "o")
+    assert sft[sft.index("--num_processes") + 1] == str(max(1, torch.cuda.device_count()))
+    assert "--config_file" not in sft and sft[sft.index("--train") + 1] == str(tmp_path / "sft.jsonl")
+    with pytest.raises(FileNotFoundError):
+        launch_command("sft", LaunchSettings(accelerate_config="configs/accelerate/zero9.yaml"), "x", tmp_path,
+                       tmp_path)
+    with pytest.raises(ValueError):
+        launch_command("grpo", LaunchSettings(), "x", tmp_path, tmp_path)  # no rewards
+
+
+def test_accelerate_zero3_config_parses():
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    config = ClusterConfig.from_yaml_file(str(REPO / "configs/accelerate/zero3.yaml"))
+    assert config.distributed_type == "DEEPSPEED" and config.deepspeed_config["zero_stage"] == 3
+
+
+def test_memory_estimate_shards_with_zero_and_bounds_the_rollout_kv_cache():
+    from training.memory import GIB, estimate
+
+    cfg = load_config("qwen2vl-7b-release")
+    sft = estimate(cfg, "sft", world_size=8)
+    params = sft.parameters_b * 1e9
+    assert 8.2e9 < params < 8.4e9  # Qwen2-VL-7B-Instruct has 8.29B parameters, vision tower included
+    # ZeRO-3 on 8 GPUs: bf16 weights and gradients and the 12-byte fp32 optimizer state, all / 8.
+    assert sft.zero_stage == 3
+    assert sft.weights_gb == pytest.approx(2 * params / 8 / GIB)
+    assert sft.optimizer_gb == pytest.approx(12 * params / 8 / GIB)
+    # Rollout KV cache: 28 layers x 4 KV heads x 128 dims x K,V x bf16 = 57,344 bytes per token.
+    kv_token = 28 * 4 * 128 * 2 * 2
+    grpo = estimate(cfg, "grpo", world_size=8)
+    assert grpo.rollouts_per_generate == 8 * 4  # per_device 8 x steps_per_generation 4
+    assert grpo.kv_cache_gb == pytest.approx(32 * 4096 * kv_token / GIB)
+    # TRL's default (no steps_per_generation) generates the whole step per GPU: 256 x 8 / 8 = 256 rollouts.
+    default = cfg.model_copy(update={"grpo": cfg.grpo.model_copy(update={"steps_per_generation": None})})
+    whole = estimate(default, "grpo", world_size=8)
+    assert whole.rollouts_per_generate == 256 and whole.kv_cache_gb > 50
+    # In process (no DeepSpeed) one GPU holds fp32 weights, gradients and Adam: 16 bytes per parameter.
+    local = cfg.model_copy(update={"launch": cfg.launch.model_copy(update={"mode": "in_process"})})
+    one = estimate(local, "sft", world_size=1)
+    assert one.zero_stage == 0
+    assert one.weights_gb + one.gradients_gb + one.optimizer_gb == pytest.approx(16 * params / GIB)
+    assert one.total_gb > 80  # does not fit one 80 GB card

@@ -11,8 +11,13 @@ Conventions
 * The reasoning is the text of the first ``<think>…</think>`` block. A generation cut off by
   the token limit often opens ``<think>`` and never closes it; the text after the opening tag
   (up to ``<answer>`` when one follows) is then still taken as the reasoning, so a truncated
-  rollout is scored for what it did say. Output with no ``<think>`` tag at all is
-  *unparseable* for the reasoning scores.
+  rollout is scored for what it did say.
+* Output with no ``<think>`` tag at all is read *tagless* (models that answer in free text,
+  GPT-4o and Qwen2-VL in the paper's tables): the answer is the last ``<answer>`` block, else
+  the last "answer is B" / "Answer: B" / a closing line that names an option ("B) normal"),
+  and the reasoning is the text before that answer (all of it when no answer is found).
+  ``tagless`` is set so callers can count these. Only an output with no reasoning text at all
+  (empty, or nothing but the answer) is *unparseable* for the reasoning scores.
 * The answer is the text of the last ``<answer>…</answer>`` block (the last, because a model
   that revises itself ends with its final word). Output without one has no answer: it is
   wrong for accuracy, never an exception.
@@ -98,6 +103,7 @@ class ParsedOutput:
     think: str | None
     answer: str | None
     well_formed: bool  # exactly one <think>…</think> then one <answer>…</answer>, nothing else
+    tagless: bool = False  # no <think> tag: the reasoning is the text before the answer
 
     @property
     def unparseable(self) -> bool:
@@ -111,7 +117,9 @@ def parse_output(text: str) -> ParsedOutput:
     answers = _ANSWER_BLOCK.findall(text)
     answer = answers[-1].strip() if answers else None
 
-    m = _THINK_BLOCK.search(text)
+    # The first non-empty block: an output that echoes its prompt ("Enclose the reasoning within
+    # <think></think>") holds an empty pair before the real one.
+    m = next((b for b in _THINK_BLOCK.finditer(text) if b.group(1).strip()), None) or _THINK_BLOCK.search(text)
     if m:
         think: str | None = m.group(1)
     else:
@@ -121,10 +129,41 @@ def parse_output(text: str) -> ParsedOutput:
             cut = _ANSWER_OPEN.search(rest)
             think = rest[: cut.start()] if cut else rest
         else:
-            think = None
+            return _tagless(text, answer)
     if think is not None:
         think = think.strip()
     return ParsedOutput(think=think, answer=answer, well_formed=is_well_formed(text))
+
+
+# The closing answer of free text: "the answer is B", "Answer: B", "Final answer: (B)", or a last
+# line that is an option ("B) normal", "**C) normal**", "Option C").
+_FREE_ANSWER = re.compile(
+    r"(?:\b(?i:(?:final\s+)?answer|option|choice)\b\s*(?i:is|would\s+be|:)?\s*[:\-]?\s*\**\(?([A-H])\b\)?"
+    r"|\b(?i:is)\s+\**\(?([A-H])\)"
+    r"|^\W*\(?([A-H])\)\s*\**\s*\w[^\n]*$)",
+    re.MULTILINE,
+)
+_TRAILER = re.compile(r"[\W_]*")
+
+
+def _tagless(text: str, tagged_answer: str | None) -> ParsedOutput:
+    cut = _ANSWER_OPEN.search(text)
+    if cut:  # an <answer> block without <think>: the reasoning is what comes before it
+        reasoning, answer = text[: cut.start()], tagged_answer
+    else:
+        bare = _BARE_LETTER.match(text)
+        if bare:  # nothing but a letter: an answer without reasoning
+            return ParsedOutput(think=None, answer=bare.group(1).upper(), well_formed=False, tagless=True)
+        found = list(_FREE_ANSWER.finditer(text))
+        last = found[-1] if found else None
+        answer = next((g for g in last.groups() if g), None) if last else None
+        reasoning = text
+        if last is not None and _TRAILER.fullmatch(text[last.end():]):
+            # The answer closes the output: its line is not reasoning.
+            line_start = text.rfind("\n", 0, last.start()) + 1
+            reasoning = text[:line_start] if text[:line_start].strip() else text[: last.start()]
+    reasoning = _ANY_TAG.sub(" ", reasoning).strip()
+    return ParsedOutput(think=reasoning or None, answer=answer, well_formed=False, tagless=True)
 
 
 def is_well_formed(text: str) -> bool:

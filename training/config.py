@@ -139,6 +139,10 @@ class ScheduleSettings(_Strict):
     seed: int = 13
     # A DeepSpeed JSON for Trainer (alternative to `accelerate launch --config_file configs/accelerate/zero2.yaml`).
     deepspeed: str | None = None
+    # Draw the training rows by task mixture weight (the marts' `weight` column, from the dataset's
+    # mixture): each task gets weight / sum(weights) of the rows, drawn with replacement, as many rows
+    # as the input holds (training.datasets.mixture_sample). False: every row once, as given.
+    task_mixture: bool = True
 
 
 class SFTSettings(ScheduleSettings):
@@ -152,6 +156,9 @@ class SFTSettings(ScheduleSettings):
     # refuses keep_end truncation for images; the datasets keep conversations short instead.
     max_length: int | None = None
     assistant_only_loss: bool = True  # loss on the assistant turn only (its text and <|im_end|>)
+    # Which mart_sft_examples variants to train on: "chain" (<think>chain</think><answer>X</answer>) and/or
+    # "answer_only" (<answer>X</answer> to the same prompt, which still asks for reasoning).
+    variants: list[Literal["chain", "answer_only"]] = Field(default_factory=lambda: ["chain", "answer_only"])
 
 
 class GRPOSettings(ScheduleSettings):
@@ -164,6 +171,14 @@ class GRPOSettings(ScheduleSettings):
     # prompts_per_step * num_generations; gradient accumulation is derived from it at launch.
     prompts_per_step: int | None = None
     per_device_train_batch_size: int = 8  # completions per device per micro-step
+    # Rollouts per generate() call. TRL's default generates a whole optimizer step's completions at once
+    # (per_device_train_batch_size x gradient accumulation per process: 256 per GPU for the release on 8
+    # GPUs), whose KV cache alone outgrows an 80 GB card at 7B. steps_per_generation = k generates
+    # per_device_train_batch_size x k completions per process per call, k micro-steps at a time; set at
+    # most one of the two (TRL: generation_batch_size = per_device x processes x steps_per_generation,
+    # and it must hold whole groups of num_generations). None for both: TRL's default.
+    steps_per_generation: int | None = None
+    generation_batch_size: int | None = None
     beta: float = 0.001  # KL coefficient against the frozen reference (the release's "KL loss 0.001")
     # TRL 1.16 has no prompt truncation (it would cut image tokens); prompts longer than this are dropped
     # before training and counted in the result's metrics.
@@ -177,12 +192,37 @@ class GRPOSettings(ScheduleSettings):
     loss_type: str = "dapo"
     scale_rewards: Literal["group", "batch", "none"] = "group"
     gradient_checkpointing: bool = True
+    # vLLM rollouts (needs `pip install vllm` on the GPU workers). "colocate" runs vLLM inside each
+    # training process, taking vllm_gpu_memory_utilization of the card; sleep mode frees it between
+    # generations. "server" talks to `trl vllm-serve` on other GPUs.
     use_vllm: bool = False
     vllm_mode: Literal["colocate", "server"] = "colocate"
     vllm_gpu_memory_utilization: float = 0.3
+    vllm_enable_sleep_mode: bool = False
     log_completions: bool = False
     # Force every rollout to the full length (benchmarks only: random weights rarely emit <|im_end|>).
     min_new_tokens: int | None = None
+
+
+    @model_validator(mode="after")
+    def _one_generation_batch(self) -> GRPOSettings:
+        if self.steps_per_generation is not None and self.generation_batch_size is not None:
+            raise ValueError("grpo: set steps_per_generation or generation_batch_size, not both")
+        return self
+
+
+class LaunchSettings(_Strict):
+    """How the sft/grpo jobs run. ``in_process``: inside the flow's own process (one device; tests, the
+    demo). ``accelerate``: the job starts ``accelerate launch -m training.sft|grpo`` with one process per
+    GPU of the worker (DeepSpeed through ``accelerate_config``), then records what the launched job wrote
+    (training/launch.py)."""
+
+    mode: Literal["in_process", "accelerate"] = "in_process"
+    # An accelerate config (configs/accelerate/zero2.yaml or zero3.yaml; relative paths are read from the
+    # repository root). None: accelerate's defaults (multi-GPU data parallel without DeepSpeed).
+    accelerate_config: str | None = None
+    num_processes: int | None = None  # None: every GPU the worker sees (1 on a CPU-only worker)
+    cpu: bool = False  # pass --cpu to accelerate (CPU smoke runs of the launch path)
 
 
 class TrainingConfig(_Strict):
@@ -193,6 +233,7 @@ class TrainingConfig(_Strict):
     grpo: GRPOSettings = Field(default_factory=GRPOSettings)
     # Reward name -> weight; the caller resolves a name to training.rewards.<name>_reward. GRPO sums them.
     rewards: dict[str, float] = Field(default_factory=dict)
+    launch: LaunchSettings = Field(default_factory=LaunchSettings)
 
 
 def world_size() -> int:

@@ -130,13 +130,34 @@ def build_marts(
 
 
 def mixture_sample(rows: Sequence[Mapping[str, Any]], n: int, seed: int) -> list[Mapping[str, Any]]:
-    """Draw ``n`` rows with probability proportional to their task weight (deterministic)."""
+    """Draw ``n`` rows (with replacement, deterministic) so that each task's share of the draw is its
+    mixture weight over the sum of the weights of the tasks present; rows of one task are equally likely.
+
+    A row's ``weight`` is its task's mixture weight (the marts carry it); a row without one weighs 1.
+    With the release's mixture (0.1 per task, temporal 0.05) temporal gets 0.05 / 0.45 of the draws
+    however many temporal rows there are: the weight decides the share, not the size of the task's file.
+    """
     import random
 
     if not rows or n <= 0:
         return []
-    rng = random.Random(seed)
-    weights = [float(r.get("weight", 1.0)) for r in rows]
-    if sum(weights) <= 0:
+    task_weight: dict[str, float] = {}
+    task_size: dict[str, int] = {}
+    for r in rows:
+        task = str(r.get("task"))
+        task_weight.setdefault(task, float(r.get("weight", 1.0)))
+        task_size[task] = task_size.get(task, 0) + 1
+    total = sum(w for w in task_weight.values() if w > 0)
+    if total <= 0:
         weights = [1.0] * len(rows)
-    return rng.choices(list(rows), weights=weights, k=n)
+    else:
+        weights = [max(task_weight[str(r.get("task"))], 0.0) / total / task_size[str(r.get("task"))] for r in rows]
+    return random.Random(seed).choices(list(rows), weights=weights, k=n)
+
+
+def task_counts(rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """Rows per task (what a mixture draw gave each task), sorted by task."""
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[str(r.get("task"))] = counts.get(str(r.get("task")), 0) + 1
+    return dict(sorted(counts.items()))

@@ -27,6 +27,7 @@ from typing import Any
 
 from extractors.mentions import find_mentions
 from schemas.labels import OBSERVATIONS
+from training.key_findings import KeyFinding, key_findings_of
 
 _OBSERVATIONS = frozenset(OBSERVATIONS)
 
@@ -47,18 +48,29 @@ class StepFindings:
 
     text: str
     findings: frozenset[StatedFinding]
+    key_findings: tuple[KeyFinding, ...] = ()  # every asserted finding, CheXpert or not, with qualifiers
 
     @property
     def keys(self) -> frozenset[FindingKey]:
         return frozenset((o, s) for o, s, _ in self.findings)
 
 
+# Markdown emphasis and heading marks ("**Lung Fields:**", "### Findings") carry no words.
+_MARKDOWN = re.compile(r"\*\*|__|^#+\s*|`")
+# A heading line: a few words ending in a colon and nothing after it ("**Frontal View (First Image):**").
+_HEADING = re.compile(r"^[^.!?]{1,60}:\s*$")
+
+
 def split_steps(text: str | None) -> list[str]:
-    """Reasoning text -> step texts (lines; sentences when the text is a single paragraph)."""
+    """Reasoning text -> step texts (lines; sentences when the text is a single paragraph).
+
+    Markdown emphasis is dropped and a heading line (a few words ending in a colon) is not a
+    step: it names a topic and claims nothing ("**Pneumothorax**:" is not a pneumothorax).
+    """
     if not text:
         return []
-    lines = [_strip_marker(line) for line in text.splitlines()]
-    lines = [line for line in lines if line]
+    lines = [_strip_marker(_MARKDOWN.sub("", line)) for line in text.splitlines()]
+    lines = [line for line in lines if line and not _HEADING.match(line)]
     if len(lines) == 1:
         lines = [s.strip() for s in _SENTENCE_END.split(lines[0]) if s.strip()]
     return lines
@@ -72,6 +84,7 @@ def _strip_marker(line: str) -> str:
 # can be read in one call of the mention finder and stored together; cleared when it grows
 # past _CACHE_LIMIT (the reward path reads millions of lines over a run).
 _STEP_CACHE: dict[str, frozenset[StatedFinding]] = {}
+_KEY_CACHE: dict[str, tuple[KeyFinding, ...]] = {}
 _CACHE_LIMIT = 1 << 18
 # Steps are joined with a blank line for one finder call: the finder breaks sentences at blank
 # lines and never lets a cue act across a sentence, so each step reads as it would alone
@@ -114,10 +127,12 @@ def _asserted(m: Any) -> bool:
     question, plan, generic_from = _assertion_limits(m.sentence)
     if question:
         return False
-    if m.status != "present":
+    if m.status == "absent":
         return True
     if plan:
-        return False
+        return False  # "assess for X", "evaluate whether X could be present": a plan, not a claim
+    if m.status != "present":
+        return True
     return generic_from is None or (m.start - m.sentence_start) < generic_from
 
 
@@ -140,6 +155,8 @@ def read_steps(step_texts: Sequence[str]) -> list[frozenset[StatedFinding]]:
     if missing:
         if len(_STEP_CACHE) + len(missing) > _CACHE_LIMIT:
             _STEP_CACHE.clear()
+            _KEY_CACHE.clear()
+            missing = list(dict.fromkeys(step_texts))  # the cached ones are gone too
         for i in range(0, len(missing), _CHUNK):
             _read_chunk(missing[i:i + _CHUNK])
     return [_STEP_CACHE[t] for t in step_texts]
@@ -155,6 +172,13 @@ def _read_chunk(texts: Sequence[str]) -> None:
         buckets[bisect.bisect_right(starts, m.start) - 1].append(m)
     for t, ms in zip(texts, buckets):
         _STEP_CACHE[t] = _findings_of(ms)
+        _KEY_CACHE[t] = key_findings_of(ms, keep=_asserted)
+
+
+def read_key_steps(step_texts: Sequence[str]) -> list[tuple[KeyFinding, ...]]:
+    """Key findings of each step (read like :func:`read_steps`, from the same finder call)."""
+    read_steps(step_texts)
+    return [_KEY_CACHE[t] for t in step_texts]
 
 
 def prefetch(reasonings: Iterable[str | None]) -> None:
@@ -176,7 +200,8 @@ def step_findings(step_text: str) -> frozenset[StatedFinding]:
 @lru_cache(maxsize=1 << 15)
 def _reasoning_steps_cached(text: str) -> tuple[StepFindings, ...]:
     steps = split_steps(text)
-    return tuple(StepFindings(step, f) for step, f in zip(steps, read_steps(steps)))
+    findings = read_steps(steps)
+    return tuple(StepFindings(step, f, _KEY_CACHE[step]) for step, f in zip(steps, findings))
 
 
 def reasoning_steps(text: str | None) -> list[StepFindings]:
@@ -196,7 +221,7 @@ def chain_text_steps(steps: Iterable[str | Mapping[str, Any] | Any]) -> list[Ste
         text = step if isinstance(step, str) else (step.get("text") if isinstance(step, Mapping) else step.text)
         text = _strip_marker(str(text or ""))
         if text:
-            out.append(StepFindings(text, step_findings(text)))
+            out.append(StepFindings(text, step_findings(text), _KEY_CACHE[text]))
     return out
 
 
@@ -220,5 +245,6 @@ def structured_findings(findings: Sequence[Mapping[str, Any] | Any] | None) -> f
 def clear_caches() -> None:
     """Drop cached readings (benchmarks measuring cold throughput; tests that swap the finder)."""
     _STEP_CACHE.clear()
+    _KEY_CACHE.clear()
     _assertion_limits.cache_clear()
     _reasoning_steps_cached.cache_clear()

@@ -23,8 +23,10 @@ from PIL import Image as PILImage
 from training.config import TrainingConfig, accumulation_steps
 from training.model_factory import LoadedModel, load_model
 from training.processor import RadchainVLProcessor
+from training.datasets import task_counts
 from training.sft import (
     StepTimer,
+    apply_task_mixture,
     TrainResult,
     conversation_texts,
     count_image_placeholders,
@@ -109,6 +111,7 @@ def run_grpo(
     out_dir: str | Path = "out/grpo",
     init_checkpoint: str | Path | None = None,
     loaded: LoadedModel | None = None,
+    callbacks: Sequence[Any] = (),
 ) -> TrainResult:
     """Optimise the policy on the prompts with the weighted sum of ``reward_funcs``; save to ``out_dir/final``.
 
@@ -131,7 +134,8 @@ def run_grpo(
     # With LoRA the reference is the base model with the adapter disabled: nothing to load from disk.
     if g.beta > 0 and not is_peft_model(loaded.model):
         _ensure_on_disk(loaded, out_dir)
-    train_dataset, dropped = grpo_dataset(prompt_rows, loaded.processor, g.max_prompt_length)
+    drawn = apply_task_mixture(prompt_rows, g)
+    train_dataset, dropped = grpo_dataset(drawn, loaded.processor, g.max_prompt_length)
 
     completions_per_step = g.prompts_per_step * g.num_generations if g.prompts_per_step else None
     accumulation = accumulation_steps(
@@ -150,9 +154,12 @@ def run_grpo(
         loss_type=g.loss_type,
         scale_rewards=g.scale_rewards,
         reward_weights=list(reward_weights) if reward_weights is not None else None,
+        steps_per_generation=g.steps_per_generation,
+        generation_batch_size=g.generation_batch_size,
         use_vllm=g.use_vllm,
         vllm_mode=g.vllm_mode,
         vllm_gpu_memory_utilization=g.vllm_gpu_memory_utilization,
+        vllm_enable_sleep_mode=g.vllm_enable_sleep_mode,
         log_completions=g.log_completions,
         generation_kwargs=generation_kwargs,
         # Reward functions read the extra columns (solution, gold_steps, ...): keep them.
@@ -165,13 +172,15 @@ def run_grpo(
         args=args,
         train_dataset=train_dataset,
         processing_class=loaded.processor,
-        callbacks=[timer],
+        callbacks=[timer, *callbacks],
     )
     metrics = timed_train(trainer, timer)
     rewards = [entry["reward"] for entry in trainer.state.log_history if entry.get("reward") is not None]
     metrics.update(
         gradient_accumulation_steps=accumulation,
         prompts=len(train_dataset),
+        prompts_per_task=task_counts(drawn),
+        task_mixture=drawn is not prompt_rows,
         prompts_dropped_too_long=dropped,
         mean_reward=sum(rewards) / len(rewards) if rewards else None,
         reward_names=list(trainer.reward_func_names),

@@ -54,7 +54,25 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Protocol
 
-from training.findings_text import FindingKey, StepFindings, prefetch, reasoning_steps, structured_findings
+from training.findings_text import (
+    FindingKey,
+    StepFindings,
+    chain_text_steps,
+    prefetch,
+    reasoning_steps,
+    structured_findings,
+)
+from training.key_findings import (
+    EXACT_NAMES,
+    KeyFinding,
+    NameMatcher,
+    conclusions,
+    laterality_of,
+    matches,
+    reference_accepts,
+    same_finding,
+    with_members,
+)
 
 # Which stated statuses a label value accepts.
 _ACCEPTS: dict[str, frozenset[str]] = {
@@ -77,7 +95,7 @@ _LABEL_ALIASES = {
     "": "not_mentioned", "none": "not_mentioned", "nan": "not_mentioned", "not_mentioned": "not_mentioned",
 }
 LEXICAL_STEP_THRESHOLD = 0.5
-_WORD = re.compile(r"[a-z0-9]+")
+_WORD = re.compile(r"[a-z0-9]{2,}")  # single letters ("B", "a") say nothing on their own
 # Words that carry no content for comparing step wording.
 _STOPWORDS = frozenset(
     "a an the is are was were be been of in on at to for with and or no not there this that these those it its "
@@ -98,25 +116,41 @@ def normalise_label(value: Any) -> str:
 class GoldStep:
     text: str
     findings: frozenset[FindingKey]
+    key_findings: tuple[KeyFinding, ...] = ()  # with qualifiers; from the text when the step came as a string
 
 
 @dataclass(frozen=True, eq=False)
 class GoldChain:
-    """A gold chain prepared for fast scoring: its steps, key findings and wording of findingless steps."""
+    """A gold chain prepared for fast scoring: its steps, key findings and wording of findingless steps.
+
+    ``keys`` holds one key finding per finding, with the status of the chain's conclusion (the
+    last step that states it): a chain that first lists "pneumonia" as a possibility and then
+    rules it out has one key finding, pneumonia absent. ``key_findings`` is the same as
+    (finding, status) pairs.
+    """
 
     steps: tuple[GoldStep, ...]
     key_findings: frozenset[FindingKey] = field(init=False)
+    keys: tuple[KeyFinding, ...] = field(init=False)
+    step_keys: tuple[KeyFinding, ...] = field(init=False)  # every key finding of every step
     accepts: Mapping[str, frozenset[str]] = field(init=False)  # observation -> stated statuses that match
     step_words: tuple[frozenset[str], ...] = field(init=False)
+    step_texts: tuple[str, ...] = field(init=False)
+    words: frozenset[str] = field(init=False)  # content words of the whole gold reasoning
 
     def __post_init__(self) -> None:
-        keys = frozenset(k for s in self.steps for k in s.findings)
+        keys = conclusions(s.key_findings or _keys_from_pairs(s.findings) for s in self.steps)
+        step_keys = tuple(k for s in self.steps for k in (s.key_findings or _keys_from_pairs(s.findings)))
         accepts: dict[str, set[str]] = {}
-        for obs, status in keys:
-            accepts.setdefault(obs, set()).update(_GOLD_ACCEPTS.get(status, {status}))
-        object.__setattr__(self, "key_findings", keys)
+        for k in step_keys:
+            accepts.setdefault(k.finding, set()).update(_GOLD_ACCEPTS.get(k.status, {k.status}))
+        object.__setattr__(self, "keys", keys)
+        object.__setattr__(self, "key_findings", frozenset(k.key for k in keys))
+        object.__setattr__(self, "step_keys", step_keys)
         object.__setattr__(self, "accepts", {o: frozenset(s) for o, s in accepts.items()})
         object.__setattr__(self, "step_words", tuple(content_words(s.text) for s in self.steps))
+        object.__setattr__(self, "step_texts", tuple(s.text for s in self.steps))
+        object.__setattr__(self, "words", frozenset().union(*self.step_words))
 
     @property
     def empty(self) -> bool:
@@ -126,22 +160,49 @@ class GoldChain:
         allowed = self.accepts.get(finding[0])
         return allowed is not None and finding[1] in allowed
 
+    def supports(self, stated: KeyFinding, names: NameMatcher = EXACT_NAMES) -> bool:
+        """Some gold step states this finding compatibly (effectiveness of a step that states findings)."""
+        return any(matches(g, stated, names) for g in self.step_keys)
+
+    def contradicts(self, stated: KeyFinding, names: NameMatcher = EXACT_NAMES) -> bool:
+        """The gold concludes this finding with a status that does not accept the stated one."""
+        return any(same_finding(g, stated, names) and stated.status not in _GOLD_ACCEPTS.get(g.status, ())
+                   for g in self.keys)
+
     @classmethod
     def from_steps(cls, steps: Iterable[Mapping[str, Any] | Any] | None) -> "GoldChain":
-        """From step dicts ({"text", "findings": [...]}), ChainStepRow-like rows or ReasoningStep objects."""
+        """From step dicts ({"text", "findings": [...]}), ChainStepRow-like rows, ReasoningStep
+        objects or plain step strings (the release's ``reason_steps``).
+
+        A step with structured findings is taken at its word; a plain string, or a dict without a
+        ``findings`` field, is read from its text with the shared reader, like a model's reasoning.
+        """
         out = []
         if isinstance(steps, (str, bytes, Mapping)) or not isinstance(steps, Iterable):
             steps = ()  # None, or a malformed gold_steps value
         for step in steps:
-            if isinstance(step, Mapping):
+            if isinstance(step, str):
+                text, findings = step, None
+            elif isinstance(step, Mapping):
                 text, findings = step.get("text") or "", step.get("findings")
             elif hasattr(step, "text"):
                 text, findings = step.text, getattr(step, "findings", None)
             else:
                 continue  # not a step (a malformed gold_steps column): ignored, never fatal
-            keys = frozenset((o, s) for o, s, _ in structured_findings(findings))
-            out.append(GoldStep(str(text), keys))
+            if findings is None:
+                read = chain_text_steps([str(text)])
+                if read:
+                    out.append(GoldStep(read[0].text, read[0].keys, read[0].key_findings))
+                continue
+            stated = sorted(structured_findings(findings), key=lambda f: (f[0], f[1], f[2] or ""))
+            keys = frozenset((o, st) for o, st, _ in stated)
+            key_findings = tuple(KeyFinding(o, st, laterality_of(a) if a else None, a) for o, st, a in stated)
+            out.append(GoldStep(str(text), keys, key_findings))
         return cls(tuple(out))
+
+
+def _keys_from_pairs(pairs: Iterable[FindingKey]) -> tuple[KeyFinding, ...]:
+    return tuple(KeyFinding(o, st) for o, st in sorted(pairs))
 
 
 @lru_cache(maxsize=1 << 14)
@@ -179,14 +240,32 @@ def content_words(text: str) -> frozenset[str]:
 # ---- step matchers for steps without findings --------------------------------------------------
 class StepMatcher(Protocol):
     def supported(self, step_texts: Sequence[str], gold: GoldChain) -> list[bool]:
-        """For each model step (that states no findings), whether some gold step says the same."""
+        """For each model step, whether the gold reasoning says the same."""
+
+    def covered(self, statements: Sequence[str], step_texts: Sequence[str], reasoning: str) -> list[bool]:
+        """For each gold statement, whether the model's reasoning says it."""
+
+
+COVERAGE = 0.3  # share of a text's content words the other side must use (lexical mode)
+
+
+@lru_cache(maxsize=1 << 15)
+def _reasoning_words(text: str) -> frozenset[str]:
+    return content_words(text)
 
 
 class LexicalStepMatcher:
-    """Content-word Jaccard against every gold step; deterministic and cheap (the default)."""
+    """By wording, deterministic and cheap (the default, the RL reward's matcher).
 
-    def __init__(self, threshold: float = LEXICAL_STEP_THRESHOLD) -> None:
+    A model step is supported when the gold reasoning uses at least ``coverage`` of its content
+    words, or when it is close to one gold step (content-word Jaccard >= ``threshold``); a gold
+    statement is covered when the model's reasoning uses at least ``coverage`` of its content
+    words. Filler ("Let me look carefully") has few content words and rarely reaches either.
+    """
+
+    def __init__(self, threshold: float = LEXICAL_STEP_THRESHOLD, coverage: float = COVERAGE) -> None:
         self.threshold = threshold
+        self.coverage = coverage
 
     def supported(self, step_texts: Sequence[str], gold: GoldChain) -> list[bool]:
         out = []
@@ -194,12 +273,23 @@ class LexicalStepMatcher:
             words = content_words(text)
             ok = False
             if words:
-                for g in gold.step_words:
-                    union = len(words | g)
-                    if union and len(words & g) / union >= self.threshold:
-                        ok = True
-                        break
+                if len(words & gold.words) >= self.coverage * len(words):
+                    ok = True
+                else:
+                    for g in gold.step_words:
+                        union = len(words | g)
+                        if union and len(words & g) / union >= self.threshold:
+                            ok = True
+                            break
             out.append(ok)
+        return out
+
+    def covered(self, statements: Sequence[str], step_texts: Sequence[str], reasoning: str) -> list[bool]:
+        said = _reasoning_words(reasoning or "")
+        out = []
+        for text in statements:
+            words = content_words(text)
+            out.append(bool(words) and len(words & said) >= self.coverage * len(words))
         return out
 
 
@@ -213,7 +303,8 @@ class ReasoningScore:
     effectiveness: float | None
     unparseable: bool = False
     n_steps: int = 0
-    n_findings: int = 0  # distinct (observation, status) pairs stated
+    n_findings: int = 0  # distinct key findings stated (one per finding, the status the reasoning ends on)
+    tagless: bool = False  # the output had no <think> tag; its reasoning was read from the free text
 
     @property
     def radrscore(self) -> float:
@@ -231,68 +322,94 @@ class ReasoningScore:
         )
 
 
+@lru_cache(maxsize=1 << 12)
+def report_reference(report: str) -> Mapping[str, KeyFinding]:
+    """A report's key findings (one per finding, the status it ends on), the factuality reference
+    when the report itself is at hand (the release's items carry it)."""
+    from training.findings_text import read_key_steps, split_steps
+
+    steps = split_steps(report)
+    return with_members(conclusions(read_key_steps(steps)))
+
+
 def score_reasoning(
     think: str | None,
     gold: GoldChain,
     labels: Mapping[str, str] | None,
     *,
     step_matcher: StepMatcher | None = None,
+    report: Mapping[str, KeyFinding] | None = None,
+    names: NameMatcher | None = None,
+    tagless: bool = False,
 ) -> ReasoningScore:
     """RadRScore components of one reasoning text (``think`` None = unparseable).
 
     ``labels`` must already be normalised (:func:`normalise_labels`); an empty mapping means
-    "no labels" (factuality then falls back to the gold chain).
+    "no labels". ``report`` (see :func:`report_reference`) is the factuality reference when
+    given; otherwise the labels are, then the gold chain. ``names`` matches findings outside
+    the CheXpert labels by meaning (semantic mode); by default names must be equal.
     """
     has_labels = bool(labels)
+    names = names or EXACT_NAMES
     if think is None:
-        return ReasoningScore.unparseable_score(gold, has_labels)
+        s = ReasoningScore.unparseable_score(gold, has_labels or bool(report))
+        return ReasoningScore(s.completeness, s.factuality, s.effectiveness, True, tagless=tagless)
     steps: list[StepFindings] = reasoning_steps(think)
-    stated: set[FindingKey] = set()
-    for s in steps:
-        stated.update(s.keys)
+    stated = conclusions(s.key_findings for s in steps)
 
-    # completeness
+    stated_any = [k for s in steps for k in s.key_findings]
+    matcher = step_matcher or _LEXICAL
+
+    # completeness: gold key items recalled. Two kinds: the gold's key findings (recalled when the
+    # reasoning states the finding compatibly anywhere, qualifiers agreeing) and the gold's
+    # statements (recalled when the reasoning covers them: their wording, or their meaning with
+    # the embedding matcher), which carry what no finding lexicon names ("mild dextroscoliosis").
     completeness: float | None = None
-    if gold.key_findings:
-        recalled = sum(
-            1 for obs, status in gold.key_findings
-            if any((obs, st) in stated for st in _GOLD_ACCEPTS.get(status, (status,)))
-        )
-        completeness = recalled / len(gold.key_findings)
+    statements = [t for t, w in zip(gold.step_texts, gold.step_words) if w]
+    if gold.keys or statements:
+        recalled = sum(1 for g in gold.keys if any(matches(g, p, names) for p in stated_any))
+        covered = sum(matcher.covered(statements, [s.text for s in steps], think)) if statements else 0
+        completeness = (recalled + covered) / (len(gold.keys) + len(statements))
 
-    # factuality
+    # factuality: the reasoning's key findings the reference supports
     factuality: float | None
-    if has_labels:
+    if report:
+        judged = list(stated)
+        factuality = sum(reference_accepts(report, p, names) for p in judged) / len(judged) if judged else 0.0
+    elif has_labels:
+        # The labels cover the CheXpert observations only; other findings are not judged.
+        judged = [p for p in stated if p.chexpert]
         factuality = (
-            sum(1 for obs, st in stated if st in _ACCEPTS[labels.get(obs, "not_mentioned")]) / len(stated)
-            if stated else 0.0
+            sum(1 for p in judged if p.status in _ACCEPTS[labels.get(p.finding, "not_mentioned")]) / len(judged)
+            if judged else 0.0
         )
-    elif gold.key_findings:
-        # No labels: the gold chain is the reference; an observation it does not state is absent.
-        factuality = (
-            sum(1 for f in stated if (gold.matches(f) if f[0] in gold.accepts else f[1] == "absent")) / len(stated)
-            if stated else 0.0
-        )
+    elif gold.keys:
+        # No labels: the gold chain is the reference; a finding it does not state is absent.
+        reference = with_members(gold.keys)
+        judged = list(stated)
+        factuality = sum(reference_accepts(reference, p, names) for p in judged) / len(judged) if judged else 0.0
     else:
         factuality = None
 
-    # effectiveness
+    # effectiveness: steps the gold reasoning supports. A step is supported when the gold reasoning
+    # says the same (covers its wording or meaning, or states one of its findings compatibly) and
+    # none of its findings contradicts the gold's conclusion on that finding.
     effectiveness: float | None = None
     if not gold.empty:
         if steps:
-            bare = [s.text for s in steps if not s.keys]
-            bare_ok = iter((step_matcher or _LEXICAL).supported(bare, gold)) if bare else iter(())
+            said = matcher.supported([s.text for s in steps], gold)
             supported = 0
-            for s in steps:
-                if s.keys:
-                    supported += any(gold.matches(f) for f in s.keys)
-                else:
-                    supported += next(bare_ok)
+            for s, ok in zip(steps, said):
+                if s.key_findings:
+                    if any(gold.contradicts(k, names) for k in s.key_findings):
+                        continue
+                    ok = ok or any(gold.supports(k, names) for k in s.key_findings)
+                supported += ok
             effectiveness = supported / len(steps)
         else:
             effectiveness = 0.0
 
-    return ReasoningScore(completeness, factuality, effectiveness, False, len(steps), len(stated))
+    return ReasoningScore(completeness, factuality, effectiveness, False, len(steps), len(stated), tagless)
 
 
 _LEXICAL = LexicalStepMatcher()
@@ -350,16 +467,23 @@ class EmbeddingStepMatcher:
             self._cache.update(zip(missing, vectors))
         return [self._cache[t] for t in texts]
 
-    def supported(self, step_texts: Sequence[str], gold: GoldChain) -> list[bool]:
-        gold_texts = [s.text for s in gold.steps if s.text.strip()]
-        if not step_texts or not gold_texts:
-            return [False] * len(step_texts)
+    def _best(self, texts: Sequence[str], against: Sequence[str]) -> list[float]:
         import numpy as np
 
-        model_vecs = np.stack(self._embed(list(step_texts)))
-        gold_vecs = np.stack(self._embed(gold_texts))
-        best = (model_vecs @ gold_vecs.T).max(axis=1)
-        return [bool(x >= self.threshold) for x in best]
+        if not texts:
+            return []
+        if not against:
+            return [0.0] * len(texts)
+        a = np.stack(self._embed(list(texts)))
+        b = np.stack(self._embed(list(against)))
+        return [float(x) for x in (a @ b.T).max(axis=1)]
+
+    def supported(self, step_texts: Sequence[str], gold: GoldChain) -> list[bool]:
+        gold_texts = [t for t in gold.step_texts if t.strip()]
+        return [x >= self.threshold for x in self._best(step_texts, gold_texts)]
+
+    def covered(self, statements: Sequence[str], step_texts: Sequence[str], reasoning: str) -> list[bool]:
+        return [x >= self.threshold for x in self._best(statements, [t for t in step_texts if t.strip()])]
 
 
 # ---- prediction sets (`radchain score`, the evaluation job) ----------------------------------
@@ -527,3 +651,56 @@ def _summary(task: str, scores: Sequence[SampleScore], n_unknown: int) -> TaskSu
         effectiveness=avg.effectiveness,
         radrscore=avg.radrscore,
     )
+
+
+# ---- the release's item format (ChestX-Reasoner eval/res/reasoning_res) ---------------------------
+_CHAT_TURN = re.compile(r"(?:^|\n)\s*assistant\s*\n", re.IGNORECASE)
+
+
+def release_output(pred: str | None) -> str:
+    """The model's own turn in a release ``pred``: outputs that echo the chat (ChestX-Reasoner's
+    "system ... user ... assistant <think>...") keep only what follows the last ``assistant`` line."""
+    text = pred or ""
+    turns = list(_CHAT_TURN.finditer(text))
+    return text[turns[-1].end():] if turns else text
+
+
+def semantic_judge(model: Any | None = None) -> tuple["EmbeddingStepMatcher", NameMatcher]:
+    """The step matcher and the finding-name matcher of semantic mode, sharing one MiniLM and its cache."""
+    matcher = EmbeddingStepMatcher(model=model)
+    return matcher, NameMatcher(embed=matcher._embed)
+
+
+def score_release_batch(items: Sequence[Any], *, semantic: bool = False, matcher: Any | None = None,
+                        ) -> list[ReasoningScore]:
+    """RadRScore of release items (``gold_steps`` strings, ``report`` text, ``pred`` output).
+
+    Completeness and effectiveness against the gold reasoning read as text; factuality against
+    the report's own key findings (the release judge's reference). Every text is read in a few
+    batched finder calls; in semantic mode the MiniLM embeddings are batched and cached.
+    """
+    from training.answers import parse_output
+
+    parsed = [parse_output(release_output(it.pred)) for it in items]
+    prefetch([p.think for p in parsed] + ["\n".join(it.gold_steps) for it in items]
+             + [it.report for it in items])
+    names: NameMatcher = EXACT_NAMES
+    if semantic:
+        if matcher is None:
+            matcher, names = semantic_judge()
+        else:
+            names = NameMatcher(embed=matcher._embed)
+        texts = [s.text for p in parsed for s in reasoning_steps(p.think)]
+        texts += [g for it in items for g in it.gold_steps]
+        matcher._embed(texts)  # one batched encode for the whole set
+    out = []
+    for it, p in zip(items, parsed):
+        gold = _release_gold(tuple(it.gold_steps))
+        out.append(score_reasoning(p.think, gold, None, step_matcher=matcher, report=report_reference(it.report),
+                                   names=names, tagless=p.tagless))
+    return out
+
+
+@lru_cache(maxsize=1 << 12)
+def _release_gold(steps: tuple[str, ...]) -> GoldChain:
+    return GoldChain.from_steps(list(steps))

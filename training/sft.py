@@ -30,6 +30,11 @@ from training.model_factory import LoadedModel, load_model
 from training.processor import save_processor
 
 FINAL_DIR = "final"  # the checkpoint folder inside out_dir that generate() and GRPO load
+# Logged values kept per logging step in TrainResult.metrics["curve"] (SFT: loss, token accuracy;
+# GRPO: reward and its per-function parts, completion length, KL).
+CURVE_KEYS = ("step", "epoch", "loss", "learning_rate", "grad_norm", "mean_token_accuracy", "entropy", "reward",
+              "reward_std", "completions/mean_length", "completions/clipped_ratio", "kl",
+              "rewards/outcome_reward/mean", "rewards/format_reward/mean", "rewards/process_reward/mean")
 
 
 @dataclass
@@ -134,6 +139,16 @@ def with_images(records: list[dict[str, Any]], images: list[list[Any]]) -> Datas
     return dataset.add_column("images", encoded, feature=List(image_feature))
 
 
+def apply_task_mixture(rows: list[Mapping[str, Any]], schedule: ScheduleSettings) -> list[Mapping[str, Any]]:
+    """The rows a trainer sees: drawn by task mixture weight when the config asks for it and the rows
+    carry a ``weight`` (mart rows do), else the rows as given."""
+    if not schedule.task_mixture or not rows or not all("weight" in r for r in rows):
+        return rows
+    from training.datasets import mixture_sample
+
+    return mixture_sample(rows, len(rows), schedule.seed)
+
+
 def sft_dataset(rows: Iterable[Mapping[str, Any]]) -> Dataset:
     records, images = [], []
     for index, row in enumerate(rows):
@@ -177,6 +192,9 @@ def summarize(trainer: Any, train_output: Any, timer: StepTimer, wall_s: float) 
     tokens = max((entry.get("num_tokens", 0) for entry in history), default=0)
     losses = [entry["loss"] for entry in history if "loss" in entry]
     step_times = timer.durations
+    # The training curve (one entry per logging step): what fct_training_runs keeps for plotting.
+    curve = [{k: entry[k] for k in CURVE_KEYS if k in entry} for entry in history
+             if "loss" in entry or "reward" in entry]
     metrics: dict[str, Any] = {
         "train_loss": float(train_output.training_loss),
         "last_logged_loss": float(losses[-1]) if losses else None,
@@ -189,6 +207,7 @@ def summarize(trainer: Any, train_output: Any, timer: StepTimer, wall_s: float) 
         "mean_step_time_s": sum(step_times) / len(step_times) if step_times else None,
         "step_times_s": list(step_times),
         "peak_gpu_memory_gb": peak_gpu_memory_gb(),
+        "curve": curve,
     }
     return metrics
 
@@ -229,6 +248,7 @@ def run_sft(
     eval_rows: Iterable[Mapping[str, Any]] | None = None,
     out_dir: str | Path = "out/sft",
     loaded: LoadedModel | None = None,
+    callbacks: Sequence[TrainerCallback] = (),
 ) -> TrainResult:
     """Fine-tune the config's model on ``train_rows`` and save it to ``out_dir/final``.
 
@@ -236,14 +256,17 @@ def run_sft(
     """
     from trl import SFTConfig, SFTTrainer
 
+    from training.datasets import task_counts
+
     out_dir = Path(out_dir)
     train_rows = list(train_rows)
-    train_dataset = sft_dataset(train_rows)
+    s = cfg.sft
+    drawn = apply_task_mixture(train_rows, s)
+    train_dataset = sft_dataset(drawn)
     eval_dataset = sft_dataset(eval_rows) if eval_rows is not None else None
     if loaded is None:
         loaded = load_model(cfg.model, corpus=conversation_texts(train_rows, "messages"))
 
-    s = cfg.sft
     accumulation = accumulation_steps(s.global_batch_size, s.per_device_train_batch_size, s.gradient_accumulation_steps)
     args = SFTConfig(
         **trainer_arguments(s, out_dir, accumulation),
@@ -259,10 +282,11 @@ def run_sft(
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=loaded.processor,
-        callbacks=[timer],
+        callbacks=[timer, *callbacks],
     )
     metrics = timed_train(trainer, timer)
     metrics.update(gradient_accumulation_steps=accumulation, train_rows=len(train_dataset),
+                   rows_per_task=task_counts(drawn), task_mixture=drawn is not train_rows,
                    num_parameters=loaded.num_parameters, model_source=loaded.source)
     if eval_dataset is not None:
         metrics["eval_loss"] = float(trainer.evaluate()["eval_loss"])

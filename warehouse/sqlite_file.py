@@ -41,6 +41,18 @@ class SQLiteFile:
         with self._lock:
             return self._con.execute(sql, params).fetchall()
 
+    def transaction(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
+        """Run several writes as one transaction (all or none survive a crash)."""
+        with self._lock:
+            self._con.execute("BEGIN IMMEDIATE")
+            try:
+                for sql, params in statements:
+                    self._con.execute(sql, params)
+            except BaseException:
+                self._con.execute("ROLLBACK")
+                raise
+            self._con.execute("COMMIT")
+
     def count(self, table: str) -> int:
         return int(self.execute(f'SELECT count(*) FROM "{table}"')[0][0])
 

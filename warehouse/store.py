@@ -17,11 +17,12 @@ import hashlib
 import json
 import os
 import re
+import tempfile
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import duckdb
 import polars as pl
@@ -33,9 +34,9 @@ from schemas.base import Lineage, TableRecord
 from warehouse.catalog import catalog, table_model
 
 _SAFE_PARTITION = re.compile(r"^[A-Za-z0-9_.=-]{1,200}$")
-# Statement types a read-only session may run. COPY/ATTACH/SET are refused even though
-# DuckDB's read-only mode would let COPY write a file elsewhere.
-_READ_STATEMENTS = {"SELECT", "EXPLAIN"}
+# Statement types `radchain sql` runs: only what DuckDB's parser types as SELECT. COPY, SET,
+# ATTACH, PRAGMA, EXPLAIN (ANALYZE runs what it wraps) ... are refused before anything runs.
+_READ_STATEMENTS = {"SELECT"}
 
 
 class WarehouseError(Exception):
@@ -170,14 +171,60 @@ class Warehouse:
         return counts
 
     def delete_partitions(self, table: str, keep: Iterable[str] | None = None, prefix: str = "") -> int:
-        """Remove partitions of a table whose name starts with ``prefix`` and is not in ``keep``."""
+        """Remove partitions of a table whose name starts with ``prefix`` and is not in ``keep``;
+        fct_materializations forgets them too (it must not list files that no longer exist)."""
         keep_set = set(keep or ())
-        n = 0
+        gone: dict[str, int | None] = {}
         for f in self.table_dir(table).glob(f"{prefix}*.parquet"):
             if f.name != "_schema.parquet" and f.stem not in keep_set:
                 f.unlink()
-                n += 1
-        return n
+                gone[f"{table}\x00{f.stem}"] = None
+        if gone and table != Materialization.__table__:
+            self._update_materializations(gone)
+        return len(gone)
+
+    def drop_rows(self, table: str, drop: pl.Expr) -> int:
+        """Remove the rows matching ``drop`` from every partition of a table; returns how many.
+
+        A partition that changes is rewritten atomically with its rows' lineage as it was (the
+        rows stay those their run wrote); its fct_materializations row gets the new row count.
+        """
+        schema = table_model(table).arrow_schema()
+        removed = 0
+        changed: dict[str, int | None] = {}
+        for f in sorted(self.table_dir(table).glob("*.parquet")):
+            if f.name == "_schema.parquet":
+                continue
+            df = pl.read_parquet(f)
+            kept = df.filter(~drop.fill_null(False))
+            if kept.height == df.height:
+                continue
+            self._atomic_write(kept.to_arrow().select(schema.names).cast(schema), f)
+            removed += df.height - kept.height
+            changed[f"{table}\x00{f.stem}"] = kept.height
+        if changed and table != Materialization.__table__:
+            self._update_materializations(changed)
+        return removed
+
+    def _update_materializations(self, parts: Mapping[str, int | None]) -> None:
+        """fct_materializations rows of these partitions ("<table>\\x00<partition>"): removed (None) or
+        given a new row count. Matched by table and partition, not by path, so a moved home works too."""
+        mat_dir = self.table_dir(Materialization.__table__)
+        schema = Materialization.arrow_schema()
+        gone = [k for k, n in parts.items() if n is None]
+        counts = {k: n for k, n in parts.items() if n is not None}
+        key = pl.col("table_name") + "\x00" + pl.col("partition")
+        for f in sorted(mat_dir.glob("*.parquet")):
+            if f.name == "_schema.parquet":
+                continue
+            df = pl.read_parquet(f)
+            if not df.select(key.is_in(list(parts)).any()).item():
+                continue
+            df = df.filter(~key.is_in(gone))
+            if counts:
+                df = df.with_columns(key.replace_strict(counts, default=pl.col("rows"), return_dtype=pl.Int64)
+                                     .alias("rows"))
+            self._atomic_write(df.to_arrow().select(schema.names).cast(schema), f)
 
     def _to_arrow(self, model: type[TableRecord], rows: Frame, lineage: Lineage) -> pa.Table:
         schema = model.arrow_schema()
@@ -223,7 +270,10 @@ class Warehouse:
         files = sorted(self.table_dir(name).glob("*.parquet"))
         if not files:
             return pl.LazyFrame(schema=pl.from_arrow(model.arrow_schema().empty_table()).schema)
-        return pl.scan_parquet(files)
+        # The table's schema, missing columns inserted as nulls: partitions written before a column was
+        # added (e.g. int_llm_calls.cached_tokens) still scan.
+        schema = pl.from_arrow(model.arrow_schema().empty_table()).schema
+        return pl.scan_parquet(files, schema=schema, missing_columns="insert")
 
     def read(self, table: str | type[TableRecord]) -> pl.DataFrame:
         return self.scan(table).collect()
@@ -239,34 +289,127 @@ class Warehouse:
 
     # ---- SQL ---------------------------------------------------------------------------
     def sql(self, query: str) -> pa.Table:
-        """Run a query on a read-only connection; writes are refused with a clear error."""
+        """Run one read-only query (see ``statements``) and return its result."""
+        results = self.statements(query)
+        if len(results) != 1:
+            raise WarehouseError(f"{len(results)} statements given where one is expected")
+        return results[0].table
+
+    def statements(self, query: str, *, explain: bool = False) -> list["SqlResult"]:
+        """Run every statement of ``query`` on a locked-down connection; one result per statement.
+
+        Read-only is a property of the connection, not of a text filter:
+
+        * the views file is opened read-only, and before any statement runs the connection is
+          limited to this warehouse's Parquet folder (``allowed_directories``), then loses all
+          other file and network access (``enable_external_access=false``), extension installs
+          and loads, and any later change of these settings (``lock_configuration=true``);
+        * every statement must be one that DuckDB's own parser types as SELECT (that includes
+          FROM-first queries, VALUES, DESCRIBE, SUMMARIZE, SHOW). ``allowed_directories`` does not
+          tell reading from writing (a COPY into the Parquet folder would pass it), and EXPLAIN
+          ANALYZE executes the statement it wraps, so COPY, EXPLAIN, SET, PRAGMA, CALL, ATTACH,
+          PREPARE/EXECUTE, CREATE ... are refused before anything runs. ``explain=True`` shows the
+          plan of each (checked) SELECT instead of its rows.
+
+        All statements are checked before the first one runs, so a refused statement anywhere
+        means none runs.
+        """
         if not self.duckdb_path.exists():
             raise WarehouseError(f"no warehouse at {self.root}; run `radchain run` first")
-        try:
-            con = duckdb.connect(str(self.duckdb_path), read_only=True)
-        except duckdb.Error as e:
-            raise WarehouseError(f"cannot open the warehouse read-only (is a run writing it?): {e}") from e
-        with con:
+        self._views_here()
+        with tempfile.TemporaryDirectory(prefix="radchain-sql-") as spill, self._locked_connection(spill) as con:
             try:
-                statements = con.extract_statements(query)
+                parsed = con.extract_statements(query)
             except duckdb.Error as e:
                 raise WarehouseError(f"SQL error: {e}") from e
-            if not statements:
-                raise WarehouseError("empty query")
-            for st in statements:
+            if not parsed:
+                raise WarehouseError("empty query: give at least one SELECT statement")
+            for i, st in enumerate(parsed, start=1):
                 kind = st.type.name
                 if kind not in _READ_STATEMENTS:
+                    where = f"statement {i} of {len(parsed)} " if len(parsed) > 1 else ""
+                    hint = (" (EXPLAIN ANALYZE runs the statement it wraps: use `radchain sql --explain` "
+                            "to see the plan of a SELECT)" if kind == "EXPLAIN" else "")
                     raise WarehouseError(
-                        f"refused: `radchain sql` is read-only and this is a {kind} statement; "
-                        "only SELECT-style queries run here"
-                    )
+                        f"refused: `radchain sql` is read-only and runs only SELECT statements; {where}is of type "
+                        f"{kind}, so nothing was run{hint}: {_clip(st.query)}")
+            out = []
+            for st in parsed:
+                text = st.query.strip().rstrip(";").strip()
+                runnable = st
+                if explain:
+                    runnable = con.extract_statements(f"EXPLAIN {text}")
+                    if len(runnable) != 1 or runnable[0].type.name != "EXPLAIN":  # pragma: no cover - defensive
+                        raise WarehouseError(f"cannot explain: {_clip(text)}")
+                    runnable = runnable[0]
+                try:
+                    rel = con.sql(runnable)
+                    table = rel.to_arrow_table() if rel is not None else pa.table({})
+                except duckdb.PermissionException as e:
+                    raise WarehouseError(
+                        f"refused: `radchain sql` reads only the warehouse's tables (files under "
+                        f"{self.parquet_dir}); {e}") from e
+                except duckdb.Error as e:
+                    raise WarehouseError(f"SQL error: {e}") from e
+                out.append(SqlResult(text, table))
+            return out
+
+    def _locked_connection(self, spill_dir: str) -> duckdb.DuckDBPyConnection:
+        """A private in-memory DuckDB with the views file attached read-only, then locked down.
+
+        Private: settings such as ``enable_external_access`` are per database instance, and a
+        connection to the file itself would share its instance (and so these settings) with any
+        other connection this process holds on it, a notebook's say, or be refused for having
+        another configuration.
+        """
+        con = duckdb.connect(":memory:", config={
+            "autoinstall_known_extensions": False, "autoload_known_extensions": False,
+            # Spill files go to a private folder that is removed afterwards, never the warehouse.
+            "temp_directory": spill_dir,
+        })
+        try:
             try:
-                result = None
-                for st in statements:
-                    result = con.sql(st.query).to_arrow_table()
-                return result
+                con.execute("ATTACH $1 AS warehouse (READ_ONLY)", [str(self.duckdb_path)])
+                con.execute("USE warehouse")
             except duckdb.Error as e:
-                raise WarehouseError(f"SQL error: {e}") from e
+                raise WarehouseError(f"cannot open the warehouse read-only (is a run writing it?): {e}") from e
+            # Order matters: allowed_directories can be set only while external access is still on,
+            # and nothing can be set once the configuration is locked.
+            con.execute("SET allowed_directories = $1", [[str(self.parquet_dir) + os.sep]])
+            con.execute("SET enable_external_access = false")
+            con.execute("SET lock_configuration = true")
+        except BaseException:
+            con.close()
+            raise
+        return con
+
+    def _views_here(self) -> None:
+        """Views hold absolute paths: a copied or moved warehouse has views that read the original.
+
+        Its stamp then names another folder (or the file changed), so the views are rebuilt for
+        this folder first. Should that fail (a read-only copy), the locked connection still
+        refuses to read outside this warehouse: such a query fails, it never reads the original.
+        """
+        if self._views_stamp() == self._stamp_for(self._views_fingerprint()):
+            return
+        try:
+            self.refresh_views()
+        except (OSError, duckdb.Error) as e:
+            raise WarehouseError(
+                f"the views in {self.duckdb_path} were built for another folder and cannot be rebuilt "
+                f"here ({e}); make the folder writable and run the query again") from e
+
+
+class SqlResult(NamedTuple):
+    """One statement of a ``Warehouse.statements`` call and its result."""
+
+    statement: str
+    table: pa.Table
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    text = " ".join(text.split()).rstrip(";")
+    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def _without(schema: pa.Schema, names: Iterable[str]) -> pa.Schema:

@@ -1,7 +1,9 @@
 """Chain mining with an LLM: the "single" protocol (default) and the release's "paper" protocol.
 
 ``single`` (prompt version ``single-v2``; ``single-v1`` is kept for reproducibility: v2 is
-the same instructions with a shorter system prompt): one structured call writes the plan and the
+the same instructions with a shorter system prompt; ``single-v3`` is v2 plus two worked
+examples, so that its static prefix (1,280 tokens) reaches the 1,024 tokens hosted prompt
+caching needs: bench/mine.py (d) measures whether that pays): one structured call writes the plan and the
 evidence steps in the ReasoningChain schema, given the report, the question, the answer
 and the study's labels for the findings asked about.
 
@@ -190,6 +192,7 @@ class LLMChainExtractor:
         workers: int | None = None,
         before: Callable[[MiningInput], None] | None = None,
         after: Callable[[MiningOutcome], None] | None = None,
+        admit: Callable[[MiningInput], str | None] | None = None,
     ) -> list[MiningOutcome]:
         """Mine ``items`` with a pool of ``workers`` tasks (default: twice the client's concurrency);
         outcomes come back in the order of ``items``.
@@ -200,22 +203,41 @@ class LLMChainExtractor:
         just in time, and the workers beyond the concurrency limit wait at the throttle with a
         request ready, so a slot freed by an answer is taken at once instead of after that
         answer has been parsed and verified. ``before``/``after`` run in the worker's own task
-        around each sample (e.g. to set a context variable, or tick a progress bar).
+        around each sample (e.g. to set a context variable, or tick a progress bar). ``admit`` is asked
+        before a sample starts: a reason code (e.g. ``BUDGET``) skips it (an outcome with ``skip_reason``,
+        no call made). In batch mode every sample gets a worker, so each wave of requests (first calls,
+        then refinements) goes out as one Batch API job.
         """
+        transport = getattr(self.client, "transport", None)
+        if transport is not None:
+            workers = len(items)
         workers = workers or 2 * max(1, self.client.settings.max_concurrency)
         outcomes: list[MiningOutcome | None] = [None] * len(items)
         queue = iter(enumerate(items))  # shared by the workers; one event loop, so next() needs no lock
 
         async def worker() -> None:
-            for index, item in queue:
-                if before is not None:
-                    before(item)
-                outcome = await self.extract(item, verify)
-                outcomes[index] = outcome
-                if after is not None:
-                    after(outcome)
+            try:
+                for index, item in queue:
+                    reason = admit(item) if admit is not None else None
+                    if reason is not None:
+                        outcome = MiningOutcome(sample_id=item.sample_id, chain=None, extractor=self.extractor,
+                                                protocol=self.protocol, model=self.client.model,
+                                                prompt_version=self.prompt_version, skip_reason=reason)
+                    else:
+                        if before is not None:
+                            before(item)
+                        outcome = await self.extract(item, verify)
+                    outcomes[index] = outcome
+                    if after is not None:
+                        after(outcome)
+            finally:
+                if transport is not None:
+                    transport.worker_done()
 
-        tasks = [asyncio.ensure_future(worker()) for _ in range(min(workers, len(items)))]
+        n_workers = min(workers, len(items))
+        if transport is not None:
+            transport.add_workers(n_workers)
+        tasks = [asyncio.ensure_future(worker()) for _ in range(n_workers)]
         try:
             await asyncio.gather(*tasks)
         except BaseException:
@@ -276,6 +298,28 @@ class LLMChainExtractor:
         if polished.parsed is None:
             return polish_messages, None
         return polish_messages, polished
+
+    # ---- prompts without calls (cost estimates) -----------------------------------------------
+    def planned_requests(self, item: MiningInput, *, plan_chars: int, chain_chars: int) -> list[tuple[str, list[dict]]]:
+        """The first-pass requests of ``item`` as (stage, messages), built without any call.
+
+        A call whose prompt quotes an earlier answer (the paper protocol's ``steps`` quotes the
+        plan, ``polish`` the chain) gets a stand-in of ``plan_chars``/``chain_chars`` characters.
+        """
+        values = self._question_values(item)
+        if self.protocol == "single":
+            values["labels_block"] = labels_block(item.sample, item.labels)
+            return [("single", self._messages("", **values))]
+        return [
+            ("plan", self._messages("plan", **values)),
+            ("steps", self._messages("steps", report_block=values["report_block"], prior_block=values["prior_block"],
+                                     plan="x" * plan_chars)),
+            ("polish", self._messages("refine", **values, chain="x" * chain_chars)),
+        ]
+
+    def feedback_chars(self) -> int:
+        """Characters of a refinement turn's feedback message, failures left out."""
+        return len(self.templates.render(self.prompt_version, "feedback", failures=""))
 
     # ---- calls and bookkeeping -----------------------------------------------------------
     async def _structured(

@@ -62,6 +62,7 @@ class MiningOutcome:
     refine_rounds: int = 0
     raw_output: str | None = None  # last raw LLM text when rejected
     llm_calls: list[dict[str, Any]] = field(default_factory=list)  # int_llm_calls rows (without lineage)
+    skip_reason: str | None = None  # not mined at all (BUDGET: the run's spend cap); neither chain nor rejection
 
     @property
     def accepted(self) -> bool:

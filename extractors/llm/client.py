@@ -20,7 +20,18 @@ What happens to one request (``complete_structured``):
    does not fit gets exactly one repair request that sends the error back to the model;
 5. a valid answer is written to the cache, keyed by the hash of step 1.
 
-Every HTTP-level request (the first one and the repair) yields one int_llm_calls row dict.
+A circuit breaker stops a dead endpoint from costing every request its retries: after
+``breaker_failures`` consecutive attempts that could not connect (or a failed ``preflight``),
+``circuit_open`` is set and every later request fails at once with ``ENDPOINT_DOWN``.
+
+Every HTTP-level request (the first one and the repair) yields one int_llm_calls row dict, with
+``cached_tokens`` (``usage.prompt_tokens_details.cached_tokens``: input served from the provider's
+prompt cache, priced at the cached rate), ``mode`` and, in batch mode, ``openai_batch_id``.
+
+With a ``transport`` (extractors.llm.batch.BatchTransport: ``--llm-mode batch``), step 2 hands the
+request body to the transport instead of posting it: it goes out in the next OpenAI Batch API job,
+and a request the job failed is retried in a later one (no throttle, no backoff wait: a batch is
+its own queue). Steps 1 and 3-5 are unchanged, so the same answers give the same results.
 
 The API key is handed to ``AsyncOpenAI`` and to nothing else: it is not part of any hash,
 row, cache entry or log line.
@@ -74,8 +85,9 @@ BLOCKED = "BLOCKED"
 MALFORMED_JSON = "MALFORMED_JSON"
 SCHEMA_INVALID = "SCHEMA_INVALID"
 EMPTY_RESPONSE = "EMPTY_RESPONSE"
+ENDPOINT_DOWN = "ENDPOINT_DOWN"  # not sent: the circuit breaker is open (see LLMClient.circuit_open)
 # Failures that a later re-run may well not hit again (the cache never stores them, so it will ask again).
-TRANSIENT_ERROR_CODES = frozenset({RATE_LIMITED, SERVER_ERROR, TIMEOUT, CONNECTION})
+TRANSIENT_ERROR_CODES = frozenset({RATE_LIMITED, SERVER_ERROR, TIMEOUT, CONNECTION, ENDPOINT_DOWN})
 
 _COMPLETIONS_PATH = "/chat/completions"
 
@@ -130,7 +142,9 @@ def parse_completion(raw: bytes | str) -> _Reply:
             content = message.get("content")
             text = content if isinstance(content, str) else None
     usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
-    return _Reply(text, _int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens")))
+    details = usage.get("prompt_tokens_details") if isinstance(usage.get("prompt_tokens_details"), dict) else {}
+    return _Reply(text, _int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens")),
+                  _int(details.get("cached_tokens")))
 
 
 def _int(value: Any) -> int:
@@ -142,6 +156,10 @@ def _int(value: Any) -> int:
 
 class RequestBlocked(Exception):
     """Raised by a request guard (e.g. a PHI guard) to stop a request before it is sent."""
+
+
+class _EndpointDown(Exception):
+    """The circuit breaker is open: no further request is sent (ends the retry loop at once)."""
 
 
 RequestGuard = Callable[[Sequence[Message], str | None], None]
@@ -177,6 +195,8 @@ class _Reply:
     text: str | None
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # usage.prompt_tokens_details.cached_tokens (part of prompt_tokens)
+    openai_batch_id: str | None = None  # the Batch API batch that answered (batch mode)
 
 
 class _CallFailed(Exception):
@@ -194,6 +214,13 @@ class _CallOutcome:
     completion_tokens: int
     attempts: int
     error_code: str | None
+    cached_tokens: int = 0
+    openai_batch_id: str | None = None
+
+    @classmethod
+    def of(cls, reply: _Reply, attempts: int) -> "_CallOutcome":
+        return cls(reply.text, reply.prompt_tokens, reply.completion_tokens, attempts, None, reply.cached_tokens,
+                   reply.openai_batch_id)
 
 
 @dataclass(eq=False)
@@ -209,6 +236,9 @@ class _Session:
 
 def classify(exc: BaseException) -> tuple[str, bool, int | None]:
     """(error code, retryable, HTTP status) for an exception raised by the openai client."""
+    code = getattr(exc, "radchain_code", None)  # a failed Batch API request (extractors.llm.batch.BatchItemError)
+    if code is not None:
+        return code, bool(getattr(exc, "retryable", False)), getattr(exc, "status", None)
     if isinstance(exc, openai.APITimeoutError):  # before APIConnectionError: it is a subclass
         return TIMEOUT, True, None
     if isinstance(exc, openai.APIConnectionError):
@@ -283,8 +313,12 @@ class LLMClient:
         seed: int | None = None,
         request_guard: RequestGuard | None = None,
         call_log: Callable[[dict[str, Any]], None] | None = None,
+        transport: Any | None = None,
     ) -> None:
         self.settings = settings
+        # Batch mode (extractors.llm.batch.BatchTransport): requests are queued into OpenAI Batch API jobs instead
+        # of being posted one by one; everything else (cache, structured output, repair, rows) is the same.
+        self.transport = transport
         self.call_log = call_log
         self.cache = cache
         self.strict_schema = strict_schema
@@ -298,6 +332,12 @@ class LLMClient:
         self.request_guard = request_guard
         # Flipped to False the first time the server refuses json_schema (then JSON mode for the rest).
         self.json_schema_supported = True
+        # Circuit breaker: after ``settings.breaker_failures`` consecutive attempts that could not reach the
+        # server (connection refused/reset, DNS; a timeout is not counted), or a failed ``preflight``, no request
+        # is sent any more (ENDPOINT_DOWN, no attempt); cache hits are still served. 0 turns it off.
+        self.connection_failures = 0
+        self.circuit_open = False
+        self.breaker_refused = 0
         # One session per event loop: httpx pools and asyncio primitives cannot cross loops, and a
         # flow may call asyncio.run once per batch (or run loops in several threads).
         self._sessions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Session] = weakref.WeakKeyDictionary()
@@ -305,6 +345,10 @@ class LLMClient:
     @property
     def model(self) -> str:
         return self.settings.model
+
+    @property
+    def mode(self) -> str:
+        return "batch" if self.transport is not None else "sync"
 
     # ---- session (per event loop) --------------------------------------------------------
     def _current_session(self) -> _Session:
@@ -486,7 +530,7 @@ class LLMClient:
                     reply, n = await self._send(
                         messages, json_schema_response_format(schema, self.strict_schema), max_tokens
                     )
-                    return _CallOutcome(reply.text, reply.prompt_tokens, reply.completion_tokens, n, None)
+                    return _CallOutcome.of(reply, n)
                 except _CallFailed as e:
                     if e.status != 400:
                         raise
@@ -501,7 +545,7 @@ class LLMClient:
                     log.warning("server refused response_format=json_schema (HTTP 400); using JSON mode from now on")
             else:
                 reply, n = await self._send(messages, None, max_tokens)
-            return _CallOutcome(reply.text, reply.prompt_tokens, reply.completion_tokens, attempts + n, None)
+            return _CallOutcome.of(reply, attempts + n)
         except _CallFailed as e:
             return _CallOutcome(None, 0, 0, attempts + e.attempts, e.code)
 
@@ -516,9 +560,11 @@ class LLMClient:
         per-request parameter transform (about 2 ms of CPU per request, the largest cost of
         this path) or its pydantic response model; the reply is parsed once (``parse_completion``).
         """
-        session = self._current_session()
         messages_json = json.dumps(messages, ensure_ascii=False, separators=(",", ":"))
         payload = request_body(self.model, messages_json, self.sampling_params(max_tokens), response_format)
+        if self.transport is not None:
+            return await self._send_batched(payload)
+        session = self._current_session()
         estimate = estimate_tokens(len(messages_json), max_tokens or self.completion_tokens_estimate)
         attempts = 0
 
@@ -530,7 +576,8 @@ class LLMClient:
 
         retrying = AsyncRetrying(
             stop=stop_after_attempt(max(1, self.settings.max_attempts)),
-            retry=retry_if_exception(lambda e: isinstance(e, openai.OpenAIError) and classify(e)[1]),
+            retry=retry_if_exception(lambda e: isinstance(e, openai.OpenAIError) and classify(e)[1]
+                                     and not self.circuit_open),
             wait=lambda state: self.backoff_s(state.outcome.exception(), state.attempt_number),
             before_sleep=log_retry,
             reraise=True,
@@ -538,9 +585,16 @@ class LLMClient:
         try:
             async for attempt in retrying:
                 with attempt:
-                    attempts += 1
+                    if self.circuit_open:
+                        raise _EndpointDown
                     async with session.throttle.slot(estimate):
-                        raw = await session.api.post(_COMPLETIONS_PATH, cast_to=bytes, content=payload)
+                        if self.circuit_open:  # opened while this request waited for its slot
+                            raise _EndpointDown
+                        attempts += 1
+                        raw = await self._post(session, payload)
+        except _EndpointDown:
+            self.breaker_refused += 1
+            raise _CallFailed(ENDPOINT_DOWN, attempts) from None
         except openai.OpenAIError as e:
             code, _, status = classify(e)
             raise _CallFailed(code, attempts, status) from None  # `from None`: error text may echo request data
@@ -548,6 +602,61 @@ class LLMClient:
         # parsed, cached and verified (about 1 ms of CPU that would otherwise delay it).
         await asyncio.sleep(0)
         return parse_completion(raw), attempts
+
+    async def _post(self, session: _Session, payload: bytes) -> bytes:
+        """One HTTP attempt, counted by the circuit breaker (an attempt that reached the server resets it)."""
+        try:
+            raw = await session.api.post(_COMPLETIONS_PATH, cast_to=bytes, content=payload)
+        except openai.APITimeoutError:  # a slow server is still a server: not counted
+            raise
+        except openai.APIConnectionError:  # refused, reset, DNS: the server was not reached
+            self.connection_failures += 1
+            limit = self.settings.breaker_failures
+            if limit and self.connection_failures >= limit and not self.circuit_open:
+                self.circuit_open = True
+                log.error("llm endpoint unreachable: %d consecutive connection failures; circuit breaker open, no "
+                          "further request is sent", self.connection_failures)
+            raise
+        except openai.APIStatusError:
+            self.connection_failures = 0  # an HTTP answer: the server is there
+            raise
+        self.connection_failures = 0
+        return raw
+
+    async def preflight(self, timeout_s: float = 5.0) -> str | None:
+        """One cheap request (``GET /models``, no retries) before a large batch: None when the server answered
+        (any HTTP status), else the error code, with the circuit breaker opened (a dead endpoint fails in
+        seconds instead of after every sample's retries)."""
+        session = self._current_session()
+        try:
+            await session.api.with_options(timeout=min(timeout_s, self.settings.timeout_s)).models.list()
+        except openai.APIStatusError:
+            return None
+        except openai.APIConnectionError as e:
+            self.circuit_open = True
+            code = classify(e)[0]
+            log.error("llm endpoint preflight failed (%s): circuit breaker open", code)
+            return code
+        return None
+
+    async def _send_batched(self, payload: bytes) -> tuple[_Reply, int]:
+        """Batch mode: the request goes into the transport's next Batch API job; a request that job
+        failed (error file, expiry, cancellation) is retried in a later job, up to ``max_attempts``."""
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                raw, batch_id = await self.transport.submit(payload)
+            except openai.OpenAIError as e:
+                code, retryable, status = classify(e)
+                if retryable and attempts < max(1, self.settings.max_attempts):
+                    log.info("batch request failed (%s%s); retrying in the next batch", code,
+                                f" HTTP {status}" if status else "")
+                    continue
+                raise _CallFailed(code, attempts, status) from None
+            reply = parse_completion(raw)
+            reply.openai_batch_id = batch_id
+            return reply, attempts
 
     def backoff_s(self, exc: BaseException | None, attempt_number: int) -> float:
         """Seconds to wait after failed attempt ``attempt_number`` (1-based): Retry-After when the server
@@ -621,9 +730,13 @@ class LLMClient:
             prompt_tokens=out.prompt_tokens,
             completion_tokens=out.completion_tokens,
             latency_ms=(time.perf_counter() - started) * 1000,
-            cost_usd=cost_usd(self.model, out.prompt_tokens, out.completion_tokens, self.settings.price_per_mtok),
+            cost_usd=cost_usd(self.model, out.prompt_tokens, out.completion_tokens, self.settings.price_per_mtok,
+                              cached_tokens=out.cached_tokens, mode=self.mode),
             error_code=error_code if error_code is not None else out.error_code,
             created_at=datetime.now(UTC),
+            cached_tokens=out.cached_tokens,
+            mode=self.mode,
+            openai_batch_id=out.openai_batch_id,
         )
         if self.call_log is not None:
             self.call_log(row)
@@ -635,4 +748,5 @@ class LLMClient:
             request_hash=key, sample_id=sample_id, stage=stage, model=self.model, prompt_version=prompt_version,
             status="ok", cache_hit=True, attempts=0, prompt_tokens=0, completion_tokens=0,
             latency_ms=lookup_ms, cost_usd=0.0, error_code=None, created_at=datetime.now(UTC),
+            cached_tokens=0, mode=self.mode, openai_batch_id=None,
         )

@@ -116,7 +116,7 @@ def build_tasks(
 ) -> TaskBuildResult:
     """All requested tasks' samples plus the study-level rejections and counts."""
     config = config or TaskConfig()
-    corpus = prepare(labels, studies, images)
+    corpus = prepare(labels, studies, images, require_images=config.require_images)
     outputs: list[TaskOutput] = []
     for task in TASKS:
         if task not in config.tasks:

@@ -63,6 +63,9 @@ class TaskConfig:
     # language; "csv" / "language" = only that source; "both" = CSV first, language for the rest.
     temporal_source: str = "auto"
     tasks: tuple[str, ...] = TASKS
+    # Reject studies whose image files are all missing (IMAGE_MISSING): True, False, or None = only when
+    # some image of the source exists (a reports-only MIMIC tree keeps its samples as text-only data).
+    require_images: bool | None = None
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any], default_seed: int = 13) -> "TaskConfig":
@@ -89,7 +92,11 @@ class TaskConfig:
         bad = [t for t in tasks if t not in TASKS]
         if bad:
             raise ValueError(f"tasks: unknown tasks {bad}; known: {list(TASKS)}")
-        return cls(seed=seed, caps=replace(TaskCaps(), **raw_caps), temporal_source=source, tasks=tasks)
+        require_images = options.get("require_images")
+        if require_images not in (None, True, False):
+            raise ValueError(f"tasks: require_images must be true, false or unset, got {require_images!r}")
+        return cls(seed=seed, caps=replace(TaskCaps(), **raw_caps), temporal_source=source, tasks=tasks,
+                   require_images=require_images)
 
 
 def rng_for(seed: int, *key: Any) -> random.Random:

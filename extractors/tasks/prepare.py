@@ -11,6 +11,11 @@ Gates, in order (the first failing one is the study's rejection reason):
 - NO_FINDINGS_TEXT: the report has neither a findings nor an impression section (nothing for
   a reasoning chain to be mined from).
 - NO_IMAGE: the study has no image path at all.
+- IMAGE_CORRUPT: the study's best image is a file Pillow cannot read (stg_images.status, checked at
+  ingest): it has no usable image, and at least one of its files is there but broken.
+- IMAGE_MISSING: none of the study's image files exists. Not a gate for a reports-only source (no
+  image of the whole corpus exists, e.g. MIMIC-CXR reports without the JPG download): its samples
+  keep their image paths, as text-only data (training skips rows whose images are not on disk).
 
 Label problems (NO_LABELS, ONLY_UNCERTAIN) are not gates: a study without usable labels may
 still be a temporal sample from the MS-CXR-T CSV. They only name the reason when nothing
@@ -32,7 +37,7 @@ STUDY_COLUMNS = {
 }
 IMAGE_COLUMNS = {
     "dicom_id": pl.String, "study_id": pl.String, "path": pl.String, "view_position": pl.String,
-    "exists": pl.Boolean,
+    "exists": pl.Boolean, "status": pl.String,
 }
 LABEL_COLUMNS = {"study_id": pl.String, "observation": pl.String, "value": pl.String, "sentence": pl.String}
 
@@ -47,6 +52,8 @@ GATE_DETAIL = {
     "SPLIT_CONFLICT": "the patient's studies are in more than one split; the patient is left out",
     "NO_FINDINGS_TEXT": "the report has neither a findings nor an impression section",
     "NO_IMAGE": "the study has no image path in stg_images",
+    "IMAGE_MISSING": "none of the study's image files exists (stg_images.status = missing)",
+    "IMAGE_CORRUPT": "the study's image file is not a readable image (stg_images.status = corrupt)",
     "NO_LABELS": "the study has no usable label rows in int_labels",
     "ONLY_UNCERTAIN": "no target observation is labelled positive or negative (all uncertain or not mentioned)",
     "NO_ELIGIBLE_TASK": "labels exist but fit no task's sampling rules",
@@ -86,22 +93,36 @@ class Corpus:
     sentences: pl.DataFrame
 
 
+def image_status() -> pl.Expr:
+    """stg_images.status, or one derived from ``exists`` for tables without it (null: unknown)."""
+    return pl.coalesce(
+        pl.col("status").str.strip_chars().str.to_lowercase(),
+        pl.when(pl.col("exists") == True).then(pl.lit("ok"))  # noqa: E712 (a polars expression)
+        .when(pl.col("exists") == False).then(pl.lit("missing")),  # noqa: E712
+    )
+
+
 def primary_images(images: pl.DataFrame) -> pl.DataFrame:
-    """One image per study: an existing frontal image when there is one, otherwise any path."""
+    """One image per study: an existing frontal image when there is one, otherwise any path
+    (a broken file before a missing one); ``image_status`` is that image's status."""
     view = pl.col("view_position").str.strip_chars().str.to_uppercase()
     return (
         images.filter(pl.col("study_id").is_not_null() & pl.col("path").is_not_null())
+        .with_columns(image_status())
         .with_columns(
-            exists_rank=pl.when(pl.col("exists").fill_null(False)).then(0).otherwise(1),
+            exists_rank=pl.when(pl.col("exists").fill_null(False)).then(0)
+            .when(pl.col("status") == "corrupt").then(1).otherwise(2),
             view_rank=view.replace_strict(_VIEW_RANK, default=3, return_dtype=pl.Int8),
         )
         .sort("study_id", "exists_rank", "view_rank", "path")
         .group_by("study_id", maintain_order=True)
-        .agg(image_path=pl.col("path").first())
+        .agg(image_path=pl.col("path").first(), image_status=pl.col("status").first())
     )
 
 
-def gate_studies(studies: pl.DataFrame, images: pl.DataFrame) -> pl.DataFrame:
+def gate_studies(studies: pl.DataFrame, images: pl.DataFrame, require_images: bool = True) -> pl.DataFrame:
+    """The first failing gate per study (module docstring); ``require_images=False`` (a reports-only
+    source) lets studies whose image files are missing through."""
     st = (
         with_columns_present(studies, STUDY_COLUMNS)
         .with_columns(clean_text_id("study_id"), clean_text_id("patient_id"), clean_text_id("split"),
@@ -126,10 +147,20 @@ def gate_studies(studies: pl.DataFrame, images: pl.DataFrame) -> pl.DataFrame:
             .when(pl.col("split_conflict")).then(pl.lit("SPLIT_CONFLICT"))
             .when(~has_text).then(pl.lit("NO_FINDINGS_TEXT"))
             .when(pl.col("image_path").is_null()).then(pl.lit("NO_IMAGE"))
+            .when(pl.col("image_status") == "corrupt").then(pl.lit("IMAGE_CORRUPT"))
+            .when((pl.col("image_status") == "missing") & pl.lit(require_images)).then(pl.lit("IMAGE_MISSING"))
             .otherwise(None)
         )
+        # A study whose image is unusable gives no image to anyone (a temporal pair's prior included).
+        .with_columns(image_path=pl.when(pl.col("gate").is_in(["IMAGE_CORRUPT", "IMAGE_MISSING"]))
+                      .then(None).otherwise(pl.col("image_path")))
         .select("study_id", "patient_id", "split", "prior_study_id", "image_path", "gate")
     )
+
+
+def has_images(images: pl.DataFrame) -> bool:
+    """Whether any image of the source is usable; if none is, the source is reports-only."""
+    return images.height > 0 and bool((images["status"] == "ok").any())
 
 
 def dedupe_labels(labels: pl.DataFrame, study_ids: pl.Series) -> pl.DataFrame:
@@ -185,12 +216,16 @@ def label_profiles(lab: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def prepare(labels: pl.DataFrame | None, studies: pl.DataFrame | None, images: pl.DataFrame | None) -> Corpus:
+def prepare(labels: pl.DataFrame | None, studies: pl.DataFrame | None, images: pl.DataFrame | None,
+            require_images: bool | None = None) -> Corpus:
+    """``require_images``: see TaskConfig (None: only when some image of the source is usable)."""
     imgs = (
         with_columns_present(images, IMAGE_COLUMNS)
         .with_columns(clean_text_id("study_id"), clean_text_id("dicom_id"), clean_text_id("path"))
+        .with_columns(image_status())
     )
-    gated = gate_studies(with_columns_present(studies, STUDY_COLUMNS), imgs)
+    require = has_images(imgs) if require_images is None else require_images
+    gated = gate_studies(with_columns_present(studies, STUDY_COLUMNS), imgs, require_images=require)
     passing = gated.filter(pl.col("gate").is_null())
     lab = dedupe_labels(labels, passing["study_id"])
     empty = pl.lit([], dtype=pl.List(pl.Int8))
@@ -213,6 +248,10 @@ def prepare(labels: pl.DataFrame | None, studies: pl.DataFrame | None, images: p
         profiles=profiles,
         labels=lab,
         sentences=deciding_sentences(labels, passing["study_id"]),
-        images=imgs.filter(pl.col("path").is_not_null() & pl.col("study_id").is_not_null())
+        # Usable images only (the temporal CSV names exact dicoms): no broken file, and no missing one
+        # unless the whole source is reports-only.
+        images=imgs.filter(pl.col("path").is_not_null() & pl.col("study_id").is_not_null()
+                           & (pl.col("status").is_null() | (pl.col("status") == "ok")
+                              | ((pl.col("status") == "missing") & pl.lit(not require))))
         .select("dicom_id", "study_id", "path"),
     )

@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from flows.cli_support import UsageError, clear_errors, console
+from flows.cli_support import UsageError, cell, clear_errors, console, table_console
 from extractors.chexpert_csv import LabelTableError, load_aliases
 from extractors.resources import REPORTS
 
@@ -28,9 +28,10 @@ def _print_table(result, title: str) -> None:
     for col in ("gold+", "pred+", "P(+)", "R(+)", "F1(+)", "F1(-)", "F1(u)", "agree"):
         t.add_column(col, justify="right", no_wrap=True, min_width=5)
     for s in result.scores:
-        t.add_row(s.observation, str(s.gold_positive), str(s.predicted_positive), _fmt(s.precision), _fmt(s.recall),
+        t.add_row(cell(s.observation), str(s.gold_positive), str(s.predicted_positive), _fmt(s.precision),
+                  _fmt(s.recall),
                   _fmt(s.f1), _fmt(s.negative_f1), _fmt(s.uncertain_f1), _fmt(s.agreement))
-    console.print(t)
+    table_console().print(t)
     console.print("P/R/F1(+): positive labels; F1(-), F1(u): negative and uncertain labels; "
                   "agree: share of studies with the same value (4 values)")
     rate = result.exact_match_rate
@@ -43,8 +44,10 @@ def _print_table(result, title: str) -> None:
         for col in ("study", "observation", "gold", "labeler", "deciding sentence"):
             m.add_column(col, overflow="fold")
         for x in result.mismatches:
-            m.add_row(x.study_id, x.observation, x.gold, x.predicted, (x.sentence or "").replace("\n", " "))
-        console.print(m)
+            # Ids and sentences come from the user's files: data, not markup or terminal escapes.
+            m.add_row(cell(x.study_id), cell(x.observation), cell(x.gold), cell(x.predicted),
+                      cell((x.sentence or "").replace("\n", " ")))
+        table_console().print(m)
 
 
 def register(app: typer.Typer) -> None:

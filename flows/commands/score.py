@@ -17,7 +17,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from flows.cli_support import UsageError, clear_errors, console, err_console
+from flows.cli_support import UsageError, cell, clear_errors, console, err_console, table_console
 
 VERSION = "score-v1"
 _MAX_LISTED = 5
@@ -37,7 +37,13 @@ def register(app: typer.Typer) -> None:
                                                                  "by MiniLM embeddings instead of wording"),
         write: bool = typer.Option(True, "--write/--no-write", help="write fct_eval_results and fct_predictions"),
     ) -> None:
-        """Score model outputs against the warehouse gold: accuracy and RadRScore per task."""
+        """Score model outputs against the warehouse gold: accuracy and RadRScore per task.
+
+        A ChestX-Reasoner release results file (a JSON list of items with reason_steps, pred and
+        original_report), or a folder of them, is scored against the gold inside it (no warehouse)."""
+        if predictions.is_dir() or predictions.suffix.lower() == ".json":
+            _score_release(predictions, semantic=semantic)
+            return
         eval_id, report = score_file(predictions, model=model, checkpoint=checkpoint, judge=judge,
                                      semantic=semantic, write=write)
         _print_report(report, title=f"radchain score: {report.model} ({judge} judge)")
@@ -58,14 +64,46 @@ def register(app: typer.Typer) -> None:
     @app.command("judge-agreement")
     @clear_errors
     def judge_agreement_cmd(
-        predictions: Path = typer.Option(..., "--predictions", "-p",
-                                         help='JSONL file, one {"sample_id": ..., "output": ...} per line'),
+        predictions: Path | None = typer.Option(None, "--predictions", "-p",
+                                                help='JSONL file, one {"sample_id": ..., "output": ...} per line '
+                                                     "(rules judge vs the llm judge)"),
+        release: Path | None = typer.Option(None, "--release",
+                                            help="a ChestX-Reasoner release results folder (<model>/*.json with "
+                                                 "reason_steps, pred and GPT-4o verdicts) or one such file: "
+                                                 "rules judge vs the paper's stored GPT-4o verdicts"),
+        semantic: bool = typer.Option(False, "--semantic", help="--release: match by MiniLM embeddings"),
+        bootstrap: int = typer.Option(1000, "--bootstrap", help="--release: bootstrap resamples for the intervals"),
         format: str = typer.Option("table", "--format", "-f", help="table | csv | json"),
     ) -> None:
-        """Score a prediction set with both judges; print Pearson/Spearman per RadRScore component."""
+        """Compare radchain's rules judge with an LLM judge: per-component Pearson/Spearman.
+
+        With --release, against the verdicts stored in the release files (no endpoint, no warehouse):
+        per-sample correlations overall and per model with bootstrap intervals, system means and
+        whether both judges rank the models the same way."""
         import pyarrow as pa
 
         from flows.cli_support import print_arrow
+
+        if (predictions is None) == (release is None):
+            raise UsageError("give exactly one of --predictions or --release")
+        if release is not None:
+            from training.judge_agreement import agreement_on_release
+
+            if not release.exists():
+                raise UsageError(f"{release} does not exist")
+            try:
+                report = agreement_on_release(release, semantic=semantic, n_boot=bootstrap)
+            except ValueError as e:
+                raise UsageError(str(e)) from None
+            if not report.n_compared:
+                raise UsageError(f"{release} holds no release items with GPT-4o verdicts")
+            print_arrow(pa.Table.from_pylist(report.as_rows()), format,
+                        title=f"judge agreement with the release's GPT-4o verdicts: {report.n_compared} samples "
+                              f"({report.n_no_verdict} without verdicts, {report.n_empty_output} empty outputs "
+                              f"left out, {report.n_tagless} tagless outputs scored)")
+            print_arrow(pa.Table.from_pylist(report.system_rows()), format, title="system-level means")
+            return
+
         from radchain.runtime import prepare_environment
         from training.answers import completion_text, parse_output
         from training.judge_llm import judge_agreement
@@ -95,11 +133,14 @@ def score_file(
     semantic: bool = False,
     write: bool = True,
     settings: Any = None,
+    baseline: str | None = None,
+    baseline_of: str | None = None,
 ) -> tuple[str, Any]:
     """Score a predictions JSONL against the warehouse gold; write the eval tables when ``write``.
 
     Returns (eval_id, training.radrscore.ScoreReport). Used by `radchain score` and by the
-    evaluation job (flows/evaluation.py). Raises UsageError on unusable input.
+    evaluation job (flows/evaluation.py), which also scores the baselines (``baseline`` names one,
+    ``baseline_of`` the model evaluation it stands beside). Raises UsageError on unusable input.
     """
     from radchain.runtime import prepare_environment
     from training.radrscore import EmbeddingStepMatcher, score_predictions
@@ -118,9 +159,50 @@ def score_file(
     model_name = model or file_model or predictions.stem
     report.model = model_name
     eval_id = _eval_id(predictions, model_name, checkpoint, judge, semantic)
+    report.format_compliance = format_compliance(report)
     if write:
-        _write(wh, eval_id, report, model_name, checkpoint, judge, predictions, llm_calls)
+        _write(wh, eval_id, report, model_name, checkpoint, judge, predictions, llm_calls, baseline, baseline_of)
     return eval_id, report
+
+
+def _score_release(path: Path, *, semantic: bool) -> None:
+    """`radchain score` on release items: RadRScore per model and file against the gold they carry."""
+    from training.judge_agreement import read_release
+    from training.radrscore import average_scores, score_release_batch
+
+    if not path.exists():
+        raise UsageError(f"predictions file {path} does not exist")
+    try:
+        items = read_release(path)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if not items:
+        raise UsageError(f"{path} holds no release items (a JSON list of objects with reason_steps and pred)")
+    scores = score_release_batch(items, semantic=semantic)
+    t = Table(title=f"radchain score: {path} (rules judge, {'semantic' if semantic else 'lexical'} matching)")
+    for col in ("model", "task", "n", "complete", "factual", "effective", "RadRScore", "unparsed", "tagless"):
+        t.add_column(col, justify="left" if col in ("model", "task") else "right")
+    groups: dict[tuple[str, str], list[Any]] = {}
+    for it, sc in zip(items, scores):
+        groups.setdefault((it.model, it.task), []).append(sc)
+        groups.setdefault((it.model, "all"), []).append(sc)
+    for (model, task), scs in groups.items():
+        avg = average_scores(scs)
+        t.add_row(model, task, str(len(scs)), _fmt(avg.completeness), _fmt(avg.factuality), _fmt(avg.effectiveness),
+                  _fmt(avg.radrscore), str(sum(s.unparseable for s in scs)), str(sum(s.tagless for s in scs)))
+    console.print(t)
+
+
+def format_compliance(report: Any) -> dict[str, float | None]:
+    """Task (and "all") -> share of well-formed outputs, over the samples the report scored."""
+    from training.answers import is_well_formed
+
+    by_task: dict[str, list[bool]] = {}
+    for s in report.per_sample:
+        ok = is_well_formed(s.output)
+        by_task.setdefault(s.task, []).append(ok)
+        by_task.setdefault("all", []).append(ok)
+    return {task: (sum(v) / len(v) if v else None) for task, v in by_task.items()}
 
 
 def read_predictions(path: Path) -> tuple[list[dict[str, Any]], str | None]:
@@ -212,19 +294,20 @@ def _fmt(x: float | None) -> str:
 def _print_report(report: Any, title: str) -> None:
     t = Table(title=title)
     t.add_column("task", no_wrap=True)
-    for col in ("n", "accuracy", "complete", "factual", "effective", "RadRScore", "unparsed", "no answer",
-                "no chain"):
+    for col in ("n", "accuracy", "complete", "factual", "effective", "RadRScore", "format", "unparsed",
+                "no answer", "no chain"):
         t.add_column(col, justify="right")
     last_task = len(report.per_task) - 2  # the row before "all" closes the per-task section
     for i, r in enumerate(report.per_task):
-        t.add_row(r.task, str(r.n), _fmt(r.accuracy), _fmt(r.completeness), _fmt(r.factuality),
-                  _fmt(r.effectiveness), _fmt(r.radrscore), str(r.n_unparseable), str(r.n_no_answer),
+        t.add_row(cell(r.task), str(r.n), _fmt(r.accuracy), _fmt(r.completeness), _fmt(r.factuality),
+                  _fmt(r.effectiveness), _fmt(r.radrscore),
+                  _fmt(getattr(report, "format_compliance", {}).get(r.task)), str(r.n_unparseable), str(r.n_no_answer),
                   str(r.n_no_gold_chain), end_section=(i == last_task))
-    console.print(t)
+    table_console().print(t)
 
 
 def _write(wh: Any, eval_id: str, report: Any, model: str, checkpoint: str | None, judge: str, path: Path,
-           llm_calls: list[dict[str, Any]]) -> None:
+           llm_calls: list[dict[str, Any]], baseline: str | None = None, baseline_of: str | None = None) -> None:
     from radchain import __version__
     from schemas.base import Lineage
     from schemas.llm import LlmCall
@@ -234,7 +317,8 @@ def _write(wh: Any, eval_id: str, report: Any, model: str, checkpoint: str | Non
     lineage = Lineage(run_id=f"score-{eval_id}", batch_id=eval_id, code_version=f"radchain-{__version__}/{VERSION}")
     results = [
         dict(eval_id=eval_id, model=model, checkpoint=checkpoint, judge=judge, predictions_path=str(path.resolve()),
-             scored_at=now, **r.as_dict())
+             scored_at=now, format_compliance=report.format_compliance.get(r.task), baseline=baseline,
+             baseline_of=baseline_of, **r.as_dict())
         for r in report.per_task
     ]
     predictions = [

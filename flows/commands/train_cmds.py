@@ -19,7 +19,8 @@ def register(app: typer.Typer) -> None:
                                                           "work pool (needs `radchain serve` or a Prefect server)"),
         max_examples: int | None = typer.Option(None, help="cap the training rows (smoke runs)"),
         max_eval_per_task: int | None = typer.Option(None, help="cap benchmark samples per task"),
-        max_new_tokens: int = typer.Option(256, help="generation budget in evaluation"),
+        max_new_tokens: int | None = typer.Option(None, help="generation budget in evaluation "
+                                                             "(default: the config's grpo.max_completion_length)"),
     ) -> None:
         """SFT → GRPO from the SFT checkpoint → evaluate, recorded in fct_training_runs and fct_eval_results."""
         from radchain.runtime import prepare_environment
@@ -32,7 +33,7 @@ def register(app: typer.Typer) -> None:
         console.print(f"dataset {out['dataset_version']}: SFT {out['sft']['status']} → GRPO {out['grpo']['status']} "
                       f"→ checkpoint {out['grpo']['checkpoint']}")
         if out.get("evaluation"):
-            console.print(f"evaluation {out['evaluation']['eval_id']}: chart {out['evaluation']['chart']}")
+            print_evaluation(out["evaluation"])
 
     @app.command()
     @clear_errors
@@ -40,7 +41,8 @@ def register(app: typer.Typer) -> None:
         checkpoint: Path = typer.Option(..., help="a checkpoint folder (e.g. .radchain/runs/grpo/<id>/final)"),
         dataset_version: str | None = typer.Option(None, help="default: the newest dataset version"),
         max_per_task: int | None = typer.Option(None, help="cap benchmark samples per task"),
-        max_new_tokens: int = typer.Option(256),
+        max_new_tokens: int | None = typer.Option(None, help="default: the config's grpo.max_completion_length"),
+        config: str = typer.Option("tiny-cpu", help="the training config of the checkpoint (generation length)"),
     ) -> None:
         """Generate on mart_benchmark with a checkpoint and score accuracy and RadRScore per task."""
         if not checkpoint.is_dir():
@@ -51,8 +53,8 @@ def register(app: typer.Typer) -> None:
         from flows.training_flows import evaluate_flow
 
         out = evaluate_flow(checkpoint=str(checkpoint.resolve()), dataset_version=dataset_version,
-                            max_per_task=max_per_task, max_new_tokens=max_new_tokens)
-        console.print(f"evaluation {out['eval_id']} on {out['n']} samples: chart {out['chart']}")
+                            max_per_task=max_per_task, max_new_tokens=max_new_tokens, config=config)
+        print_evaluation(out)
 
     @app.command()
     @clear_errors
@@ -74,3 +76,23 @@ def register(app: typer.Typer) -> None:
         version = dataset_version or latest_dataset_version(wh)
         counts = export_dataset(wh, version, format, out)
         console.print(f"exported {version} as {format} to {out / version / format}: {counts}")
+
+
+def print_evaluation(out: dict) -> None:
+    """The model's per-task scores beside its baselines, the chart's path and what its bars are."""
+    from rich.table import Table
+
+    from flows.evaluation import EXPLANATION
+
+    table = Table(title=f"evaluation {out['eval_id']} ({out['n']} samples, {out['max_new_tokens']} new tokens)")
+    for col in ("series", "task", "n", "unparsed", "accuracy", "RadRScore", "format"):
+        table.add_column(col, justify="left" if col in ("series", "task") else "right")
+    fmt = lambda v: "" if v is None else f"{v:.3f}"  # noqa: E731
+    for name, rows in out["baselines"].items():
+        for r in rows:
+            table.add_row(name, r["task"], str(r["n"]), str(r["n_unparseable"]), fmt(r["accuracy"]),
+                          fmt(r["radrscore"]), fmt(r.get("format_compliance")))
+        table.add_section()
+    console.print(table)
+    console.print(f"chart: {out['chart']}")
+    console.print(EXPLANATION, highlight=False)

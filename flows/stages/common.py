@@ -40,6 +40,7 @@ class SourceSpec:
     split_col: str | None = None
     date_col: str | None = None
     image_col: str | None = None
+    trim_ids: bool = False  # table ids are kept as written unless this asks to strip blanks around them
 
 
 @dataclass
@@ -63,6 +64,7 @@ class BatchResult:
     rejected: int
     skipped: int
     wall_s: float
+    skip_reason: str | None = None
 
     def __post_init__(self) -> None:
         if self.inputs != self.outputs + self.rejected + self.skipped:
@@ -105,9 +107,11 @@ def record_batch(
     inputs: int,
     outputs: int,
     skipped: int = 0,
+    skip_reason: str | None = None,
 ) -> BatchResult:
     """Write a batch's tables, its rejections and its audit row; check in = out + rejected + skipped."""
-    result = BatchResult(stage, batch_id, inputs, outputs, len(rejections), skipped, 0.0)
+    result = BatchResult(stage, batch_id, inputs, outputs, len(rejections), skipped, 0.0,
+                         skip_reason if skipped else None)
     lineage = ctx.lineage(batch_id, stage_version)
     partition = f"{stage}-{batch_id}"
     if frames:
@@ -118,7 +122,7 @@ def record_batch(
         StageCount,
         partition,
         [dict(stage=stage, inputs=inputs, outputs=outputs, rejected=len(rejections), skipped=skipped,
-              wall_s=result.wall_s, finished_at=datetime.now(UTC))],
+              wall_s=result.wall_s, finished_at=datetime.now(UTC), skip_reason=result.skip_reason)],
         lineage,
     )
     return result

@@ -15,9 +15,7 @@ import polars as pl
 
 from flows.stages.common import BatchResult, RunContext, record_batch
 from schemas.datasets import BenchmarkItem, DatasetVersion, RlPrompt, SftExample
-from schemas.eval import PrmStep
-from training.datasets import BUILDER_VERSION, DEFAULT_MIXTURE, TRAIN_SPLITS, build_marts
-from training.prm import build_prm_rows
+from training.datasets import BUILDER_VERSION, DEFAULT_MIXTURE, build_marts
 
 NAME = "datasets"
 VERSION = BUILDER_VERSION
@@ -38,14 +36,6 @@ def _chains(ctx: RunContext) -> dict[str, dict[str, Any]]:
             for r in chains.iter_rows(named=True)}
 
 
-def prm_rows(samples: list[dict], chains: dict[str, dict[str, Any]], labels: dict[str, dict[str, str]],
-             version: str, seed: int) -> list[dict]:
-    """Step-labelled chains for PRM training, from training splits only (never the benchmark)."""
-    train = {s["sample_id"]: s for s in samples if s["split"] in TRAIN_SPLITS}
-    chosen = [c for sid, c in sorted(chains.items()) if sid in train]
-    return [dict(r, dataset_version=version) for r in build_prm_rows(chosen, train, seed, labels=labels)]
-
-
 def run_batch(ctx: RunContext, batch: str) -> BatchResult:
     started = time.perf_counter()
     samples = ctx.warehouse.read("int_vqa_samples").to_dicts()
@@ -58,17 +48,16 @@ def run_batch(ctx: RunContext, batch: str) -> BatchResult:
     chains = _chains(ctx)
     marts = build_marts(samples, chains, labels, mixture)
     v = marts.dataset_version
-    prm = prm_rows(samples, chains, labels, v, ctx.settings.seed)
     version_row = dict(
         dataset_version=v, builder_version=BUILDER_VERSION, n_sft=len(marts.sft), n_rl=len(marts.rl),
-        n_benchmark=len(marts.benchmark), n_prm=len(prm), mixture_json=json.dumps(mixture, sort_keys=True),
+        n_benchmark=len(marts.benchmark), mixture_json=json.dumps(mixture, sort_keys=True),
         built_at=datetime.now(UTC),
     )
     ctx.options["dataset_version"] = v
     # Samples that feed no mart (no accepted chain on the test split, zero-weight tasks) are skipped, not lost.
     return record_batch(
         ctx, stage=NAME, stage_version=VERSION, batch_id=v, started=started,
-        frames={SftExample: marts.sft, RlPrompt: marts.rl, BenchmarkItem: marts.benchmark, PrmStep: prm,
+        frames={SftExample: marts.sft, RlPrompt: marts.rl, BenchmarkItem: marts.benchmark,
                 DatasetVersion: [version_row]},
         rejections=[], inputs=len(samples), outputs=len(marts.used_samples),
         skipped=len(samples) - len(marts.used_samples),

@@ -14,6 +14,7 @@ in fct_materializations.
 from __future__ import annotations
 
 import gc
+import logging
 import re
 import time
 from collections.abc import Iterator
@@ -22,6 +23,8 @@ from contextlib import contextmanager
 import polars as pl
 import pyarrow as pa
 
+from extractors.instructions import FLAG as INSTRUCTION_FLAG
+from extractors.instructions import find_instructions
 from extractors.language import looks_english
 from extractors.sections import parse_sections
 from extractors.sources import (
@@ -33,6 +36,7 @@ from extractors.sources import (
     image_rows,
     plan_batches,
     read_batch,
+    source_kind,
     study_attributes,
 )
 from flows.stages.common import BatchResult, RunContext, SourceSpec, record_batch, rejection
@@ -53,6 +57,12 @@ _WORD_RE = re.compile(r"[A-Za-z]{2}")
 # Batch ids of the last plan per run, so finalize knows which partitions are current
 # without walking the source again (it re-plans when run in another process).
 _PLANNED: dict[str, list[str]] = {}
+# study id -> content hash of the reports the warehouse held before this run's ingest (per run).
+_BEFORE: dict[str, dict[str, str]] = {}
+# What later stages derived from a study: (table, the columns that name a study).
+_DOWNSTREAM_BY_STUDY = (("int_labels", ("study_id",)), ("int_vqa_samples", ("study_id", "prior_study_id")),
+                        ("int_chains", ("study_id",)))
+log = logging.getLogger("radchain.stages.ingest")
 
 
 def _source(ctx: RunContext) -> SourceSpec:
@@ -64,7 +74,12 @@ def _source(ctx: RunContext) -> SourceSpec:
 def plan(ctx: RunContext) -> list[SourceBatch]:
     batches = plan_batches(_source(ctx), ctx.settings.batch_size)
     _PLANNED[ctx.run_id] = [b.batch_id for b in batches]
+    _BEFORE[ctx.run_id] = _report_hashes(ctx)
     return batches
+
+
+def _report_hashes(ctx: RunContext) -> dict[str, str]:
+    return dict(ctx.warehouse.scan(RawReport).select("study_id", "content_hash").collect().iter_rows())
 
 
 def run_batch(ctx: RunContext, batch: SourceBatch) -> BatchResult:
@@ -134,6 +149,8 @@ def _parse(read: ReportBatch) -> tuple[pa.Table, pa.Table, list[dict]]:
         picked = ReportBatch(read.batch_id, read.inputs)
         for i in keep:
             picked.add(read.study_id[i], read.patient_id[i], read.source[i], read.text[i], read.content_hash[i])
+    suspects = [find_instructions(t) for t in picked.text]  # instruction-like sentences: flagged, kept
+    span_type = RawReport.arrow_schema().field("suspect_spans").type
     reports = pa.table({
         "study_id": pa.array(picked.study_id, pa.string()),
         "patient_id": pa.array(picked.patient_id, pa.string()),
@@ -141,6 +158,9 @@ def _parse(read: ReportBatch) -> tuple[pa.Table, pa.Table, list[dict]]:
         "text": pa.array(picked.text, pa.string()),
         "n_chars": pa.array([len(t) for t in picked.text], pa.int64()),
         "content_hash": pa.array(picked.content_hash, pa.string()),
+        "flags": pa.array([[INSTRUCTION_FLAG] if sp else [] for sp in suspects], pa.list_(pa.string())),
+        "suspect_spans": pa.array([[dict(start=x.start, end=x.end, kind=x.kind) for x in sp] for sp in suspects],
+                                  span_type),
     })
     sections = pa.table({
         # Readable and deterministic: the same report always yields the same ids.
@@ -164,13 +184,29 @@ def finalize(ctx: RunContext) -> BatchResult | None:
     if batch_ids is None:
         batch_ids = [b.batch_id for b in plan_batches(spec, ctx.settings.batch_size)]
     _remove_stale_partitions(ctx, batch_ids)
+    clear_stale_downstream(ctx, _BEFORE.pop(ctx.run_id, None))
 
     reports = wh.scan(RawReport).select("study_id", "patient_id", "source").collect()
     images = image_rows(spec, reports)
+    _warn_about_images(spec, images)
     studies = build_studies(reports, study_attributes(spec), _section_flags(ctx), images)
     lineage = ctx.lineage(FINAL_PARTITION, VERSION)
     wh.write_batch(NAME, FINAL_PARTITION, lineage, {Study: studies, Image: images})
     return None
+
+
+def _warn_about_images(spec: SourceSpec, images: pl.DataFrame) -> None:
+    """Say loudly when image paths do not exist or do not decode, or a table source has no image column."""
+    if source_kind(spec) == "table" and not spec.image_col:
+        log.warning("ingest: the report table has no image column (--image-col): no study has an image, so the "
+                    "tasks stage will build no samples")
+    if images.height:
+        bad = images.filter(~pl.col("exists"))
+        if bad.height:
+            counts = dict(bad.group_by("status").len().iter_rows())
+            log.warning("ingest: %d of %d image files are unusable (%d missing, %d corrupt), e.g. %s",
+                        bad.height, images.height, counts.get("missing", 0), counts.get("corrupt", 0),
+                        bad.sort("path")["path"][0])
 
 
 def _section_flags(ctx: RunContext) -> pl.DataFrame:
@@ -220,6 +256,47 @@ def build_studies(reports: pl.DataFrame, attributes: pl.DataFrame, flags: pl.Dat
     )
     return df.select("study_id", "patient_id", "study_datetime", "study_order", "prior_study_id", "split",
                      "n_images", "has_findings", "has_impression")
+
+
+def clear_stale_downstream(ctx: RunContext, before: dict[str, str] | None) -> dict[str, int]:
+    """Remove what later stages derived from studies this ingest dropped or changed.
+
+    A study is stale when it is no longer in raw_reports (``--stages ingest`` on another source,
+    or a smaller one) or its report text changed (``before`` holds the content hashes from
+    before this run; None when unknown, then only absent studies count). Their labels, samples
+    (also as a temporal sample's prior) and chains, with the chains' steps, are removed, so
+    label/tasks/mine/datasets never join old rows with new reports. Rejections, audit rows and
+    LLM call records stay: they are the history of the runs that wrote them. Built dataset
+    versions (mart_*) are snapshots and stay too. Returns rows removed per table.
+    """
+    wh = ctx.warehouse
+    now = _report_hashes(ctx)
+    current = pl.Series(list(now), dtype=pl.String)
+    changed = pl.Series([sid for sid, h in (before or {}).items() if sid in now and now[sid] != h], dtype=pl.String)
+
+    def stale(col: str) -> pl.Expr:
+        c = pl.col(col)
+        return c.is_not_null() & (~c.is_in(current.implode()) | c.is_in(changed.implode()))
+
+    removed: dict[str, int] = {}
+    stale_samples = (wh.scan("int_vqa_samples")
+                     .filter(stale("study_id") | stale("prior_study_id")).select("sample_id").collect()["sample_id"])
+    stale_chains = (wh.scan("int_chains").filter(stale("study_id") | pl.col("sample_id").is_in(stale_samples.implode()))
+                    .select("chain_id").collect()["chain_id"])
+    for table, cols in _DOWNSTREAM_BY_STUDY:
+        expr = stale(cols[0])
+        for c in cols[1:]:
+            expr = expr | stale(c)
+        if table == "int_chains":
+            expr = expr | pl.col("sample_id").is_in(stale_samples.implode())
+        removed[table] = wh.drop_rows(table, expr)
+    removed["int_chain_steps"] = wh.drop_rows("int_chain_steps", pl.col("chain_id").is_in(stale_chains.implode())
+                                              | pl.col("sample_id").is_in(stale_samples.implode()))
+    if any(removed.values()):
+        log.warning("ingest: studies that changed (%d) or are gone since the last ingest had rows in later "
+                    "stages; removed them (%s): run label, tasks, mine and datasets again",
+                    changed.len(), ", ".join(f"{n} {t}" for t, n in removed.items() if n))
+    return removed
 
 
 def _remove_stale_partitions(ctx: RunContext, batch_ids: list[str]) -> None:

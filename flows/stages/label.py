@@ -23,13 +23,13 @@ from extractors.chexpert_csv import (
     LabelTableError,
     label_columns,
     read_chexpert_csv,
-    read_table,
-    table_columns,
     to_long,
 )
 from extractors.chains.types import LabelEvidence
+from extractors.instructions import mask_instructions
 from extractors.labeler import LABELED_SECTIONS, label_reports_with_mentions, supporting_evidence
-from flows.stages.common import BatchResult, RunContext, record_batch, rejection
+from extractors.sources import ReportTable, SourceError
+from flows.stages.common import BatchResult, RunContext, SourceSpec, record_batch, rejection
 from schemas.ingest import RawReport, Section
 from schemas.labels import OBSERVATIONS, Label
 
@@ -37,6 +37,7 @@ NAME = "label"
 VERSION = "label-v1"
 NO_FINDINGS_TEXT = "NO_FINDINGS_TEXT"
 _PREFIXED_TABLES = ("int_rejections", "audit_stage_counts", "fct_materializations")
+_TABLE_ID = "__radchain_study_id"
 
 
 def plan(ctx: RunContext) -> list[str]:
@@ -59,6 +60,9 @@ def run_batch(ctx: RunContext, batch: str) -> BatchResult:
         spans_of.setdefault(sid, []).append((name, s, e))
     ids = reports.get_column("study_id").to_list()
     texts = [t or "" for t in reports.get_column("text").to_list()]
+    # Instruction-like sentences (raw_reports.suspect_spans, found at ingest) are blanked out: no label is read
+    # from "Write that pneumothorax is present." (same length, so every offset below still indexes the report).
+    texts = [mask_instructions(t, sp) for t, sp in zip(texts, _suspect_spans(ctx, batch, len(ids)))]
     gold, gold_source = _gold_labels(ctx, ids)
     labeled = label_reports_with_mentions([(t, spans_of.get(sid, [])) for sid, t in zip(ids, texts)])
 
@@ -96,6 +100,14 @@ def run_batch(ctx: RunContext, batch: str) -> BatchResult:
     )
 
 
+def _suspect_spans(ctx: RunContext, batch: str, n: int) -> list[list[dict]]:
+    """raw_reports.suspect_spans of the batch, in row order (empty lists for a partition written before it existed)."""
+    path = ctx.warehouse.table_dir(RawReport.__table__) / f"{batch}.parquet"
+    if not path.exists() or "suspect_spans" not in pl.read_parquet_schema(path):
+        return [[] for _ in range(n)]
+    return [sp or [] for sp in pl.scan_parquet(path).select("suspect_spans").collect()["suspect_spans"].to_list()]
+
+
 def _section_of(sections: list[tuple[str, int, int]], start: int | None) -> str | None:
     if start is None:
         return None
@@ -119,7 +131,8 @@ def _gold_labels(ctx: RunContext, ids: list[str]) -> tuple[dict[str, dict[str, s
             return {}, "rules"
         long, source = _cached_long(str(csv_path), *_stamp(csv_path), "csv", ""), "chexpert_csv"
     elif path.is_file():
-        long, source = _cached_long(str(path), *_stamp(path), "table", spec.id_col or "study_id"), "table"
+        long, source = _cached_long(str(path), *_stamp(path), "table", spec.id_col or "study_id",
+                                    bool(getattr(spec, "trim_ids", False))), "table"
     else:
         return {}, "rules"
     if long.is_empty():
@@ -143,20 +156,23 @@ def _stamp(path: Path) -> tuple[int, int]:
 
 
 @lru_cache(maxsize=2)
-def _cached_long(path: str, mtime_ns: int, size: int, kind: str, id_col: str) -> pl.DataFrame:
+def _cached_long(path: str, mtime_ns: int, size: int, kind: str, id_col: str, trim_ids: bool = False) -> pl.DataFrame:
     """Label table in long format, read once per file version (MIMIC's CSV has 227k rows;
     re-reading it for every batch would dominate the stage)."""
     empty = pl.DataFrame(schema={"study_id": pl.String, "observation": pl.String, "value": pl.String})
     try:
         if kind == "csv":
             return read_chexpert_csv(path)
-        header = table_columns(path)
+        # The report table is read as the ingest stage read it (its encoding, malformed CSV
+        # records, ids as written), so the label rows meet their reports.
+        table = ReportTable(SourceSpec(path=Path(path), kind="table", id_col=id_col, trim_ids=trim_ids))
+        header = table.columns()
         mapping = label_columns([c for c in header if c != id_col])
         if id_col not in header or not mapping:
             return empty  # a report table without label columns: rules only
-        # Ids stay as written: the ingest stage keeps a table's ids as text, unprefixed.
-        return to_long(read_table(path, [id_col, *mapping]), id_col=id_col, strict=False, normalize_ids=False)
-    except (LabelTableError, OSError):
+        frame = table.text_frame(list(mapping), id_alias=_TABLE_ID)
+        return to_long(frame, id_col=_TABLE_ID, strict=False, normalize_ids=False, trim_ids=False)
+    except (LabelTableError, SourceError, OSError):
         return empty  # an unreadable label file must not stop labeling: fall back to the rules
 
 

@@ -16,6 +16,14 @@ re-derives its batches, from the response cache), its audit row, chains and reje
 this hash with matching counts, and none of its rejections is an LLM call failure (those
 were not cached, so a re-run asks again). A reused batch writes only a new audit row
 (outputs and rejections as stored, skipped 0); ``options["force"]`` turns reuse off.
+
+Cost controls (LLM extractor): with a budget (``options["budget_usd"]`` from ``radchain run
+--budget``, else ``RADCHAIN_LLM_BUDGET_USD``), each sample's estimated cost
+(extractors.llm.estimate) is reserved before it starts and samples that do not fit are skipped
+(``skipped`` with ``skip_reason`` BUDGET in audit_stage_counts; such a batch is not reused, so a
+re-run with a higher cap mines them); ``finalize`` logs the closing budget line. With
+``options["llm_mode"]`` (or ``RADCHAIN_LLM_MODE``) ``batch``, calls go through the OpenAI Batch
+API (extractors.llm.batch; job state in warehouse/llm_batches.py).
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from typing import Any
 import polars as pl
 
 from extractors.chains.types import LabelEvidence, MiningInput, MiningOutcome
+from extractors.instructions import mask_instructions
 from flows.stages.common import BatchResult, RunContext, record_batch, rejection
 from schemas.audit import StageCount
 from schemas.base import Lineage, stable_id
@@ -89,10 +98,12 @@ def load_inputs(ctx: RunContext, sample_ids: Iterable[str]) -> tuple[list[Mining
     ids = list(sample_ids)
     samples = ctx.warehouse.scan("int_vqa_samples").filter(pl.col("sample_id").is_in(ids)).collect()
     study_ids = set(samples["study_id"].to_list()) | set(x for x in samples["prior_study_id"].to_list() if x)
-    reports = dict(
-        ctx.warehouse.scan("raw_reports").filter(pl.col("study_id").is_in(list(study_ids)))
-        .select("study_id", "text").collect().iter_rows()
-    )
+    raw = ctx.warehouse.scan("raw_reports").filter(pl.col("study_id").is_in(list(study_ids)))
+    has_spans = "suspect_spans" in raw.collect_schema().names()
+    # Instruction-like sentences (ingest: raw_reports.suspect_spans) are blanked out, offsets kept: the LLM
+    # never reads them and no evidence quote can cite them (extractors.instructions).
+    reports = {sid: mask_instructions(text, spans) for sid, text, spans in raw.select(
+        "study_id", "text", "suspect_spans" if has_spans else pl.lit(None).alias("suspect_spans")).collect().iter_rows()}
     labels = _labels_by_study(
         ctx.warehouse.scan("int_labels").filter(pl.col("study_id").is_in(list(study_ids))).collect()
     )
@@ -144,11 +155,97 @@ def screen_phi(ctx: RunContext, items: list[MiningInput]) -> tuple[list[MiningIn
     return kept, rejected
 
 
+def budget_cap(ctx: RunContext) -> float | None:
+    """The run's LLM spend cap in USD: ``options["budget_usd"]`` (``--budget``), else RADCHAIN_LLM_BUDGET_USD."""
+    cap = ctx.options.get("budget_usd")
+    return ctx.settings.llm.budget_usd if cap is None else float(cap)
+
+
+def llm_mode(ctx: RunContext) -> str:
+    from radchain.settings import LLM_MODES
+
+    mode = ctx.options.get("llm_mode") or ctx.settings.llm.mode
+    if mode not in LLM_MODES:
+        raise ValueError(f"unknown LLM mode {mode!r}; choose one of {LLM_MODES}")
+    return mode
+
+
+def run_spend_usd(ctx: RunContext) -> float:
+    """What this run has spent on LLM calls so far (the ledger partitions of its finished batches)."""
+    calls = ctx.warehouse.scan("int_llm_calls").filter(pl.col("run_id") == ctx.run_id).select("cost_usd").collect()
+    return float(calls["cost_usd"].sum() or 0.0) if calls.height else 0.0
+
+
+def ledger_history(ctx: RunContext, model: str, prompt_version: str) -> dict[str, Any]:
+    """Per stage: fresh calls, samples and completion tokens the ledger holds for this model and prompt version."""
+    from extractors.llm.estimate import StageHistory
+
+    calls = (ctx.warehouse.scan("int_llm_calls")
+             .filter((pl.col("model") == model) & (pl.col("prompt_version") == prompt_version) & ~pl.col("cache_hit"))
+             .group_by("stage")
+             .agg(pl.len().alias("calls"), pl.col("sample_id").n_unique().alias("samples"),
+                  pl.col("completion_tokens").sum().alias("completion_tokens"))
+             .collect())
+    return {r["stage"]: StageHistory(r["calls"], r["samples"], int(r["completion_tokens"] or 0))
+            for r in calls.iter_rows(named=True)}
+
+
+_CALIBRATE_AFTER = 16  # finished samples before the budget's estimates are calibrated on actual spend
+
+
+def _budget_gate(ctx: RunContext, extractor: Any, client: Any, items: list[MiningInput],
+                 mode: str) -> tuple[Callable[[MiningInput], str | None] | None, Callable[[MiningOutcome], None]]:
+    """(admit, settle) hooks for extract_many that keep the run under its budget (extractors.llm.budget);
+    (None, a no-op) when no budget is set. A sample whose first request is in the response cache is
+    estimated at $0 (a re-run pays nothing for it). Once ``_CALIBRATE_AFTER`` samples have finished,
+    estimates are scaled by what those samples actually cost over their estimates (the assumed output
+    length of a prompt version without ledger history can be far off either way)."""
+    cap = budget_cap(ctx)
+    if cap is None:
+        return None, lambda o: None
+    from extractors.llm.budget import REASON, Budget
+    from extractors.llm.estimate import CostEstimator
+    from schemas.chains import ReasoningChain
+
+    budget = Budget(cap, spent_usd=run_spend_usd(ctx))
+    estimator = CostEstimator(extractor, client.settings, ledger_history(ctx, client.model, extractor.prompt_version))
+    estimator.learn_prefixes(items)
+    reserved: dict[str, tuple[float, float]] = {}  # sample id -> (reserved estimate, uncalibrated estimate)
+    seen = [0, 0.0, 0.0]  # settled samples, their uncalibrated estimates, their actual cost
+
+    def admit(item: MiningInput) -> str | None:
+        stage, messages = extractor.planned_requests(item, plan_chars=0, chain_chars=0)[0]
+        key = client.hash_request(messages, prompt_version=extractor.prompt_version,
+                                  schema=None if stage == "plan" else ReasoningChain)
+        cached = client.cache is not None and client.cache.get(key) is not None
+        raw = 0.0 if cached else estimator.sample_usd(item, mode)
+        factor = 1.0
+        if seen[0] >= _CALIBRATE_AFTER and seen[1] > 0:
+            factor = min(4.0, max(0.25, seen[2] / seen[1]))
+        if not budget.admit(raw * factor):
+            return REASON
+        reserved[item.sample_id] = (raw * factor, raw)
+        return None
+
+    def settle(outcome: MiningOutcome) -> None:
+        if outcome.sample_id in reserved:
+            estimate, raw = reserved.pop(outcome.sample_id)
+            actual = sum(c["cost_usd"] for c in outcome.llm_calls)
+            budget.settle(estimate, actual)
+            if raw > 0:
+                seen[0] += 1
+                seen[1] += raw
+                seen[2] += actual
+
+    return admit, settle
+
+
 def _extract_llm(ctx: RunContext, items: list[MiningInput], done: Callable[[MiningOutcome], None],
                  call_log: Callable[[dict], None] | None = None) -> None:
     """Mine ``items`` concurrently; ``done`` gets each outcome as its sample finishes (while
     others are still in flight, so turning outcomes into rows costs no time after the last answer);
-    ``call_log`` gets each fresh call's ledger row as it is made."""
+    ``call_log`` gets each fresh call's ledger row as it is made. With a budget, samples that do not
+    fit are skipped (``skip_reason`` BUDGET); in batch mode the calls go through the Batch API."""
     from extractors.chains.llm_backend import LLMChainExtractor
     from extractors.chains.verify import verify_chain
     from extractors.llm.client import LLMClient
@@ -158,23 +255,56 @@ def _extract_llm(ctx: RunContext, items: list[MiningInput], done: Callable[[Mini
 
     llm = with_api_key(ctx.settings.llm)  # the key lives in this copy only, never in ctx.settings
     guard = PhiGuard.from_settings(llm)  # in front of every request (refine and repair calls too)
+    breaker: dict[str, Any] = {}
+
+    mode = llm_mode(ctx)
 
     async def run_all() -> None:
         cache = SQLiteResponseCache.from_settings(ctx.settings)
+        transport = None
+        if mode == "batch":
+            from extractors.llm.batch import BatchTransport
+            from warehouse.llm_batches import SQLiteBatchStore
+
+            transport = BatchTransport(llm, SQLiteBatchStore.from_settings(ctx.settings))
         async with LLMClient(llm, cache=cache, request_guard=guard, backoff_initial_s=llm.backoff_initial_s,
-                             backoff_max_s=llm.backoff_max_s, call_log=call_log) as client:
+                             backoff_max_s=llm.backoff_max_s, call_log=call_log, transport=transport) as client:
+            breaker["client"] = client  # issue 14: circuit breaker + preflight (see LLMEndpointDown)
+            if llm.preflight_min_samples and len(items) >= llm.preflight_min_samples:
+                await client.preflight()
             extractor = LLMChainExtractor(client, protocol=ctx.options.get("protocol") or llm.protocol,
                                           prompt_version=ctx.options.get("prompt_version"))
+            admit, settle = _budget_gate(ctx, extractor, client, items, mode)
 
-            # CURRENT_SAMPLE is set in the worker task's own context: it tells the guard whose request it saw.
-            await extractor.extract_many(items, verify_chain, before=lambda it: CURRENT_SAMPLE.set(it.sample_id),
-                                         after=lambda o: done(_phi_outcome(o, guard, llm.base_url)))
+            def after(o: MiningOutcome) -> None:
+                settle(o)
+                done(_phi_outcome(o, guard, llm.base_url))
+
+            try:
+                # CURRENT_SAMPLE is set in the worker task's own context: it tells the guard whose request it saw.
+                await extractor.extract_many(items, verify_chain, before=lambda it: CURRENT_SAMPLE.set(it.sample_id),
+                                             after=after, admit=admit)
+            finally:
+                if transport is not None:
+                    await transport.aclose()
+                    transport.store.close()
 
     from flows.locking import llm_slots
 
     # Slots of the global "llm-calls" limit (created by `radchain serve`), shared by every worker.
     with llm_slots(min(len(items), llm.max_concurrency), ctx.settings):
         asyncio.run(run_all())
+    client = breaker.get("client")
+    if client is not None and client.circuit_open and (client.breaker_refused or client.connection_failures):
+        raise LLMEndpointDown(
+            f"the LLM endpoint {llm.base_url or 'api.openai.com'} is unreachable "
+            f"({client.connection_failures} consecutive connection failures, llm.breaker_failures="
+            f"{llm.breaker_failures}): the mine stage stopped; completed batches and cached answers are kept, "
+            "re-run when the endpoint is back")
+
+
+class LLMEndpointDown(RuntimeError):
+    """The circuit breaker opened: the mine stage stops and the run fails with this one-line message."""
 
 
 def _phi_outcome(outcome: MiningOutcome, guard: Any, base_url: str | None) -> MiningOutcome:
@@ -200,8 +330,12 @@ class OutcomeRows:
     def __init__(self, items: list[MiningInput]) -> None:
         self.by_id = {it.sample_id: it for it in items}
         self._rows: dict[str, tuple[list[dict], list[dict], list[dict], list[dict]]] = {}
+        self.skipped: dict[str, str] = {}  # sample id -> skip reason (BUDGET)
 
     def add(self, o: MiningOutcome) -> None:
+        if o.skip_reason is not None:
+            self.skipped[o.sample_id] = o.skip_reason
+            return
         chains: list[dict] = []
         steps: list[dict] = []
         rejected: list[dict] = []
@@ -293,7 +427,7 @@ def llm_extractor_config(ctx: RunContext) -> dict[str, Any]:
         templates=hashlib.sha256(_canonical(templates).encode()).hexdigest(), model=llm.model,
         temperature=llm.temperature, refine_rounds=llm.refine_rounds, schema=schema_version(ReasoningChain),
         verifier=verifier_fingerprint(),
-        phi=[llm.phi_allow_hosts, llm.phi_allow_all, llm.phi_enforce_loopback,
+        phi=[llm.phi_allow_hosts, llm.phi_allow_all,
              PhiGuard.from_settings(llm).applies_to(llm.base_url)],
     )
 
@@ -361,8 +495,12 @@ def run_batch(ctx: RunContext, batch: dict[str, Any], progress: Callable[[int], 
         progress(len(flagged))
     rows = OutcomeRows(items)
 
+    spend = getattr(progress, "add_spend", None)
+
     def done(outcome: MiningOutcome) -> None:
         rows.add(outcome)
+        if spend is not None and outcome.llm_calls:
+            spend(sum(c["cost_usd"] for c in outcome.llm_calls))
         progress(1)
 
     if extractor == "llm":
@@ -383,10 +521,12 @@ def run_batch(ctx: RunContext, batch: dict[str, Any], progress: Callable[[int], 
     else:
         _extract_rules(items, done)
     chains = rows.chains
+    reasons = sorted(set(rows.skipped.values()))
     return record_batch(
         ctx, stage=NAME, stage_version=stage_version, batch_id=batch["batch_id"], started=started,
         frames={ChainRow: chains, ChainStepRow: rows.steps},
         rejections=rejected + rows.rejected, inputs=len(batch["sample_ids"]), outputs=len(chains),
+        skipped=len(rows.skipped), skip_reason="+".join(reasons) or None,
     )
 
 
@@ -401,7 +541,28 @@ def recover_journaled_calls(ctx: RunContext, batch_id: str, journal: Any) -> int
     return recovered
 
 
+def budget_summary(ctx: RunContext) -> str | None:
+    """The run's closing budget line, when a budget was set."""
+    cap = budget_cap(ctx)
+    if cap is None:
+        return None
+    audit = (ctx.warehouse.scan("audit_stage_counts")
+             .filter((pl.col("stage") == NAME) & (pl.col("run_id") == ctx.run_id)).collect())
+    skipped = int(audit.filter(pl.col("skip_reason") == "BUDGET")["skipped"].sum() or 0) if audit.height else 0
+    spent = run_spend_usd(ctx)
+    if skipped:
+        return (f"budget reached: LLM spend ${spent:.4f} of the ${cap:.4f} budget; {skipped} samples not mined "
+                f"(skipped, reason BUDGET); raise --budget / RADCHAIN_LLM_BUDGET_USD and re-run to mine them")
+    return f"budget: LLM spend ${spent:.4f} of the ${cap:.4f} budget; every sample was mined"
+
+
 def finalize(ctx: RunContext) -> BatchResult | None:
+    line = budget_summary(ctx) if choose_extractor(ctx) == "llm" else None
+    if line is not None:
+        import logging
+
+        logging.getLogger("radchain.mine").warning(line)
+        print(line, flush=True)
     # Partitions of batches that no longer exist (the sample set changed) would be stale.
     keep = [b["batch_id"] for b in plan(ctx)]
     for table in ("int_chains", "int_chain_steps"):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import polars as pl
@@ -56,19 +57,31 @@ def read_inputs(ctx: RunContext) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFra
     studies = ctx.warehouse.scan(Study).select(
         "study_id", "patient_id", "study_order", "prior_study_id", "split", "has_findings", "has_impression"
     ).collect()
-    images = ctx.warehouse.scan(Image).select("dicom_id", "study_id", "path", "view_position", "exists").collect()
+    scan = ctx.warehouse.scan(Image)
+    present = scan.collect_schema().names()
+    # status (ok/missing/corrupt) is read when the ingest that wrote stg_images recorded it.
+    images = scan.select([c for c in ("dicom_id", "study_id", "path", "view_position", "exists", "status")
+                          if c in present or c != "status"]).collect()
     return labels, studies, images
 
 
 def run_batch(ctx: RunContext, batch: str) -> BatchResult:
     started = time.perf_counter()
     config = TaskConfig.from_options(ctx.options, default_seed=ctx.settings.seed)
+    if config.require_images is None and ctx.source is not None and Path(ctx.source.path).is_file():
+        # A report table names its images explicitly (--image-col): a path that is not there is an error
+        # of that row, never a reports-only corpus.
+        config = replace(config, require_images=True)
     labels, studies, images = read_inputs(ctx)
     csv_path = temporal_csv_path(ctx)
     csv = read_temporal_csv(csv_path) if csv_path is not None else None
     if csv_path is not None and csv is None:
         log.warning("tasks: temporal CSV %s is missing or unreadable; using comparison language", csv_path)
     result = build_tasks(labels, studies, images, temporal_csv=csv, config=config)
+    if config.require_images is None and images.height and "status" in images.columns \
+            and not (images["status"] == "ok").any():
+        log.warning("tasks: none of the source's %d image files exists or is readable (a reports-only source): "
+                    "samples keep image paths that are not on disk, and training skips them", images.height)
 
     lineage = ctx.lineage(batch, VERSION)
     for task in TASKS:

@@ -10,7 +10,16 @@ ephemeral port, in a background thread with its own event loop, and speaks
 * ``POST /v1/chat/completions`` -> a ``chat.completion`` object with ``usage`` counts
   (about 4 characters per token), the content produced by a pluggable
   ``responder(request_body) -> str``;
-* ``GET /v1/models`` -> the one model it pretends to serve.
+* ``GET /v1/models`` -> the one model it pretends to serve;
+* the Batch API: ``POST /v1/files`` (multipart upload, ``purpose=batch``), ``GET /v1/files``,
+  ``GET /v1/files/{id}``, ``GET /v1/files/{id}/content``; ``POST /v1/batches``, ``GET /v1/batches``,
+  ``GET /v1/batches/{id}``, ``POST /v1/batches/{id}/cancel``, with OpenAI's object shapes. A batch
+  goes validating -> in_progress -> finalizing -> completed over ``batch_delay_s``; each input line
+  is answered by the same code as a chat request (responder, content faults, cached tokens) into
+  the output file as ``{"id", "custom_id", "response": {"status_code", "request_id", "body"},
+  "error": null}``; a line drawn to fail (``batch_failure_rate``, seeded like ``faults``) goes to
+  the error file with a 500 response; ``expire_batches = n`` makes the next n batches expire
+  after answering half their lines (the rest: error ``batch_expired``, as the real API reports).
 
 Knobs, for tests and benchmarks:
 
@@ -23,7 +32,11 @@ Knobs, for tests and benchmarks:
   ``enqueue_faults(...)`` scripts the exact faults of the next requests instead;
 * ``reject_json_schema``: answer 400 to ``response_format: json_schema`` (a server with
   JSON mode only), to exercise the client's fallback;
-* ``api_key``: when set, requests without ``Authorization: Bearer <api_key>`` get 401.
+* ``api_key``: when set, requests without ``Authorization: Bearer <api_key>`` get 401;
+* ``prompt_caching`` (on by default): automatic prompt caching as OpenAI documents it: a prompt
+  of at least ``cache_min_tokens`` (1,024) tokens whose first 1,024 + k*128 tokens were already
+  seen in an earlier request reports them as ``usage.prompt_tokens_details.cached_tokens``
+  (tokens here are 4 characters of the messages' contents, as ``prompt_tokens``).
 
 Fault kinds: ``rate_limit`` (429 with ``Retry-After``), ``server_error`` (500),
 ``timeout`` (sleeps ``timeout_sleep_s``, past the client's timeout, then answers),
@@ -177,6 +190,12 @@ class FakeOpenAIServer:
         timeout_sleep_s: float = 5.0,
         reject_json_schema: bool = False,
         api_key: str | None = None,
+        prompt_caching: bool = True,
+        cache_min_tokens: int = 1024,
+        cache_block_tokens: int = 128,
+        batch_delay_s: float = 0.2,
+        batch_failure_rate: float = 0.0,
+        expire_batches: int = 0,
     ) -> None:
         unknown = set(faults or {}) - set(FAULT_KINDS)
         if unknown:
@@ -191,6 +210,21 @@ class FakeOpenAIServer:
         self.timeout_sleep_s = timeout_sleep_s
         self.reject_json_schema = reject_json_schema
         self.api_key = api_key
+        self.prompt_caching = prompt_caching
+        self.cache_min_tokens = cache_min_tokens
+        self.cache_block_tokens = cache_block_tokens
+        self._prefixes: set[bytes] = set()  # digests of prompt prefixes seen (at cacheable lengths)
+        self.cached_tokens_served = 0
+        # Batch API state and counters.
+        self.batch_delay_s = batch_delay_s
+        self.batch_failure_rate = batch_failure_rate
+        self.expire_batches = expire_batches
+        self.files: dict[str, dict[str, Any]] = {}  # id -> FileObject fields + "_content"
+        self.batches: dict[str, dict[str, Any]] = {}  # id -> Batch object
+        self.batch_executions: Counter[str] = Counter()  # custom_id -> lines answered 200 (paid)
+        self.batch_lines_failed = 0
+        self.batches_expired = 0
+        self._batch_tasks: set[asyncio.Task] = set()
 
         self._lock = threading.Lock()
         self._scripted: deque[str] = deque()
@@ -227,6 +261,14 @@ class FakeOpenAIServer:
         app = Starlette(routes=[
             Route("/v1/chat/completions", self._chat, methods=["POST"]),
             Route("/v1/models", self._models, methods=["GET"]),
+            Route("/v1/files", self._files_create, methods=["POST"]),
+            Route("/v1/files", self._files_list, methods=["GET"]),
+            Route("/v1/files/{file_id}", self._files_get, methods=["GET"]),
+            Route("/v1/files/{file_id}/content", self._files_content, methods=["GET"]),
+            Route("/v1/batches", self._batches_create, methods=["POST"]),
+            Route("/v1/batches", self._batches_list, methods=["GET"]),
+            Route("/v1/batches/{batch_id}", self._batches_get, methods=["GET"]),
+            Route("/v1/batches/{batch_id}/cancel", self._batches_cancel, methods=["POST"]),
         ])
         # proto=IPPROTO_TCP matters: asyncio turns Nagle off (TCP_NODELAY) only on sockets that say
         # they are TCP; without it every response waits ~40 ms for a delayed ACK.
@@ -287,7 +329,12 @@ class FakeOpenAIServer:
             self.max_in_flight = self.in_flight
             self.first_request_at = self.last_response_at = None
             self.served_s = 0.0
+            self.cached_tokens_served = 0
             self.bodies.clear()
+
+    def clear_prompt_cache(self) -> None:
+        with self._lock:
+            self._prefixes.clear()
 
     def received_text(self) -> str:
         """Every request body received, as one string (for 'this must never reach the server' checks)."""
@@ -409,10 +456,218 @@ class FakeOpenAIServer:
             return _make_off_topic(content, body)
         return content
 
+    def _cached_tokens(self, body: Mapping[str, Any], prompt_tokens: int) -> int:
+        """Tokens of this prompt's longest prefix seen before, at 1,024 + k*128 tokens (0 below 1,024);
+        this prompt's own prefixes are remembered for later requests."""
+        if not self.prompt_caching or prompt_tokens < self.cache_min_tokens:
+            return 0
+        text = "".join(str(m.get("content") or "") for m in body.get("messages") or []).encode("utf-8")
+        h = hashlib.sha256(str(body.get("model") or "").encode())
+        cached, pos, boundary = 0, 0, self.cache_min_tokens
+        digests = []
+        while boundary <= prompt_tokens:
+            end = boundary * 4
+            h.update(text[pos:end])
+            pos = end
+            digests.append((boundary, h.copy().digest()))
+            boundary += self.cache_block_tokens
+        with self._lock:
+            for n, digest in digests:
+                if digest in self._prefixes:
+                    cached = n
+                else:
+                    self._prefixes.add(digest)
+            self.cached_tokens_served += cached
+        return cached
+
+    # ---- the Batch API ------------------------------------------------------------------------
+    def _authorized(self, request: Request) -> bool:
+        return self.api_key is None or request.headers.get("authorization") == f"Bearer {self.api_key}"
+
+    def _new_file(self, filename: str, purpose: str, content: bytes) -> dict[str, Any]:
+        fid = f"file-{uuid.uuid4().hex[:24]}"
+        obj = {"id": fid, "object": "file", "bytes": len(content), "created_at": int(time.time()),
+               "filename": filename, "purpose": purpose, "status": "processed", "expires_at": None,
+               "status_details": None}
+        with self._lock:
+            self.files[fid] = {**obj, "_content": content}
+        return obj
+
+    @staticmethod
+    def _public(obj: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in obj.items() if not k.startswith("_")}
+
+    async def _files_create(self, request: Request) -> Response:
+        if not self._authorized(request):
+            return _error(401, "invalid API key (fake server)", "invalid_request_error", code="invalid_api_key")
+        import email.parser
+        import email.policy
+
+        raw = await request.body()
+        head = f"Content-Type: {request.headers.get('content-type', '')}\r\n\r\n".encode()
+        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + raw)
+        fields: dict[str, Any] = {}
+        for part in message.iter_parts():
+            name = part.get_param("name", header="content-disposition")
+            fields[name] = (part.get_filename(), part.get_payload(decode=True))
+        if "file" not in fields or "purpose" not in fields:
+            return _error(400, "file and purpose are required", "invalid_request_error")
+        filename, content = fields["file"]
+        purpose = fields["purpose"][1].decode()
+        if purpose == "batch":
+            for n, line in enumerate(content.splitlines(), 1):
+                try:
+                    item = json.loads(line)
+                    assert item["method"] == "POST" and item["url"] == "/v1/chat/completions" and item["custom_id"]
+                except Exception:  # noqa: BLE001
+                    return _error(400, f"line {n} of the batch file is not a valid request", "invalid_request_error")
+        return JSONResponse(self._new_file(filename or "upload.jsonl", purpose, content))
+
+    async def _files_list(self, request: Request) -> Response:
+        purpose = request.query_params.get("purpose")
+        with self._lock:
+            data = [self._public(f) for f in self.files.values() if purpose in (None, f["purpose"])]
+        return JSONResponse({"object": "list", "data": data, "has_more": False,
+                             "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None})
+
+    async def _files_get(self, request: Request) -> Response:
+        f = self.files.get(request.path_params["file_id"])
+        if f is None:
+            return _error(404, "no such file", "invalid_request_error")
+        return JSONResponse(self._public(f))
+
+    async def _files_content(self, request: Request) -> Response:
+        f = self.files.get(request.path_params["file_id"])
+        if f is None:
+            return _error(404, "no such file", "invalid_request_error")
+        return Response(f["_content"], media_type="application/octet-stream")
+
+    async def _batches_create(self, request: Request) -> Response:
+        if not self._authorized(request):
+            return _error(401, "invalid API key (fake server)", "invalid_request_error", code="invalid_api_key")
+        body = json.loads(await request.body())
+        f = self.files.get(body.get("input_file_id"))
+        if f is None or f["purpose"] != "batch":
+            return _error(400, "input_file_id is not a batch file", "invalid_request_error", param="input_file_id")
+        if body.get("endpoint") != "/v1/chat/completions" or body.get("completion_window") != "24h":
+            return _error(400, "unsupported endpoint or completion window", "invalid_request_error")
+        now = int(time.time())
+        bid = f"batch_{uuid.uuid4().hex[:24]}"
+        lines = [ln for ln in f["_content"].splitlines() if ln.strip()]
+        batch = {
+            "id": bid, "object": "batch", "endpoint": body["endpoint"], "errors": None,
+            "input_file_id": f["id"], "completion_window": "24h", "status": "validating",
+            "output_file_id": None, "error_file_id": None, "created_at": now, "in_progress_at": None,
+            "expires_at": now + 86400, "finalizing_at": None, "completed_at": None, "failed_at": None,
+            "expired_at": None, "cancelling_at": None, "cancelled_at": None,
+            "request_counts": {"total": len(lines), "completed": 0, "failed": 0},
+            "metadata": body.get("metadata"), "model": None,
+        }
+        with self._lock:
+            self.batches[bid] = batch
+            expire = self.expire_batches > 0
+            if expire:
+                self.expire_batches -= 1
+        self._loop_state()
+        task = asyncio.ensure_future(self._run_batch(bid, lines, expire))
+        self._batch_tasks.add(task)
+        task.add_done_callback(self._batch_tasks.discard)
+        return JSONResponse(batch)
+
+    async def _batches_list(self, request: Request) -> Response:
+        with self._lock:
+            data = sorted(self.batches.values(), key=lambda b: b["created_at"], reverse=True)
+        data = [dict(b) for b in data]
+        return JSONResponse({"object": "list", "data": data, "has_more": False,
+                             "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None})
+
+    async def _batches_get(self, request: Request) -> Response:
+        batch = self.batches.get(request.path_params["batch_id"])
+        if batch is None:
+            return _error(404, "no such batch", "invalid_request_error")
+        return JSONResponse(batch)
+
+    async def _batches_cancel(self, request: Request) -> Response:
+        batch = self.batches.get(request.path_params["batch_id"])
+        if batch is None:
+            return _error(404, "no such batch", "invalid_request_error")
+        if batch["status"] in ("validating", "in_progress"):
+            batch["status"] = "cancelling"
+            batch["cancelling_at"] = int(time.time())
+        return JSONResponse(batch)
+
+    def _batch_line_fails(self, raw: bytes) -> bool:
+        if not self.batch_failure_rate:
+            return False
+        with self._lock:
+            digest = hashlib.sha256(b"batch|" + raw).hexdigest()
+            occurrence = self._seen[digest]
+            self._seen[digest] += 1
+        return random.Random(f"{self.seed}|{digest}|{occurrence}").random() < self.batch_failure_rate
+
+    async def _run_batch(self, bid: str, lines: list[bytes], expire: bool) -> None:
+        batch = self.batches[bid]
+        step = self.batch_delay_s / 3
+        await self._sleep(step)
+        if batch["status"] != "cancelling":
+            batch["status"], batch["in_progress_at"] = "in_progress", int(time.time())
+        await self._sleep(step)
+        out, err = [], []
+        answer_upto = len(lines) // 2 if expire else len(lines)
+        for n, line in enumerate(lines):
+            item = json.loads(line)
+            cid, body = item["custom_id"], item["body"]
+            rid = f"batch_req_{uuid.uuid4().hex[:24]}"
+            if batch["status"] == "cancelling" or n >= answer_upto:
+                code = "batch_cancelled" if batch["status"] == "cancelling" else "batch_expired"
+                msg = ("This request could not be executed before the completion window expired."
+                       if code == "batch_expired" else "This request was cancelled.")
+                err.append({"id": rid, "custom_id": cid, "response": None, "error": {"code": code, "message": msg}})
+                continue
+            raw = json.dumps(body, sort_keys=True).encode()
+            if self._batch_line_fails(raw):
+                err.append({"id": rid, "custom_id": cid, "error": None, "response": {
+                    "status_code": 500, "request_id": uuid.uuid4().hex,
+                    "body": {"error": {"message": "internal error (fake server)", "type": "server_error",
+                                       "param": None, "code": None}}}})
+                with self._lock:
+                    self.batch_lines_failed += 1
+                continue
+            fault = self._pick_fault(raw, body)
+            if fault in HTTP_FAULTS:
+                fault = None  # a batch has no per-request HTTP faults here (batch_failure_rate stands for them)
+            content = self._content(body, fault)
+            with self._lock:
+                self.batch_executions[cid] += 1
+                self.bodies.append(body)
+            out.append({"id": rid, "custom_id": cid, "error": None, "response": {
+                "status_code": 200, "request_id": uuid.uuid4().hex, "body": self._completion(body, content)}})
+            batch["request_counts"]["completed"] += 1
+        batch["request_counts"]["failed"] = len(err)
+        cancelled = batch["status"] == "cancelling"
+        if not cancelled:
+            batch["status"], batch["finalizing_at"] = "finalizing", int(time.time())
+        await self._sleep(step)
+        if out:
+            batch["output_file_id"] = self._new_file(f"{bid}_output.jsonl", "batch_output",
+                                                     _jsonl(out))["id"]
+        if err:
+            batch["error_file_id"] = self._new_file(f"{bid}_error.jsonl", "batch_output", _jsonl(err))["id"]
+        now = int(time.time())
+        if expire:
+            batch["status"], batch["expired_at"] = "expired", now
+            with self._lock:
+                self.batches_expired += 1
+        elif cancelled:
+            batch["status"], batch["cancelled_at"] = "cancelled", now
+        else:
+            batch["status"], batch["completed_at"] = "completed", now
+
     def _completion(self, body: dict[str, Any], content: str) -> dict[str, Any]:
         prompt_chars = sum(len(str(m.get("content") or "")) for m in body.get("messages") or [])
         prompt_tokens = max(1, prompt_chars // 4)
         completion_tokens = max(1, len(content) // 4)
+        cached_tokens = self._cached_tokens(body, prompt_tokens)
         return {
             "id": f"chatcmpl-fake-{uuid.uuid4().hex[:12]}",
             "object": "chat.completion",
@@ -428,8 +683,15 @@ class FakeOpenAIServer:
                 "prompt_tokens": prompt_tokens,
                 "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": cached_tokens, "audio_tokens": 0},
+                "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
+                                              "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0},
             },
         }
+
+
+def _jsonl(records: list[dict[str, Any]]) -> bytes:
+    return b"".join(json.dumps(r).encode() + b"\n" for r in records)
 
 
 def _seconds(value: float) -> str:

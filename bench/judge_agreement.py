@@ -1,0 +1,103 @@
+"""Agreement of radchain's rules judge with the paper's GPT-4o judge, and the judge's speed on real text.
+
+    python bench/judge_agreement.py [--release ../shared/data/real/release-judge-openi] [--bootstrap 1000]
+                                    [--core 0] [--no-semantic]
+
+Prints training.judge_agreement.agreement_on_release for the lexical mode (the RL reward's) and
+the semantic mode (MiniLM), then each mode's speed over the whole release (cold: every cache
+emptied first, the MiniLM load excluded). Exits non-zero when a floor is missed (issue 13):
+
+* lexical mode: RadRScore per-sample Pearson >= 0.45, each component >= 0.30, and both models
+  ranked as the GPT-4o judge ranks them on every component;
+* semantic mode: >= 200 samples/s on one core.
+
+process_reward's own floor (>= 2,000 completions/s) is bench/radrscore.py's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+RADRSCORE_FLOOR = 0.45
+COMPONENT_FLOOR = 0.30
+SEMANTIC_SPEED_FLOOR = 200.0
+DEFAULT_RELEASE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "real" / "release-judge-openi"
+
+
+def _cold() -> None:
+    from training.answers import parse_output
+    from training.findings_text import clear_caches
+    from training.radrscore import _reasoning_words, _release_gold, report_reference
+
+    clear_caches()
+    parse_output.cache_clear()
+    _release_gold.cache_clear()
+    report_reference.cache_clear()
+    _reasoning_words.cache_clear()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--release", type=Path, default=DEFAULT_RELEASE)
+    ap.add_argument("--bootstrap", type=int, default=1000)
+    ap.add_argument("--core", type=int, default=0)
+    ap.add_argument("--no-semantic", action="store_true")
+    args = ap.parse_args()
+    if hasattr(os, "sched_setaffinity"):
+        try:
+            os.sched_setaffinity(0, {args.core})
+        except OSError:
+            pass
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    torch.set_num_threads(1)
+    from training.judge_agreement import agreement_on_release, format_report, read_release
+    from training.radrscore import semantic_judge, score_release_batch
+
+    failures = []
+    report = agreement_on_release(args.release, n_boot=args.bootstrap)
+    print(format_report(report))
+    for comp in ("completeness", "factuality", "effectiveness", "radrscore"):
+        c = report.correlation(comp)
+        floor = RADRSCORE_FLOOR if comp == "radrscore" else COMPONENT_FLOOR
+        if c is None or c.pearson is None or c.pearson < floor:
+            failures.append(f"{comp} Pearson {None if c is None else c.pearson} < {floor}")
+        if report.same_ranking.get(comp) is False:
+            failures.append(f"{comp}: models ranked unlike the GPT-4o judge")
+
+    items = [it for it in read_release(args.release) if it.verdict is not None and it.pred.strip()]
+    _cold()
+    t0 = time.perf_counter()
+    score_release_batch(items)
+    lexical_rate = len(items) / (time.perf_counter() - t0)
+    print(f"speed, lexical mode, cold: {lexical_rate:,.0f} samples/s ({len(items)} samples, one core)")
+
+    if not args.no_semantic:
+        matcher, _ = semantic_judge()
+        matcher._encoder()  # load MiniLM outside the timing
+        sem = agreement_on_release(args.release, semantic=True, n_boot=args.bootstrap, matcher=matcher)
+        print(format_report(sem))
+        _cold()
+        matcher._cache.clear()
+        t0 = time.perf_counter()
+        score_release_batch(items, semantic=True, matcher=matcher)
+        rate = len(items) / (time.perf_counter() - t0)
+        print(f"speed, semantic mode (MiniLM), cold: {rate:,.0f} samples/s ({len(items)} samples, one core)")
+        if rate < SEMANTIC_SPEED_FLOOR:
+            failures.append(f"semantic mode {rate:.0f} samples/s < {SEMANTIC_SPEED_FLOOR:.0f}")
+
+    for f in failures:
+        print("FAIL:", f)
+    print("PASS" if not failures else f"{len(failures)} floor(s) missed")
+    return 0 if not failures else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
