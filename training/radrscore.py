@@ -440,18 +440,24 @@ def average_scores(scores: Iterable[ReasoningScore]) -> ComponentAverages:
 
 
 class EmbeddingStepMatcher:
-    """Semantic support for steps without findings: MiniLM cosine similarity to any gold step.
+    """Semantic mode: wording first, then meaning (MiniLM cosine) for what wording leaves open.
 
-    Optional (the release's judge matched by meaning, not wording); loads the packaged
-    all-MiniLM-L6-v2 from site-packages, so it works offline. Embeddings of texts already
-    seen are cached, since gold steps recur across samples.
+    A step (or gold statement) the lexical matcher already accepts is accepted; the rest are
+    embedded with the packaged all-MiniLM-L6-v2 (loaded from site-packages, so it works offline)
+    and accepted when their cosine to some gold step (some model step) reaches ``threshold``.
+    Only the texts wording could not settle are embedded, in batches, and every embedding is
+    cached by text (gold steps recur across samples and rollouts). Call :meth:`prefetch` with a
+    whole set's texts to embed them in one batched pass.
     """
 
-    def __init__(self, threshold: float = 0.75, model: Any | None = None, device: str = "cpu") -> None:
+    def __init__(self, threshold: float = 0.75, model: Any | None = None, device: str = "cpu",
+                 batch_size: int = 128) -> None:
         self.threshold = threshold
         self._model = model
         self._device = device
+        self._batch_size = batch_size
         self._cache: dict[str, Any] = {}
+        self._lexical = LexicalStepMatcher()
 
     def _encoder(self) -> Any:
         if self._model is None:
@@ -463,9 +469,14 @@ class EmbeddingStepMatcher:
     def _embed(self, texts: Sequence[str]) -> list[Any]:
         missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
         if missing:
-            vectors = self._encoder().encode(list(missing), normalize_embeddings=True, convert_to_numpy=True)
+            vectors = self._encoder().encode(list(missing), batch_size=self._batch_size, normalize_embeddings=True,
+                                             convert_to_numpy=True)
             self._cache.update(zip(missing, vectors))
         return [self._cache[t] for t in texts]
+
+    def prefetch(self, texts: Iterable[str]) -> None:
+        """Embed many texts in one batched pass (a whole evaluation set's undecided steps)."""
+        self._embed([t for t in texts if t.strip()])
 
     def _best(self, texts: Sequence[str], against: Sequence[str]) -> list[float]:
         import numpy as np
@@ -478,12 +489,20 @@ class EmbeddingStepMatcher:
         b = np.stack(self._embed(list(against)))
         return [float(x) for x in (a @ b.T).max(axis=1)]
 
+    def _by_meaning(self, decided: list[bool], texts: Sequence[str], against: Sequence[str]) -> list[bool]:
+        open_ = [i for i, ok in enumerate(decided) if not ok and texts[i].strip()]
+        if open_ and against:
+            for i, x in zip(open_, self._best([texts[i] for i in open_], against)):
+                decided[i] = x >= self.threshold
+        return decided
+
     def supported(self, step_texts: Sequence[str], gold: GoldChain) -> list[bool]:
-        gold_texts = [t for t in gold.step_texts if t.strip()]
-        return [x >= self.threshold for x in self._best(step_texts, gold_texts)]
+        return self._by_meaning(self._lexical.supported(step_texts, gold), step_texts,
+                                [t for t in gold.step_texts if t.strip()])
 
     def covered(self, statements: Sequence[str], step_texts: Sequence[str], reasoning: str) -> list[bool]:
-        return [x >= self.threshold for x in self._best(statements, [t for t in step_texts if t.strip()])]
+        return self._by_meaning(self._lexical.covered(statements, step_texts, reasoning), statements,
+                                [t for t in step_texts if t.strip()])
 
 
 # ---- prediction sets (`radchain score`, the evaluation job) ----------------------------------
@@ -690,9 +709,22 @@ def score_release_batch(items: Sequence[Any], *, semantic: bool = False, matcher
             matcher, names = semantic_judge()
         else:
             names = NameMatcher(embed=matcher._embed)
-        texts = [s.text for p in parsed for s in reasoning_steps(p.think)]
-        texts += [g for it in items for g in it.gold_steps]
-        matcher._embed(texts)  # one batched encode for the whole set
+        # One batched encode of everything wording leaves open: steps the gold's words do not
+        # cover, and the model steps and gold statements of samples with any such statement.
+        lexical = LexicalStepMatcher()
+        texts: list[str] = []
+        for it, p in zip(items, parsed):
+            gold = _release_gold(tuple(it.gold_steps))
+            step_texts = [s.text for s in reasoning_steps(p.think)]
+            open_steps = [t for t, ok in zip(step_texts, lexical.supported(step_texts, gold)) if not ok]
+            statements = [t for t, w in zip(gold.step_texts, gold.step_words) if w]
+            open_statements = [t for t, ok in zip(statements, lexical.covered(statements, step_texts, p.think or ""))
+                               if not ok]
+            if open_steps:
+                texts += open_steps + list(gold.step_texts)
+            if open_statements:
+                texts += open_statements + step_texts
+        matcher.prefetch(texts)
     out = []
     for it, p in zip(items, parsed):
         gold = _release_gold(tuple(it.gold_steps))
