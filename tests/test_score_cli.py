@@ -100,6 +100,7 @@ def test_score_writes_results_and_reports_unknown_ids(warehouse, tmp_path):
     every = rows["all"]
     assert every["eval_id"] == eval_id and every["model"] == "tiny" and every["checkpoint"] == "step-1"
     assert (every["n"], every["n_unknown"], every["n_unparseable"], every["n_no_gold_chain"]) == (4, 1, 1, 1)
+    assert every["n_tagless"] == 1  # the bare "A"
     assert rows["binary"]["n"] == 3 and rows["binary"]["accuracy"] == 1.0
     assert rows["open"]["accuracy"] == 1.0
     # completeness: s-bin 1, s-bin2 0 (unparseable), s-open (1 of 2 key findings + 1 of 3 statements) / 5;

@@ -33,8 +33,8 @@ def register(app: typer.Typer) -> None:
                                                     "field, else the file name)"),
         checkpoint: str | None = typer.Option(None, help="checkpoint name or path, recorded with the results"),
         judge: str = typer.Option("rules", help="RadRScore judge: rules (deterministic) | llm (needs an endpoint)"),
-        semantic: bool = typer.Option(False, "--semantic", help="rules judge: match steps that state no findings "
-                                                                 "by MiniLM embeddings instead of wording"),
+        semantic: bool = typer.Option(False, "--semantic", help="rules judge: match what wording leaves open "
+                                                                 "by MiniLM embeddings (pooled word vectors)"),
         write: bool = typer.Option(True, "--write/--no-write", help="write fct_eval_results and fct_predictions"),
     ) -> None:
         """Score model outputs against the warehouse gold: accuracy and RadRScore per task.
@@ -150,7 +150,7 @@ def score_file(
     reasoning_scores, judge_failures, llm_calls = None, 0, []
     if judge == "llm":
         reasoning_scores, judge_failures, llm_calls = _llm_scores(settings, records, gold)
-    matcher = EmbeddingStepMatcher() if semantic else None
+    matcher = EmbeddingStepMatcher(pooling="words") if semantic else None
     report = score_predictions(records, gold, reasoning_scores=reasoning_scores, step_matcher=matcher)
     report.judge_failures = judge_failures
     model_name = model or file_model or predictions.stem
@@ -278,13 +278,13 @@ def _fmt(x: float | None) -> str:
 def _print_report(report: Any, title: str) -> None:
     t = Table(title=title)
     t.add_column("task", no_wrap=True)
-    for col in ("n", "accuracy", "complete", "factual", "effective", "RadRScore", "unparsed", "no answer",
-                "no chain"):
+    for col in ("n", "accuracy", "complete", "factual", "effective", "RadRScore", "unparsed", "tagless",
+                "no answer", "no chain"):
         t.add_column(col, justify="right")
     last_task = len(report.per_task) - 2  # the row before "all" closes the per-task section
     for i, r in enumerate(report.per_task):
         t.add_row(r.task, str(r.n), _fmt(r.accuracy), _fmt(r.completeness), _fmt(r.factuality),
-                  _fmt(r.effectiveness), _fmt(r.radrscore), str(r.n_unparseable), str(r.n_no_answer),
+                  _fmt(r.effectiveness), _fmt(r.radrscore), str(r.n_unparseable), str(r.n_tagless), str(r.n_no_answer),
                   str(r.n_no_gold_chain), end_section=(i == last_task))
     console.print(t)
 
