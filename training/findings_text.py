@@ -273,3 +273,7 @@ def clear_caches() -> None:
     _KEY_CACHE.clear()
     _assertion_limits.cache_clear()
     _reasoning_steps_cached.cache_clear()
+    from training import radrscore  # the judge's caches built on these readings
+
+    radrscore._reasoning_keys.cache_clear()
+    radrscore._reasoning_words.cache_clear()

@@ -69,6 +69,8 @@ from training.key_findings import (
     conclusions,
     laterality_of,
     matches,
+    candidates,
+    index_by_finding,
     reference_accepts,
     same_finding,
     with_members,
@@ -137,6 +139,10 @@ class GoldChain:
     step_words: tuple[frozenset[str], ...] = field(init=False)
     step_texts: tuple[str, ...] = field(init=False)
     words: frozenset[str] = field(init=False)  # content words of the whole gold reasoning
+    # (text, content words, step) of every step with content words: the gold's statements
+    statements: tuple[tuple[str, frozenset[str], GoldStep], ...] = field(init=False)
+    _key_index: Mapping[str, list[KeyFinding]] = field(init=False, repr=False)
+    _step_index: Mapping[str, list[KeyFinding]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         keys = conclusions(s.key_findings or _keys_from_pairs(s.findings) for s in self.steps)
@@ -150,6 +156,10 @@ class GoldChain:
         object.__setattr__(self, "accepts", {o: frozenset(s) for o, s in accepts.items()})
         object.__setattr__(self, "step_words", tuple(content_words(s.text) for s in self.steps))
         object.__setattr__(self, "step_texts", tuple(s.text for s in self.steps))
+        object.__setattr__(self, "_key_index", index_by_finding(keys))
+        object.__setattr__(self, "_step_index", index_by_finding(step_keys))
+        object.__setattr__(self, "statements", tuple(
+            (t, w, st) for t, w, st in zip(self.step_texts, self.step_words, self.steps) if w))
         object.__setattr__(self, "words", frozenset().union(*self.step_words))
 
     @property
@@ -162,12 +172,14 @@ class GoldChain:
 
     def supports(self, stated: KeyFinding, names: NameMatcher = EXACT_NAMES) -> bool:
         """Some gold step states this finding compatibly (effectiveness of a step that states findings)."""
-        return any(matches(g, stated, names) for g in self.step_keys)
+        pool = self.step_keys if names.embed is not None else candidates(self._step_index, stated)
+        return any(matches(g, stated, names) for g in pool)
 
     def contradicts(self, stated: KeyFinding, names: NameMatcher = EXACT_NAMES) -> bool:
         """The gold concludes this finding with a status that does not accept the stated one."""
+        pool = self.keys if names.embed is not None else candidates(self._key_index, stated)
         return any(same_finding(g, stated, names) and stated.status not in _GOLD_ACCEPTS.get(g.status, ())
-                   for g in self.keys)
+                   for g in pool)
 
     @classmethod
     def from_steps(cls, steps: Iterable[Mapping[str, Any] | Any] | None) -> "GoldChain":
@@ -233,6 +245,7 @@ def normalise_labels(labels: Mapping[str, Any] | None) -> dict[str, str]:
     return {str(k): normalise_label(v) for k, v in (labels or {}).items()}
 
 
+@lru_cache(maxsize=1 << 16)
 def content_words(text: str) -> frozenset[str]:
     return frozenset(w for w in _WORD.findall(text.lower()) if w not in _STOPWORDS)
 
@@ -332,6 +345,15 @@ def report_reference(report: str) -> Mapping[str, KeyFinding]:
     return with_members(conclusions(read_key_steps(steps)))
 
 
+@lru_cache(maxsize=1 << 14)
+def _reasoning_keys(think: str) -> tuple[list[StepFindings], tuple[KeyFinding, ...], dict[str, list[KeyFinding]]]:
+    """A reasoning's steps, its key findings (one per finding, as it concludes) and an index of
+    every key finding it states (rollouts and re-scored outputs repeat whole texts)."""
+    steps = reasoning_steps(think)
+    stated = conclusions(s.key_findings for s in steps)
+    return steps, stated, index_by_finding(k for s in steps for k in s.key_findings)
+
+
 def score_reasoning(
     think: str | None,
     gold: GoldChain,
@@ -354,10 +376,7 @@ def score_reasoning(
     if think is None:
         s = ReasoningScore.unparseable_score(gold, has_labels or bool(report))
         return ReasoningScore(s.completeness, s.factuality, s.effectiveness, True, tagless=tagless)
-    steps: list[StepFindings] = reasoning_steps(think)
-    stated = conclusions(s.key_findings for s in steps)
-
-    stated_any = [k for s in steps for k in s.key_findings]
+    steps, stated, stated_index = _reasoning_keys(think)
     matcher = step_matcher or _LEXICAL
 
     # completeness: gold key items recalled. Two kinds: the gold's key findings (recalled when the
@@ -365,10 +384,14 @@ def score_reasoning(
     # statements (recalled when the reasoning covers them: their wording, or their meaning with
     # the embedding matcher), which carry what no finding lexicon names ("mild dextroscoliosis").
     completeness: float | None = None
-    statements = [t for t, w in zip(gold.step_texts, gold.step_words) if w]
+    statements = gold.statements
     if gold.keys or statements:
-        recalled = sum(1 for g in gold.keys if any(matches(g, p, names) for p in stated_any))
-        covered = sum(matcher.covered(statements, [s.text for s in steps], think)) if statements else 0
+        if names.embed is None:
+            recalled = sum(1 for g in gold.keys if any(matches(g, p, names) for p in candidates(stated_index, g)))
+        else:
+            every = [k for s in steps for k in s.key_findings]
+            recalled = sum(1 for g in gold.keys if any(matches(g, p, names) for p in every))
+        covered = sum(matcher.covered([t for t, _, _ in statements], [s.text for s in steps], think)) if statements else 0
         completeness = (recalled + covered) / (len(gold.keys) + len(statements))
 
     # factuality: the reasoning's key findings the reference supports
