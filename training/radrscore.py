@@ -4,22 +4,30 @@ The three components follow the ChestX-Reasoner release (DESIGN.md section 2); t
 computes them with an LLM judge, this module with deterministic rules (training/judge_llm.py
 has the LLM procedure). Per sample:
 
-* **completeness** = share of the gold chain's key findings that the reasoning recalls. Key
-  findings are the distinct (observation, status) pairs of the gold steps' structured
-  findings (int_chain_steps.findings). A gold finding is recalled when the reasoning states
-  the same observation with a compatible status.
-* **factuality** = share of the reasoning's distinct stated findings that are correct
-  against the study's labels (int_labels). A stated status is correct when the label
-  accepts it: positive -> present; uncertain -> uncertain or present; negative and
-  not_mentioned -> absent. An observation without a label row counts as not mentioned, so
-  as absent ("a finding the report does not mention counts as normal").
-* **effectiveness** = share of the reasoning's steps supported by the gold chain. A step that
-  states findings is supported when at least one of them matches (compatible status) a
-  finding of some gold step: it does work the gold reasoning also does. A step that states
-  no findings (a transition, a plan, "so the answer is B") is supported when its wording
-  matches a gold step: lexically by default (content-word Jaccard >= 0.5, so a copied step
-  counts and filler does not), or semantically when an embedding matcher is passed
-  (``EmbeddingStepMatcher``: MiniLM cosine >= 0.75). Embeddings are off by default so the
+Key findings (training/key_findings.py) are read as the paper's judge extracts them: finding,
+status, laterality/location, severity, device type, temporal change. The gold chain has one key
+finding per finding, with the status of its conclusion (the last step stating it); structured
+step findings (int_chain_steps.findings) are taken at their word, plain step strings (the
+release's ``reason_steps``) are read with the shared reader. The reasoning's key findings are
+likewise one per finding, the status it ends on.
+
+* **completeness** = (gold key findings recalled + gold statements covered) / (key findings +
+  statements). A key finding is recalled when some step of the reasoning states the same
+  finding with a compatible status and no contradicting qualifier (a wrong side, change,
+  device, or mild against severe). A statement (a gold step with content words) is covered
+  when the reasoning uses >= 30% of its content words (or, with an embedding matcher, says it
+  by meaning): statements carry what no finding lexicon names, and measured against the
+  release's GPT-4o verdicts the two kinds together agree far better than either alone.
+* **factuality** = share of the reasoning's key findings that the reference supports: the
+  report's own key findings when given (``report``; release items carry the report), else
+  the study's labels (int_labels; CheXpert observations only: positive -> present; uncertain
+  -> uncertain or present; negative and not_mentioned -> absent), else the gold chain. A
+  finding the reference does not mention counts as normal: only "absent" is right about it.
+* **effectiveness** = share of the reasoning's steps the gold supports: the gold reasoning
+  uses >= 30% of the step's content words, or is close to one gold step (Jaccard >= 0.5), or
+  states one of its findings compatibly; and none of the step's findings contradicts the
+  gold's conclusion on that finding. With an embedding matcher (``EmbeddingStepMatcher``)
+  what wording leaves open is decided by MiniLM cosine. Embeddings are off by default so the
   reward path stays fast and deterministic.
 
 RadRScore of a sample = mean of its defined components; the overall score of a set is the
@@ -34,12 +42,13 @@ negative label, so hedging every finding is not a free way to score.
 
 Defined edge cases (never an exception):
 
-* unparseable output (no ``<think>`` block): every component 0, ``unparseable`` True;
+* unparseable output (no reasoning text at all; a tagless output is read from its free text,
+  see training/answers.py): every component 0, ``unparseable`` True;
 * parseable but empty reasoning, or reasoning that states no findings: factuality 0,
   completeness 0 (unless the gold has no key findings), effectiveness from the step rule;
 * no gold chain (no steps): completeness and effectiveness are None (not scorable) and
   RadRScore is the factuality alone;
-* gold steps without any key finding: completeness None;
+* gold steps with neither a key finding nor a content word: completeness None;
 * no labels: factuality is judged against the gold chain's key findings instead (an
   observation the chain does not state counts as absent); with neither, factuality is None.
 """
