@@ -181,8 +181,10 @@ def _score_release(path: Path, *, semantic: bool) -> None:
     groups: dict[tuple[str, str], list[Any]] = {}
     for it, sc in zip(items, scores):
         groups.setdefault((it.model, it.task), []).append(sc)
-        groups.setdefault((it.model, "all"), []).append(sc)
-    for (model, task), scs in groups.items():
+    for it, sc in zip(items, scores):
+        groups.setdefault((it.model, "\uffff"), []).append(sc)  # each model's "all" row after its tasks
+    for (model, task), scs in sorted(groups.items()):
+        task = "all" if task == "\uffff" else task
         avg = average_scores(scs)
         t.add_row(model, task, str(len(scs)), _fmt(avg.completeness), _fmt(avg.factuality), _fmt(avg.effectiveness),
                   _fmt(avg.radrscore), str(sum(s.unparseable for s in scs)), str(sum(s.tagless for s in scs)))
