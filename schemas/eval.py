@@ -23,7 +23,8 @@ class EvalResult(TableRecord):
     judge: Literal["rules", "llm"]
     task: str  # binary | single | multi | open | temporal | all
     n: int  # predictions scored (known sample ids)
-    n_unparseable: int  # outputs without a <think> block: scored 0 on every RadRScore component
+    n_unparseable: int  # outputs without any reasoning text: scored 0 on every RadRScore component
+    n_tagless: int = 0  # outputs without a <think> tag, scored from their free text (reasoning before the answer)
     n_no_answer: int  # outputs without an <answer> block: wrong for accuracy
     n_no_gold_chain: int  # samples without an accepted chain: completeness/effectiveness not scorable
     n_unknown: int  # prediction sample ids not in the warehouse (only on the 'all' row; 0 elsewhere)

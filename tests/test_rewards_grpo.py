@@ -123,6 +123,8 @@ def test_rewards_score_a_known_good_rollout_in_trl_shape():
                   gold_labels=[encode_gold_labels({"Pleural Effusion": "negative"})] * 2,
                   trainer_state=None, log_extra=None, log_metric=None)
     assert format_reward(completions, **kwargs) == [1.0, 0.0]
-    assert outcome_reward(completions, **kwargs) == [1.0, 0.0]
+    # A bare "B" is read as an answer (free-text outputs are scored, issue 13); it has no
+    # reasoning, so the process reward (and the gated one) pays nothing and the format reward 0.
+    assert outcome_reward(completions, **kwargs) == [1.0, 1.0]
     assert process_reward(completions, **kwargs) == [1.0, 0.0]
     assert process_reward_gated(completions, **kwargs) == [1.0, 0.0]

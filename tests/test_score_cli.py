@@ -80,7 +80,7 @@ def _think(*lines: str) -> str:
 
 PREDICTIONS = [
     {"sample_id": "s-bin", "output": _think(EFFUSION_NO, HEART_BIG, CONCLUSION) + "<answer>B</answer>"},
-    {"sample_id": "s-bin2", "output": "A"},  # no <think>: unparseable, and no <answer>
+    {"sample_id": "s-bin2", "output": "A"},  # a bare letter: answer A (right), no reasoning: unparseable
     {"sample_id": "s-open", "output": _think(HEART_BIG) + "<answer>Cardiomegaly</answer>"},
     {"sample_id": "s-nochain", "output": _think(HEART_BIG) + "<answer>A</answer>"},
     {"sample_id": "ghost-1", "output": "<think>x</think><answer>A</answer>"},
@@ -100,10 +100,12 @@ def test_score_writes_results_and_reports_unknown_ids(warehouse, tmp_path):
     every = rows["all"]
     assert every["eval_id"] == eval_id and every["model"] == "tiny" and every["checkpoint"] == "step-1"
     assert (every["n"], every["n_unknown"], every["n_unparseable"], every["n_no_gold_chain"]) == (4, 1, 1, 1)
-    assert rows["binary"]["n"] == 3 and rows["binary"]["accuracy"] == pytest.approx(2 / 3)
+    assert every["n_tagless"] == 1  # the bare "A"
+    assert rows["binary"]["n"] == 3 and rows["binary"]["accuracy"] == 1.0
     assert rows["open"]["accuracy"] == 1.0
-    # completeness: s-bin 1, s-bin2 0 (unparseable), s-open 1/2; s-nochain has no gold chain
-    assert every["completeness"] == pytest.approx((1 + 0 + 0.5) / 3)
+    # completeness: s-bin 1, s-bin2 0 (unparseable), s-open (1 of 2 key findings + 1 of 3 statements) / 5;
+    # s-nochain has no gold chain
+    assert every["completeness"] == pytest.approx((1 + 0 + 2 / 5) / 3)
     assert every["factuality"] == pytest.approx((1 + 0 + 1 + 1) / 4)
     assert every["effectiveness"] == pytest.approx((1 + 0 + 1) / 3)
     assert every["radrscore"] == pytest.approx((every["completeness"] + every["factuality"]

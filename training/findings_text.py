@@ -103,7 +103,8 @@ _CHUNK = 64
 # sentence. Absent and uncertain mentions of plans are kept: a cue decided them, so the
 # sentence does assert something ("assessing for pneumothorax, there is no evidence of it").
 _PLAN = re.compile(
-    r"\b(?:examin|evaluat|assess|check|look|search|inspect|review|screen)\w*\b[^.?!;]*?\b(?:for|whether)\b"
+    r"\b(?:examin|evaluat|assess|check|look|search|inspect|review|screen|observ|scan|identif|consider|detect"
+    r"|analy[sz]|investigat|seek)\w*\b[^.?!;]*?\b(?:for|whether)\b"
     r"|\b(?:to\s+(?:determine|decide|answer|rule\s+out)|need\s+to\s+(?:determine|check|assess|look))\b",
     re.IGNORECASE,
 )
@@ -114,26 +115,50 @@ _GENERIC_KNOWLEDGE = re.compile(
     r"|can\s+(?:cause|produce|present)|(?:is|are)\s+characterized\s+by|signs?\s+(?:of\s+[\w\s]+?\s+)?include)\b",
     re.IGNORECASE,
 )
+# A definition says what a finding looks like, not what this image shows ("Atelectasis is
+# characterized by volume loss", "A pneumothorax would appear as a pleural line", "Calcinosis
+# refers to ..."): its present mentions are not claims.
+_DEFINITION = re.compile(
+    r"\b(?:(?:is|are)\s+characteri[sz]ed\s+by|(?:would|will|might)\s+(?:typically\s+|usually\s+)?"
+    r"(?:appear|show|present|manifest|be\s+(?:seen|visible|expected)|look|indicate)|appears?\s+as\s+an?\b"
+    r"|manifests?\s+as|presents?\s+as|refers?\s+to|(?:is|are)\s+defined\s+as|occurs?\s+when)\b",
+    re.IGNORECASE,
+)
+# A line that repeats an option of the question ("Option A: calcified granuloma", "B) **Moderate
+# right pneumothorax:**") names a candidate: mentions in its title (up to a colon) are not claims.
+_OPTION_TITLE = re.compile(r"^\W*(?:option\s+)?\(?[A-H]\)?\s*[:.)]\s", re.IGNORECASE)
 
 
 @lru_cache(maxsize=1 << 16)
-def _assertion_limits(sentence: str) -> tuple[bool, bool, int | None]:
-    """(is a question, is a plan, offset where generic knowledge starts or None)."""
+def _assertion_limits(sentence: str) -> tuple[bool, bool, int | None, bool, int]:
+    """(is a question, is a plan, offset where generic knowledge starts or None, is a definition,
+    offset where an option title ends (0 when the sentence is not an option))."""
     generic = _GENERIC_KNOWLEDGE.search(sentence)
-    return bool(_QUESTION.search(sentence)), bool(_PLAN.search(sentence)), (generic.start() if generic else None)
+    title_end = 0
+    option = _OPTION_TITLE.match(sentence)
+    if option:
+        colon = sentence.find(":", option.end())
+        title_end = colon if colon >= 0 else len(sentence)
+    return (bool(_QUESTION.search(sentence)), bool(_PLAN.search(sentence)), (generic.start() if generic else None),
+            bool(_DEFINITION.search(sentence)), title_end)
 
 
 def _asserted(m: Any) -> bool:
-    question, plan, generic_from = _assertion_limits(m.sentence)
+    question, plan, generic_from, definition, title_end = _assertion_limits(m.sentence)
     if question:
         return False
+    offset = m.start - m.sentence_start
+    if offset < title_end:
+        return False  # the option's own words, repeated
     if m.status == "absent":
         return True
     if plan:
         return False  # "assess for X", "evaluate whether X could be present": a plan, not a claim
     if m.status != "present":
         return True
-    return generic_from is None or (m.start - m.sentence_start) < generic_from
+    if definition:
+        return False
+    return generic_from is None or offset < generic_from
 
 
 def _findings_of(mentions: Iterable[Any]) -> frozenset[StatedFinding]:
@@ -248,3 +273,7 @@ def clear_caches() -> None:
     _KEY_CACHE.clear()
     _assertion_limits.cache_clear()
     _reasoning_steps_cached.cache_clear()
+    from training import radrscore  # the judge's caches built on these readings
+
+    radrscore._reasoning_keys.cache_clear()
+    radrscore._reasoning_words.cache_clear()

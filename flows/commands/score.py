@@ -33,8 +33,8 @@ def register(app: typer.Typer) -> None:
                                                     "field, else the file name)"),
         checkpoint: str | None = typer.Option(None, help="checkpoint name or path, recorded with the results"),
         judge: str = typer.Option("rules", help="RadRScore judge: rules (deterministic) | llm (needs an endpoint)"),
-        semantic: bool = typer.Option(False, "--semantic", help="rules judge: match steps that state no findings "
-                                                                 "by MiniLM embeddings instead of wording"),
+        semantic: bool = typer.Option(False, "--semantic", help="rules judge: match what wording leaves open "
+                                                                 "by MiniLM embeddings (pooled word vectors)"),
         write: bool = typer.Option(True, "--write/--no-write", help="write fct_eval_results and fct_predictions"),
     ) -> None:
         """Score model outputs against the warehouse gold: accuracy and RadRScore per task.
@@ -153,7 +153,7 @@ def score_file(
     reasoning_scores, judge_failures, llm_calls = None, 0, []
     if judge == "llm":
         reasoning_scores, judge_failures, llm_calls = _llm_scores(settings, records, gold)
-    matcher = EmbeddingStepMatcher() if semantic else None
+    matcher = EmbeddingStepMatcher(pooling="words") if semantic else None
     report = score_predictions(records, gold, reasoning_scores=reasoning_scores, step_matcher=matcher)
     report.judge_failures = judge_failures
     model_name = model or file_model or predictions.stem
@@ -185,8 +185,10 @@ def _score_release(path: Path, *, semantic: bool) -> None:
     groups: dict[tuple[str, str], list[Any]] = {}
     for it, sc in zip(items, scores):
         groups.setdefault((it.model, it.task), []).append(sc)
-        groups.setdefault((it.model, "all"), []).append(sc)
-    for (model, task), scs in groups.items():
+    for it, sc in zip(items, scores):
+        groups.setdefault((it.model, "\uffff"), []).append(sc)  # each model's "all" row after its tasks
+    for (model, task), scs in sorted(groups.items()):
+        task = "all" if task == "\uffff" else task
         avg = average_scores(scs)
         t.add_row(model, task, str(len(scs)), _fmt(avg.completeness), _fmt(avg.factuality), _fmt(avg.effectiveness),
                   _fmt(avg.radrscore), str(sum(s.unparseable for s in scs)), str(sum(s.tagless for s in scs)))
@@ -294,14 +296,15 @@ def _fmt(x: float | None) -> str:
 def _print_report(report: Any, title: str) -> None:
     t = Table(title=title)
     t.add_column("task", no_wrap=True)
-    for col in ("n", "accuracy", "complete", "factual", "effective", "RadRScore", "format", "unparsed",
+    for col in ("n", "accuracy", "complete", "factual", "effective", "RadRScore", "format", "unparsed", "tagless",
                 "no answer", "no chain"):
         t.add_column(col, justify="right")
     last_task = len(report.per_task) - 2  # the row before "all" closes the per-task section
     for i, r in enumerate(report.per_task):
         t.add_row(cell(r.task), str(r.n), _fmt(r.accuracy), _fmt(r.completeness), _fmt(r.factuality),
                   _fmt(r.effectiveness), _fmt(r.radrscore),
-                  _fmt(getattr(report, "format_compliance", {}).get(r.task)), str(r.n_unparseable), str(r.n_no_answer),
+                  _fmt(getattr(report, "format_compliance", {}).get(r.task)), str(r.n_unparseable), str(r.n_tagless),
+                  str(r.n_no_answer),
                   str(r.n_no_gold_chain), end_section=(i == last_task))
     table_console().print(t)
 
