@@ -673,7 +673,15 @@ HOSTILE_SQL = [
     "select 1; copy (select 1) to '{part}'",
     "select count(*) from raw_reports; drop view int_labels",
     "select 1; set threads = 1; select 2",
+    "select * from enable_logging(storage = 'file', storage_path = '{out}/log')",
+    "select * from force_checkpoint()",
+    "select * from read_json_auto('/etc/hostname')",
+    "select * from read_duckdb('{out}/other.duckdb')",
+    "select * from parquet_metadata('/etc/hostname')",
 ]
+# SELECTs that touch the database's machinery yet run: they must change nothing either.
+ODD_BUT_HARMLESS_SQL = ["select * from checkpoint('warehouse')", "select * from truncate_duckdb_logs()",
+                        "select setseed(0.5)", "select * from duckdb_databases()"]
 
 
 def test_sql_door_refuses_every_hostile_statement_and_changes_no_byte(sql_home):
@@ -695,6 +703,9 @@ def test_sql_door_refuses_every_hostile_statement_and_changes_no_byte(sql_home):
             assert "Traceback" not in result.stdout + result.stderr
             assert SECRET not in result.stdout + result.stderr, stmt
             assert result.stdout == "", (stmt, result.stdout)  # all statements are checked before any runs
+    for stmt in ODD_BUT_HARMLESS_SQL:
+        result = _cli(home, "sql", stmt)
+        assert result.exit_code == 0, (stmt, result.stderr)
     assert _tree_hashes(home) == before  # not one byte of the warehouse (or the home) changed
     assert sorted(p.name for p in (tmp / "out").iterdir()) == outside_before == []
     # ... and the door still answers real questions afterwards.
