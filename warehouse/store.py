@@ -192,11 +192,15 @@ class Warehouse:
         schema = table_model(table).arrow_schema()
         removed = 0
         changed: dict[str, int | None] = {}
+        drop = drop.fill_null(False)
         for f in sorted(self.table_dir(table).glob("*.parquet")):
             if f.name == "_schema.parquet":
                 continue
+            # Only the columns the predicate names are read to find out whether the partition changes.
+            if pl.scan_parquet(f).filter(drop).select(pl.len()).collect().item() == 0:
+                continue
             df = pl.read_parquet(f)
-            kept = df.filter(~drop.fill_null(False))
+            kept = df.filter(~drop)
             if kept.height == df.height:
                 continue
             self._atomic_write(kept.to_arrow().select(schema.names).cast(schema), f)
