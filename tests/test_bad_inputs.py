@@ -677,7 +677,15 @@ HOSTILE_SQL = [
     "select 1; copy (select 1) to '{part}'",
     "select count(*) from raw_reports; drop view int_labels",
     "select 1; set threads = 1; select 2",
+    "select * from enable_logging(storage = 'file', storage_path = '{out}/log')",
+    "select * from force_checkpoint()",
+    "select * from read_json_auto('/etc/hostname')",
+    "select * from read_duckdb('{out}/other.duckdb')",
+    "select * from parquet_metadata('/etc/hostname')",
 ]
+# SELECTs that touch the database's machinery yet run: they must change nothing either.
+ODD_BUT_HARMLESS_SQL = ["select * from checkpoint('warehouse')", "select * from truncate_duckdb_logs()",
+                        "select setseed(0.5)", "select * from duckdb_databases()"]
 
 
 def test_sql_door_refuses_every_hostile_statement_and_changes_no_byte(sql_home):
@@ -699,6 +707,9 @@ def test_sql_door_refuses_every_hostile_statement_and_changes_no_byte(sql_home):
             assert "Traceback" not in result.stdout + result.stderr
             assert SECRET not in result.stdout + result.stderr, stmt
             assert result.stdout == "", (stmt, result.stdout)  # all statements are checked before any runs
+    for stmt in ODD_BUT_HARMLESS_SQL:
+        result = _cli(home, "sql", stmt)
+        assert result.exit_code == 0, (stmt, result.stderr)
     assert _tree_hashes(home) == before  # not one byte of the warehouse (or the home) changed
     assert sorted(p.name for p in (tmp / "out").iterdir()) == outside_before == []
     # ... and the door still answers real questions afterwards.
@@ -1002,6 +1013,30 @@ def test_tables_markdown_prints(sql_home):
     result = _cli(sql_home["home"], "tables", "--markdown")
     assert result.exit_code == 0, result.exception
     assert "| `raw_reports` |" in result.stdout
+
+
+def test_a_changed_report_is_caught_even_when_the_ingest_that_changed_it_was_killed(tmp_path):
+    """The baseline of what the warehouse held is a file kept until ingest finishes: a re-run after a
+    kill (here: batches written, no finalize) still sees that S0's text changed since labels were made."""
+    from flows.stages import ingest
+
+    _real_jpeg(tmp_path / "img.jpg")
+    first = tmp_path / "first.csv"
+    pl.DataFrame([dict(study_id="S0", text=_report("Small left pleural effusion"), image="img.jpg"),
+                  dict(study_id="S1", text=_report("Mild pulmonary edema"), image="img.jpg")]).write_csv(first)
+    wh, _ = run_table(tmp_path, first, stages=STAGES, image_col="image")
+    assert "S0" in set(wh.read("int_labels")["study_id"])
+    edited = tmp_path / "edited.csv"
+    pl.DataFrame([dict(study_id="S0", text=_report("No acute cardiopulmonary process"), image="img.jpg"),
+                  dict(study_id="S1", text=_report("Mild pulmonary edema"), image="img.jpg")]).write_csv(edited)
+    killed = make_context(Settings(home=tmp_path / "home", batch_size=3), SourceSpec(path=edited, image_col="image"),
+                          run_id="killed-run", extractor="rules", show_progress=False)
+    for batch in ingest.plan(killed):
+        ingest.run_batch(killed, batch)  # ... and the process dies here, before finalize
+    ingest._PLANNED.clear()
+    wh, _ = run_table(tmp_path, edited, stages=["ingest"], image_col="image")
+    assert set(wh.read("int_labels")["study_id"]) == {"S1"}  # S0's labels were made from its old text
+    assert not list((tmp_path / "home").rglob(".baseline-*"))  # finished: no baseline left behind
 
 
 # =========================================================================================================

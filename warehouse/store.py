@@ -183,6 +183,30 @@ class Warehouse:
             self._update_materializations(gone)
         return len(gone)
 
+    # ---- baselines: what a stage saw before it started, kept until it finishes ----------------
+    def _baseline_path(self, name: str) -> Path:
+        if not _SAFE_PARTITION.match(name):
+            raise WarehouseError(f"unsafe baseline name {name!r}")
+        return self.root / f".baseline-{name}.parquet"
+
+    def keep_baseline(self, name: str, frame: pl.DataFrame) -> bool:
+        """Store ``frame`` as a stage's baseline unless one is already there; returns whether stored.
+
+        A run killed before it finished leaves its baseline, so the next run compares against
+        the state before the killed one (not against the half-written state it left)."""
+        path = self._baseline_path(name)
+        if path.exists():
+            return False
+        self._atomic_write(frame.to_arrow(), path)
+        return True
+
+    def baseline(self, name: str) -> pl.DataFrame | None:
+        path = self._baseline_path(name)
+        return pl.read_parquet(path) if path.exists() else None
+
+    def drop_baseline(self, name: str) -> None:
+        self._baseline_path(name).unlink(missing_ok=True)
+
     def drop_rows(self, table: str, drop: pl.Expr) -> int:
         """Remove the rows matching ``drop`` from every partition of a table; returns how many.
 
@@ -192,11 +216,15 @@ class Warehouse:
         schema = table_model(table).arrow_schema()
         removed = 0
         changed: dict[str, int | None] = {}
+        drop = drop.fill_null(False)
         for f in sorted(self.table_dir(table).glob("*.parquet")):
             if f.name == "_schema.parquet":
                 continue
+            # Only the columns the predicate names are read to find out whether the partition changes.
+            if pl.scan_parquet(f).filter(drop).select(pl.len()).collect().item() == 0:
+                continue
             df = pl.read_parquet(f)
-            kept = df.filter(~drop.fill_null(False))
+            kept = df.filter(~drop)
             if kept.height == df.height:
                 continue
             self._atomic_write(kept.to_arrow().select(schema.names).cast(schema), f)

@@ -57,8 +57,8 @@ _WORD_RE = re.compile(r"[A-Za-z]{2}")
 # Batch ids of the last plan per run, so finalize knows which partitions are current
 # without walking the source again (it re-plans when run in another process).
 _PLANNED: dict[str, list[str]] = {}
-# study id -> content hash of the reports the warehouse held before this run's ingest (per run).
-_BEFORE: dict[str, dict[str, str]] = {}
+# The warehouse's baseline (study_id, content_hash) of the reports held before an ingest started.
+_BASELINE = "ingest-reports"
 # What later stages derived from a study: (table, the columns that name a study).
 _DOWNSTREAM_BY_STUDY = (("int_labels", ("study_id",)), ("int_vqa_samples", ("study_id", "prior_study_id")),
                         ("int_chains", ("study_id",)))
@@ -74,12 +74,17 @@ def _source(ctx: RunContext) -> SourceSpec:
 def plan(ctx: RunContext) -> list[SourceBatch]:
     batches = plan_batches(_source(ctx), ctx.settings.batch_size)
     _PLANNED[ctx.run_id] = [b.batch_id for b in batches]
-    _BEFORE[ctx.run_id] = _report_hashes(ctx)
+    # Kept until finalize (a file, so a killed run's baseline is the one the next run compares with).
+    ctx.warehouse.keep_baseline(_BASELINE, _report_frame(ctx))
     return batches
 
 
+def _report_frame(ctx: RunContext) -> pl.DataFrame:
+    return ctx.warehouse.scan(RawReport).select("study_id", "content_hash").collect()
+
+
 def _report_hashes(ctx: RunContext) -> dict[str, str]:
-    return dict(ctx.warehouse.scan(RawReport).select("study_id", "content_hash").collect().iter_rows())
+    return dict(_report_frame(ctx).iter_rows())
 
 
 def run_batch(ctx: RunContext, batch: SourceBatch) -> BatchResult:
@@ -184,7 +189,9 @@ def finalize(ctx: RunContext) -> BatchResult | None:
     if batch_ids is None:
         batch_ids = [b.batch_id for b in plan_batches(spec, ctx.settings.batch_size)]
     _remove_stale_partitions(ctx, batch_ids)
-    clear_stale_downstream(ctx, _BEFORE.pop(ctx.run_id, None))
+    before = wh.baseline(_BASELINE)
+    clear_stale_downstream(ctx, None if before is None else dict(before.iter_rows()))
+    wh.drop_baseline(_BASELINE)
 
     reports = wh.scan(RawReport).select("study_id", "patient_id", "source").collect()
     images = image_rows(spec, reports)
@@ -263,7 +270,7 @@ def clear_stale_downstream(ctx: RunContext, before: dict[str, str] | None) -> di
 
     A study is stale when it is no longer in raw_reports (``--stages ingest`` on another source,
     or a smaller one) or its report text changed (``before`` holds the content hashes from
-    before this run; None when unknown, then only absent studies count). Their labels, samples
+    before this ingest, or before a killed one; None when unknown, then only absent studies count). Their labels, samples
     (also as a temporal sample's prior) and chains, with the chains' steps, are removed, so
     label/tasks/mine/datasets never join old rows with new reports. Rejections, audit rows and
     LLM call records stay: they are the history of the runs that wrote them. Built dataset
