@@ -972,6 +972,7 @@ def test_cli_run_against_a_closed_port_fails_in_seconds_with_one_line(mined_tabl
     assert result.exit_code == 1, (result.exception, result.stdout, result.stderr)
     lines = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "run failed" in lines[0] and "unreachable" in lines[0], result.stderr
+    assert "preflight request GET /models failed (CONNECTION)" in lines[0], lines[0]
     assert elapsed < 90, elapsed  # Prefect's temporary server included; before: 168 calls x 6 attempts, 210 s
     wh = Warehouse(tmp_path / "home" / "warehouse")
     assert wh.count("int_vqa_samples") == before  # the earlier stages' work is untouched
