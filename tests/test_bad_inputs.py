@@ -1027,3 +1027,14 @@ def test_sigkill_of_radchain_run_leaves_no_orphan_server(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
         if server is not None and alive(server):  # never leave a server behind, whatever happened
             server.kill()
+
+
+def test_a_batch_is_not_retried_when_the_endpoint_is_down():
+    from prefect.states import Failed
+
+    from flows.pipeline import _worth_retrying, run_batch_task
+    from flows.stages.mine import LLMEndpointDown
+
+    assert run_batch_task.retry_condition_fn is _worth_retrying and run_batch_task.retries == 1
+    assert not _worth_retrying(None, None, Failed(data=LLMEndpointDown("down")))
+    assert _worth_retrying(None, None, Failed(data=OSError("disk hiccup")))
