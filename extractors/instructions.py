@@ -109,9 +109,31 @@ def _kind(sentence: str) -> str | None:
     return None
 
 
+# Lower-case fragments at least one of which every flagged sentence contains: a report with none of them
+# (almost all) is passed after a few substring scans, without splitting it into sentences (ingest calls
+# this for every report).
+_TRIGGERS = ("write", "ignore", "disregard", "forget", "answer", "say", "respond", "reply", "output", "print",
+             "pretend", "act as", "role", "override", "bypass", "state", "tell", "label", "mark ", "mark\t",
+             "classify", "do not", "don", "never", "instruction", "prompt", "directive", "guideline", "developer",
+             "jailbreak", "you", "from now", "language", "as an ai", "<", "[inst", "[/inst", ":")
+_ROLE_TRIGGERS = tuple(f"{r}{sep}:" for r in ("system", "assistant", "user", "human", "developer", "ai", "model",
+                                                 "bot", "chatgpt") for sep in ("", " ", "\t"))
+
+
+def _may_hold_instructions(text: str) -> bool:
+    low = text.lower()
+    for t in _TRIGGERS:
+        if t in low:
+            if t != ":":
+                return True
+            # a colon alone (every section header has one) matters only after a role word
+            return any(r in low for r in _ROLE_TRIGGERS)
+    return False
+
+
 def find_instructions(text: str | None) -> list[SuspectSpan]:
     """The instruction-like sentences of ``text`` (offsets into it), in order."""
-    if not isinstance(text, str) or not text:
+    if not isinstance(text, str) or not text or not _may_hold_instructions(text):
         return []
     spans = []
     for s, e in sentences(text):

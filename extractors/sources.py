@@ -284,19 +284,26 @@ def inspect_image(path: str | os.PathLike[str]) -> ImageCheck:
     * other formats: ``Image.verify()`` (PNG checks every chunk's CRC);
     * DICOM (``DICM`` after the preamble), which Pillow cannot read: accepted on its signature, no size.
 
-    About 0.1 ms per file (header and the last bytes only), so a MIMIC-size image set costs
-    seconds, not the minutes a pixel decode would.
+    About 0.03 ms of CPU per file (header and the last bytes only; measured on the synthetic
+    corpus's JPEGs), so a MIMIC-size image set (377k files) costs seconds, not the minutes a pixel
+    decode would.
     """
     from PIL import Image, UnidentifiedImageError
 
+    # Pillow tries only the format the name says first (a quarter of the cost of probing every plugin),
+    # then every format; DICOM, which Pillow cannot read, is recognised by its signature.
+    hint = _PIL_FORMAT_OF_SUFFIX.get(os.path.splitext(str(path))[1].lower())
     try:
         with open(path, "rb") as fh:
-            head = fh.read(132)
-            if head[128:132] == _DICOM_MAGIC:
-                return ImageCheck(IMAGE_OK, "DICOM")
-            fh.seek(0)
             try:
-                with Image.open(fh) as im:
+                try:
+                    im = Image.open(fh, formats=hint)
+                except UnidentifiedImageError:
+                    if hint is None:
+                        raise
+                    fh.seek(0)
+                    im = Image.open(fh)
+                with im:
                     fmt, (width, height) = im.format, im.size
                     if width <= 0 or height <= 0:
                         return ImageCheck(IMAGE_CORRUPT, fmt, detail="zero-sized image")
@@ -308,6 +315,9 @@ def inspect_image(path: str | os.PathLike[str]) -> ImageCheck:
                     else:
                         im.verify()
             except (UnidentifiedImageError, Image.DecompressionBombError) as e:
+                fh.seek(128)
+                if fh.read(4) == _DICOM_MAGIC:
+                    return ImageCheck(IMAGE_OK, "DICOM")
                 return ImageCheck(IMAGE_CORRUPT, detail=type(e).__name__)
             except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as e:
                 return ImageCheck(IMAGE_CORRUPT, detail=f"{type(e).__name__}: {e}"[:200])
@@ -318,6 +328,9 @@ def inspect_image(path: str | os.PathLike[str]) -> ImageCheck:
             return ImageCheck(IMAGE_MISSING)
         return ImageCheck(IMAGE_CORRUPT, detail=f"unreadable: {type(e).__name__}")
     return ImageCheck(IMAGE_OK, fmt, width, height)
+
+
+_PIL_FORMAT_OF_SUFFIX = {".jpg": ["JPEG"], ".jpeg": ["JPEG"], ".png": ["PNG"]}
 
 
 def looks_like_image(path: str) -> bool:

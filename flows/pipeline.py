@@ -54,7 +54,16 @@ def stage_module(name: str) -> Any:
     return importlib.import_module(STAGE_MODULES[name])
 
 
-@task(name="batch", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2, persist_result=False)
+def _worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
+    """A failed batch is retried once, unless the LLM endpoint is down (the mine stage's circuit breaker
+    opened): a retry would only fail again, later."""
+    from flows.stages.mine import LLMEndpointDown
+
+    return not isinstance(getattr(state, "data", None), LLMEndpointDown)
+
+
+@task(name="batch", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2, persist_result=False,
+      retry_condition_fn=_worth_retrying)
 def run_batch_task(stage: str, ctx: RunContext, batch: Any) -> BatchResult:
     return stage_module(stage).run_batch(ctx, batch)
 

@@ -1439,6 +1439,7 @@ def test_cli_run_against_a_closed_port_fails_in_seconds_with_one_line(mined_tabl
     assert result.exit_code == 1, (result.exception, result.stdout, result.stderr)
     lines = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "run failed" in lines[0] and "unreachable" in lines[0], result.stderr
+    assert "preflight request GET /models failed (CONNECTION)" in lines[0], lines[0]
     assert elapsed < 90, elapsed  # Prefect's temporary server included; before: 168 calls x 6 attempts, 210 s
     wh = Warehouse(tmp_path / "home" / "warehouse")
     assert wh.count("int_vqa_samples") == before  # the earlier stages' work is untouched
@@ -1493,3 +1494,14 @@ def test_sigkill_of_radchain_run_leaves_no_orphan_server(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
         if server is not None and alive(server):  # never leave a server behind, whatever happened
             server.kill()
+
+
+def test_a_batch_is_not_retried_when_the_endpoint_is_down():
+    from prefect.states import Failed
+
+    from flows.pipeline import _worth_retrying, run_batch_task
+    from flows.stages.mine import LLMEndpointDown
+
+    assert run_batch_task.retry_condition_fn is _worth_retrying and run_batch_task.retries == 1
+    assert not _worth_retrying(None, None, Failed(data=LLMEndpointDown("down")))
+    assert _worth_retrying(None, None, Failed(data=OSError("disk hiccup")))

@@ -338,6 +338,7 @@ class LLMClient:
         self.connection_failures = 0
         self.circuit_open = False
         self.breaker_refused = 0
+        self.breaker_reason: str | None = None  # why it opened, in words
         # One session per event loop: httpx pools and asyncio primitives cannot cross loops, and a
         # flow may call asyncio.run once per batch (or run loops in several threads).
         self._sessions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Session] = weakref.WeakKeyDictionary()
@@ -614,6 +615,7 @@ class LLMClient:
             limit = self.settings.breaker_failures
             if limit and self.connection_failures >= limit and not self.circuit_open:
                 self.circuit_open = True
+                self.breaker_reason = f"{self.connection_failures} consecutive connection failures"
                 log.error("llm endpoint unreachable: %d consecutive connection failures; circuit breaker open, no "
                           "further request is sent", self.connection_failures)
             raise
@@ -635,6 +637,7 @@ class LLMClient:
         except openai.APIConnectionError as e:
             self.circuit_open = True
             code = classify(e)[0]
+            self.breaker_reason = f"the preflight request GET /models failed ({code})"
             log.error("llm endpoint preflight failed (%s): circuit breaker open", code)
             return code
         return None

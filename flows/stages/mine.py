@@ -297,10 +297,9 @@ def _extract_llm(ctx: RunContext, items: list[MiningInput], done: Callable[[Mini
     client = breaker.get("client")
     if client is not None and client.circuit_open and (client.breaker_refused or client.connection_failures):
         raise LLMEndpointDown(
-            f"the LLM endpoint {llm.base_url or 'api.openai.com'} is unreachable "
-            f"({client.connection_failures} consecutive connection failures, llm.breaker_failures="
-            f"{llm.breaker_failures}): the mine stage stopped; completed batches and cached answers are kept, "
-            "re-run when the endpoint is back")
+            f"the LLM endpoint {llm.base_url or 'api.openai.com'} is unreachable ({client.breaker_reason}; "
+            f"llm.breaker_failures={llm.breaker_failures}): the mine stage stopped; completed batches and cached "
+            "answers are kept, re-run when the endpoint is back")
 
 
 class LLMEndpointDown(RuntimeError):
