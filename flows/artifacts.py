@@ -41,15 +41,18 @@ def llm_spend_rows(wh: Warehouse, run_id: str) -> list[dict[str, Any]]:
         pl.col("cache_hit").cast(pl.Int64).sum().alias("cache_hits"),
         (pl.col("status") != "ok").cast(pl.Int64).sum().alias("failed"),
         pl.col("prompt_tokens").sum().alias("prompt_tokens"),
+        pl.col("cached_tokens").fill_null(0).sum().alias("cached_tokens"),  # served from the provider's prompt cache
         pl.col("completion_tokens").sum().alias("completion_tokens"),
         pl.col("cost_usd").sum().alias("cost_usd"),
     ]
-    groups = calls.group_by("stage", "model", "prompt_version").agg(aggs).sort("stage", "model", "prompt_version")
+    calls = calls.with_columns(pl.col("mode").fill_null("sync"))
+    keys = ("stage", "model", "prompt_version", "mode")
+    groups = calls.group_by(*keys).agg(aggs).sort(*keys)
     rows = groups.collect().to_dicts()
     total = calls.select(aggs).collect().to_dicts()[0]
-    rows.append(dict(stage="total", model="", prompt_version="", **total))
+    rows.append(dict(stage="total", model="", prompt_version="", mode="", **total))
     for r in rows:
-        for k in ("calls", "cache_hits", "failed", "prompt_tokens", "completion_tokens"):
+        for k in ("calls", "cache_hits", "failed", "prompt_tokens", "cached_tokens", "completion_tokens"):
             r[k] = int(r[k] or 0)
         r["cost_usd"] = round(float(r["cost_usd"] or 0.0), 6)
         r["cache_hit_rate"] = round(r["cache_hits"] / r["calls"], 3) if r["calls"] else 0.0

@@ -4,7 +4,6 @@ reads its LLM settings from the environment, as a deployment does."""
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -64,4 +63,4 @@ def mine(monkeypatch: Any, home: Path, base_url: str, env: dict[str, str] | None
     return ctx, results
 
 
-__all__ = ["build_pristine", "fresh_home", "llm_env", "mine", "os"]
+__all__ = ["build_pristine", "fresh_home", "llm_env", "mine"]
