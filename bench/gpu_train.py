@@ -105,6 +105,7 @@ def bench_config(name: str, cpu: bool, args: argparse.Namespace) -> TrainingConf
         per_device_train_batch_size=generations, gradient_accumulation_steps=1, logging_steps=1,
         save_strategy="no", max_prompt_length=None, max_completion_length=args.completion_tokens,
         min_new_tokens=args.completion_tokens, use_vllm=False, dataloader_num_workers=0, deepspeed=None,
+        steps_per_generation=None, generation_batch_size=None,  # one prompt group per step: one generate()
     ))
     model = cfg.model.model_copy(update=dict(
         name_or_path=None,  # random weights of the checkpoint's shape
@@ -159,6 +160,15 @@ def bench_size(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
                               "dtype": cfg.model.dtype, "prompt_tokens": args.prompt_tokens,
                               "completion_tokens": args.completion_tokens, "image_px": args.image_px}
 
+    if not cpu:  # the plan for this very run (in process, one GPU, pure bf16), beside the measured peaks
+        from training.memory import estimate
+
+        planned = cfg.model_copy(update={
+            "launch": cfg.launch.model_copy(update={"mode": "in_process"}),
+            "grpo": cfg.grpo.model_copy(update={"max_prompt_length": args.prompt_tokens}),
+        })
+        for job in ("sft", "grpo"):
+            result[f"{job}_estimate_gb"] = estimate(planned, job, world_size=1).total_gb
     reset_gpu_peak()
     started = time.perf_counter()
     loaded = build_loaded(cfg, device)
@@ -209,8 +219,8 @@ def format_result(result: dict[str, Any]) -> str:
             return "n/a"
         return f"{value:.3f}" if isinstance(value, float) else str(value)
 
-    keys = ("size", "parameters_m", "sft_tokens_per_s", "sft_step_s", "sft_peak_gpu_gb", "grpo_step_s",
-            "grpo_peak_gpu_gb", "peak_host_rss_gb", "sft_loss")
+    keys = ("size", "parameters_m", "sft_tokens_per_s", "sft_step_s", "sft_peak_gpu_gb", "sft_estimate_gb",
+            "grpo_step_s", "grpo_peak_gpu_gb", "grpo_estimate_gb", "peak_host_rss_gb", "sft_loss")
     return "RESULT " + " ".join(f"{k}={fmt(result.get(k))}" for k in keys)
 
 

@@ -58,7 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                                          "(default: all; short: 4)")
     parser.add_argument("--home", type=Path, default=None, help="radchain home to build in (default: a temp dir)")
     parser.add_argument("--reuse", action="store_true", help="--home already holds a built warehouse: skip the pipeline")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    # One intra-op thread by default: with the 2 cores shared by other jobs, two threads per process
+    # thrashed (generation of 16 short answers stalled for minutes at load 13; one thread took 9 s).
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--time-limit", type=float, default=None, help="seconds (default 600; short: 90)")
     parser.add_argument("--json", type=Path, default=None, help="write all figures to this file")
     args = parser.parse_args(argv)
@@ -122,10 +124,13 @@ class Evaluator:
         gen_s = time.perf_counter() - started
         _, scored = score_with_baselines(self.wh, self.rows, outputs, self.out_dir / phase, model=phase,
                                          checkpoint=None, majority=self.majority, write=False)
+        from flows.evaluation import render_chart
+
+        chart = render_chart(scored, self.out_dir / phase / "eval.png", title=f"small CPU model, {phase}")
         encoded = {"model": encoded_binary_accuracy(self.rows, outputs)}
         for kind, outs in self.baseline_outputs.items():
             encoded[kind] = encoded_binary_accuracy(self.rows, outs)
-        return {"phase": phase, "generate_s": gen_s, "scored": scored, "encoded_binary": encoded,
+        return {"phase": phase, "generate_s": gen_s, "scored": scored, "encoded_binary": encoded, "chart": str(chart),
                 "example_output": outputs[0] if outputs else ""}
 
 
@@ -143,6 +148,7 @@ def print_scores(result: dict[str, Any]) -> None:
     n = enc["model"][1]
     print(f"binary accuracy on encoded findings (n={n}): " +
           "  ".join(f"{k} {f(v[0]).strip()}" for k, v in enc.items()), flush=True)
+    print(f"chart: {result['chart']}", flush=True)
 
 
 def all_row(result: dict[str, Any], series: str = "model") -> dict[str, Any]:

@@ -21,7 +21,7 @@ def test_short_learning_run_lowers_the_loss_and_raises_format_compliance(tmp_pat
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(
         [sys.executable, str(REPO / "bench/learning.py"), "--short", "--home", str(tmp_path / "home"),
-         "--json", str(report), "--time-limit", "3600"],
+         "--json", str(report), "--time-limit", "3600", "--threads", "1"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=3600,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -322,6 +322,9 @@ def test_task_mixture_applies_the_weights_unless_turned_off_or_absent(cfg):
     assert apply_task_mixture(rows, cfg.sft.model_copy(update={"task_mixture": False})) is rows
     unweighted = [dict(task="binary"), dict(task="open")]
     assert apply_task_mixture(unweighted, cfg.sft) is unweighted
+    # The config's task_weights replace the marts' weights: here only open rows are drawn.
+    only_open = apply_task_mixture(rows, cfg.sft.model_copy(update={"task_weights": {"open": 1.0}}))
+    assert len(only_open) == 20 and {r["task"] for r in only_open} == {"open"}
 
 
 def test_sft_accepts_mart_json_columns_and_rejects_image_mismatches(sft_rows, image_path):

@@ -143,6 +143,8 @@ class ScheduleSettings(_Strict):
     # mixture): each task gets weight / sum(weights) of the rows, drawn with replacement, as many rows
     # as the input holds (training.datasets.mixture_sample). False: every row once, as given.
     task_mixture: bool = True
+    # Task -> weight for that draw instead of the marts' (a task left out gets none). None: the dataset's mixture.
+    task_weights: dict[str, float] | None = None
 
 
 class SFTSettings(ScheduleSettings):

@@ -6,7 +6,8 @@ What is counted, per GPU, in GiB (2**30 bytes):
   parameter) and bf16 gradients (2), fp32 master weights + two Adam moments (12) = 16 bytes per trained
   parameter. DeepSpeed ZeRO shards them over the world: stage 1 the optimizer, stage 2 also the
   gradients, stage 3 also the weights. Without DeepSpeed (``launch.mode: in_process``, or accelerate
-  without a DeepSpeed config) every GPU holds all 16 bytes: fp32 weights (4), fp32 gradients (4), Adam (8).
+  without a DeepSpeed config) every GPU holds all 16 bytes: fp32 weights (4), fp32 gradients (4), Adam (8);
+  with ``model.dtype: bfloat16`` (pure bf16, as bench/gpu_train.py runs) 8 bytes: 2 + 2 + 4.
 * ``activations`` -- one micro-batch (per_device_train_batch_size sequences of max_prompt_length +
   max_completion_length tokens; images at max_pixels): per layer and token, ~(17 h + 8 f) bytes in bf16
   for a SwiGLU block with flash/SDPA attention (no s^2 term; after Korthikanti et al. 2022). With
@@ -129,7 +130,9 @@ def estimate(cfg: TrainingConfig, job: str, world_size: int | None = None, zero_
     params = parameter_count(arch, vocab_size)
     vocab = text.vocab_size or vocab_size or 0
 
-    if stage == 0:
+    if stage == 0 and cfg.model.dtype == "bfloat16":
+        weights, grads, optim = 2 * params, 2 * params, 4 * params  # pure bf16 (bench/gpu_train.py), replicated
+    elif stage == 0:
         weights, grads, optim = 4 * params, 4 * params, 8 * params  # fp32 everything, replicated
     else:
         weights, grads, optim = 2 * params, 2 * params, 12 * params

@@ -140,12 +140,17 @@ def with_images(records: list[dict[str, Any]], images: list[list[Any]]) -> Datas
 
 
 def apply_task_mixture(rows: list[Mapping[str, Any]], schedule: ScheduleSettings) -> list[Mapping[str, Any]]:
-    """The rows a trainer sees: drawn by task mixture weight when the config asks for it and the rows
-    carry a ``weight`` (mart rows do), else the rows as given."""
-    if not schedule.task_mixture or not rows or not all("weight" in r for r in rows):
+    """The rows a trainer sees: drawn by task mixture weight when the config asks for it, with the
+    config's ``task_weights`` or else the rows' own ``weight`` (mart rows carry one), else as given."""
+    if not schedule.task_mixture or not rows:
         return rows
     from training.datasets import mixture_sample
 
+    if schedule.task_weights is not None:
+        weights = schedule.task_weights
+        rows = [dict(r, weight=float(weights.get(str(r.get("task")), 0.0))) for r in rows]
+    elif not all("weight" in r for r in rows):
+        return rows
     return mixture_sample(rows, len(rows), schedule.seed)
 
 

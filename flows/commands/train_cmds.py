@@ -94,5 +94,5 @@ def print_evaluation(out: dict) -> None:
                           fmt(r["radrscore"]), fmt(r.get("format_compliance")))
         table.add_section()
     console.print(table)
-    console.print(f"chart: {out['chart']}")
+    console.print(f"chart: {out['chart']}", soft_wrap=True, highlight=False)  # a path must not wrap
     console.print(EXPLANATION, highlight=False)
