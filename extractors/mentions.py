@@ -342,13 +342,13 @@ CUE_RULES: tuple[CueRule, ...] = (
         "no longer [seen|visualized|present|evident|identified|visible|appreciated]",
         "[is|are|was|were|has been|have been] [excluded|ruled out]", "excluded", "ruled out",
         ": [not present|none|negative|absent]", "- [not present|none|negative|absent]",
-        "[is|are] [not present|not seen|not identified|not evident|not appreciated]",
+        "[is|are] [not present|not seen|not identified|not evident|not appreciated]", "[is|are] unlikely",
         "not [present|seen|identified|evident|appreciated|visualized|demonstrated]"), post=12, post_commas=True),
     CueRule("normal", "negation", _phrases(
         "normal", "within normal limits", "normal in size", "top normal", "top-normal", "upper normal",
         "upper limit[s|] of normal", "unremarkable"), pre=3, post=6, post_commas=True),
     CueRule("not", "negation", _phrases("not", "is not", "are not", "was not", "were not", "does not", "do not",
-                                        "did not", "cannot", "can not", "negative"),
+                                        "did not", "cannot", "can not", "negative", "unlikely"),
             pre=6, post=4),
     CueRule("absent", "negation", _phrases("absent", "[is|are] absent"), pre=2, post=3),
     # ---- uncertainty ----------------------------------------------------------------
@@ -360,7 +360,7 @@ CUE_RULES: tuple[CueRule, ...] = (
         "[to|] rule out", "r/o", "to exclude", "evaluate for", "assess for", "[to|] evaluate for",
         "differential [diagnosis|] [includes|include|of|is|]", "differential [diagnosis|] [would|may|could] include",
         "differential considerations [include|]", "consider", "equivocal", "indeterminate", "uncertain",
-        "doubtful", "doubt", "rather than", "less likely", "unlikely", "[may|might|could] [represent|reflect|"
+        "doubtful", "doubt", "rather than", "less likely", "[may|might|could] [represent|reflect|"
         "indicate|be due to|relate to|be related to]", "[may|might|could] [also|] [be|have]", "there may be",
         "there might be", "there could be", "raising the possibility of", "correlate [clinically|] for",
         "clinical correlation for", "suggestion of", "[evaluation|assessment] for",
@@ -382,7 +382,7 @@ CUE_RULES: tuple[CueRule, ...] = (
         "[is|are|] not well [seen|visualized|evaluated|assessed]", "[is|are|] not well-[seen|visualized]", "[is|are] [questioned|questionable|equivocal|"
         "uncertain|indeterminate|possible|suspected|considered|a consideration|not excluded]",
         "[is|are|] difficult to [entirely|completely|fully|] exclude", "remains a possibility", "if any", "if present",
-        "[is|are] [less likely|unlikely]", "[is|are] [also|] in the differential", "[is|are] a differential consideration",
+        "[is|are] less likely", "[is|are] [also|] in the differential", "[is|are] a differential consideration",
         "[may|might|could] [also|] [be present|be seen|be developing|be forming|coexist|be superimposed|"
         "be contributing|contribute|be considered]", "likely .", "likely ,", "likely present", "possible .",
         "possible ,", "not [definitely|clearly|well] [seen|excluded|identified]"),

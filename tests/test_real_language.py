@@ -37,7 +37,8 @@ ISSUE_SENTENCES = [
     # the RadRScore issue's reading defects (model reasoning)
     ("These findings support the diagnosis of pneumonia.", {"Pneumonia": P}),
     ("The heart size is normal, ruling out cardiomegaly.", {"Cardiomegaly": A}),
-    ("Pneumonia is unlikely.", {"Pneumonia": U}),
+    ("Pneumonia is unlikely.", {"Pneumonia": A}),  # NegBio reads "unlikely" as negation
+    ("Pneumonia is less likely.", {"Pneumonia": U}),
     ("Pleural effusion is excluded.", {"Pleural Effusion": A}),
     ("Pleural effusion: not present.", {"Pleural Effusion": A}),
     ("The chest X-ray does not show signs of pneumothorax.", {"Pneumothorax": A}),
