@@ -288,6 +288,9 @@ def inspect_image(path: str | os.PathLike[str]) -> ImageCheck:
     corpus's JPEGs), so a MIMIC-size image set (377k files) costs seconds, not the minutes a pixel
     decode would.
     """
+    quick = _jpeg_quick_check(path)
+    if quick is not None:
+        return quick
     from PIL import Image, UnidentifiedImageError
 
     # Pillow tries only the format the name says first (a quarter of the cost of probing every plugin),
@@ -331,6 +334,47 @@ def inspect_image(path: str | os.PathLike[str]) -> ImageCheck:
 
 
 _PIL_FORMAT_OF_SUFFIX = {".jpg": ["JPEG"], ".jpeg": ["JPEG"], ".png": ["PNG"]}
+# JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic): they carry the size.
+_JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+_JPEG_HEAD_BYTES = 4096
+
+
+def _jpeg_quick_check(path: str | os.PathLike[str]) -> ImageCheck | None:
+    """The common case without Pillow: a JPEG whose frame header sits in its first 4 KB.
+
+    Walks the marker segments to the start-of-frame (height, width) and looks for the end-of-image
+    marker in the last 1 KB, as ``inspect_image`` does with Pillow, at a third of the cost (about
+    14 us instead of 44 us per file, measured on the synthetic corpus's JPEGs). Anything else (not
+    a JPEG, a header past 4 KB, a broken segment chain) returns None and takes the Pillow path,
+    so what counts as corrupt is decided there."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(_JPEG_HEAD_BYTES)
+            if head[:2] != b"\xff\xd8":
+                return None
+            size = os.fstat(fh.fileno()).st_size
+            if size > len(head):
+                fh.seek(max(0, size - 1024))
+                tail = fh.read()
+            else:
+                tail = head[-1024:]
+    except OSError:
+        return None
+    i, n = 2, len(head)
+    while i + 9 <= n:
+        if head[i] != 0xFF:
+            return None
+        marker = head[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in _JPEG_SOF:
+            height, width = struct.unpack(">HH", head[i + 5:i + 9])
+            if not (height and width) or _JPEG_EOI not in tail:
+                return None  # Pillow's path names the defect
+            return ImageCheck(IMAGE_OK, "JPEG", width, height)
+        i += 2 + struct.unpack(">H", head[i + 2:i + 4])[0]
+    return None
 
 
 def looks_like_image(path: str) -> bool:

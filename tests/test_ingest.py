@@ -386,3 +386,25 @@ def test_prefect_flow_end_to_end_into_duckdb(radchain_home, mimic_tree):
     # An unusable source fails the flow with the reader's error (the CLI prints it, exit 2).
     with pytest.raises(SourceError, match="does not exist"):
         pipeline_flow(source=SourceSpec(path=mimic_tree / "missing"), stages=["ingest"])
+
+
+@pytest.mark.parametrize("mode,size,progressive", [("L", (64, 48), False), ("RGB", (300, 17), True),
+                                                   ("L", (1, 1), False), ("RGB", (2048, 1536), False)])
+def test_quick_jpeg_check_agrees_with_pillow(tmp_path, mode, size, progressive):
+    """The Pillow-free JPEG path reads the same size Pillow does, and leaves every defect to Pillow."""
+    from PIL import Image
+
+    from extractors.sources import IMAGE_CORRUPT, IMAGE_OK, _jpeg_quick_check, inspect_image
+
+    path = tmp_path / "x.jpg"
+    Image.new(mode, size, color=120 if mode == "L" else (10, 120, 200)).save(path, "JPEG", progressive=progressive)
+    quick = _jpeg_quick_check(path)
+    with Image.open(path) as im:
+        assert quick is not None and quick.status == IMAGE_OK and (quick.width, quick.height) == im.size
+    truncated = tmp_path / "t.jpg"
+    truncated.write_bytes(path.read_bytes()[:-40])
+    assert _jpeg_quick_check(truncated) is None  # no end marker: decided on the Pillow path
+    assert inspect_image(truncated).status == IMAGE_CORRUPT
+    two_bytes = tmp_path / "two.jpg"
+    two_bytes.write_bytes(b"\xff\xd8")
+    assert _jpeg_quick_check(two_bytes) is None and inspect_image(two_bytes).status == IMAGE_CORRUPT
