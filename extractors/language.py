@@ -21,7 +21,6 @@ that carry meaning, whatever the report's length:
 from __future__ import annotations
 
 import re
-import unicodedata
 from functools import lru_cache
 
 _WORDS_RE = re.compile(r"[^\W\d_]+", re.UNICODE)
@@ -67,28 +66,28 @@ _NON_LATIN_SHARE = 0.3
 
 @lru_cache(maxsize=1)
 def _vocabularies() -> tuple[frozenset[str], frozenset[str]]:
-    english = set(_ENGLISH_FUNCTION)
-    try:  # the lexicon's and cue phrases' words (lazy: the mentions module loads spaCy)
-        from extractors.mentions import CUE_RULES, _lexicon
+    """English words: the function list plus the words of the CheXpert mention phrase files (read
+    as text: importing the reader would load spaCy into every ingest batch)."""
+    from extractors.resources import LEXICONS
 
-        for core in _lexicon(False).phrases:
-            english.update(w for w in _WORDS_RE.findall(core) if len(w) > 3)
-        for rule in CUE_RULES:
-            for phrase in rule.phrases:
-                english.update(w for w in _WORDS_RE.findall(phrase) if len(w) > 2)
-    except ImportError:  # pragma: no cover - the package ships both modules
-        pass
-    foreign = {w for w in _FOREIGN}
+    english = set(_ENGLISH_FUNCTION)
+    for path in sorted((LEXICONS / "chexpert" / "phrases" / "mention").glob("*.txt")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            english.update(w for w in _WORDS_RE.findall(line.replace("_", " ").lower()) if len(w) > 3)
+    foreign = set(_FOREIGN)
     both = english & foreign
     return frozenset(english - foreign - _SHARED), frozenset(foreign - both - _SHARED)
 
 
+_LETTER_RE = re.compile(r"[^\W\d_]", re.UNICODE)
+_LATIN_RE = re.compile(r"[A-Za-z\u00C0-\u024F\u1E00-\u1EFF]")
+
+
 def _non_latin_share(text: str) -> float:
-    letters = [c for c in text if c.isalpha()]
-    if not letters:
+    if text.isascii():
         return 0.0
-    latin = sum(1 for c in letters if "LATIN" in unicodedata.name(c, ""))
-    return 1 - latin / len(letters)
+    letters = len(_LETTER_RE.findall(text))
+    return 1 - len(_LATIN_RE.findall(text)) / letters if letters else 0.0
 
 
 def looks_english(text: str) -> bool:
