@@ -40,6 +40,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from extractors.trie import trie_pattern
+
 FLAG = "SUSPECT_INSTRUCTION"
 KINDS = ("imperative", "role", "override")
 
@@ -120,15 +122,16 @@ _ROLE_TRIGGERS = tuple(f"{r}{sep}:" for r in ("system", "assistant", "user", "hu
                                                  "bot", "chatgpt") for sep in ("", " ", "\t"))
 
 
+# One trie-shaped pattern instead of a substring scan per trigger: ingest calls this for every report.
+_TRIGGER_RE = re.compile(trie_pattern(set(_TRIGGERS) - {":"}))
+
+
 def _may_hold_instructions(text: str) -> bool:
     low = text.lower()
-    for t in _TRIGGERS:
-        if t in low:
-            if t != ":":
-                return True
-            # a colon alone (every section header has one) matters only after a role word
-            return any(r in low for r in _ROLE_TRIGGERS)
-    return False
+    if _TRIGGER_RE.search(low):
+        return True
+    # a colon alone (every section header has one) matters only after a role word
+    return ":" in low and any(r in low for r in _ROLE_TRIGGERS)
 
 
 def find_instructions(text: str | None) -> list[SuspectSpan]:

@@ -24,6 +24,7 @@ import re
 from functools import lru_cache
 
 _WORDS_RE = re.compile(r"[^\W\d_]+", re.UNICODE)
+_ASCII_WORDS_RE = re.compile(r"[a-z]+")
 
 _ENGLISH_FUNCTION = """
 the a an of and or is are was were be been being has have had not with without there this that these those
@@ -96,7 +97,8 @@ def looks_english(text: str) -> bool:
     if _non_latin_share(text) > _NON_LATIN_SHARE:
         return False
     english, foreign = _vocabularies()
-    words = _WORDS_RE.findall(text.lower())
-    n_english = sum(w in english for w in words)
-    n_foreign = sum(w in foreign for w in words)
+    low = text.lower()
+    words = (_ASCII_WORDS_RE if low.isascii() else _WORDS_RE).findall(low)
+    n_english = sum(map(english.__contains__, words))
+    n_foreign = sum(map(foreign.__contains__, words))
     return n_english > n_foreign or n_english == n_foreign == 0

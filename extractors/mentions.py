@@ -61,6 +61,7 @@ from spacy.tokenizer import Tokenizer
 from spacy.tokens import Doc
 
 from extractors.resources import KNOWLEDGE_MAP, LEXICONS
+from extractors.trie import trie_pattern as _trie_pattern
 from schemas.labels import OBSERVATIONS
 
 Status = Literal["present", "absent", "uncertain"]
@@ -252,29 +253,6 @@ def _lexicon(expand: bool) -> _Lexicon:
     prefixes = {c: [p for p in cores if c.startswith(p)] for c in cores}
     regex = re.compile("(?=(" + _trie_pattern(cores) + "))")
     return _Lexicon(phrases, prefixes, regex)
-
-
-def _trie_pattern(words: Iterable[str]) -> str:
-    """A regex that matches the longest of ``words`` at a position, branching by character.
-
-    An alternation of 250 literals makes re try every branch at every position; the trie
-    shape fails after one character almost everywhere.
-    """
-    root: dict = {}
-    for w in words:
-        node = root
-        for ch in w:
-            node = node.setdefault(ch, {})
-        node[""] = {}
-
-    def emit(node: dict) -> str:
-        branches = [re.escape(ch) + emit(child) for ch, child in sorted(node.items()) if ch]
-        if not branches:
-            return ""
-        body = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
-        return f"(?:{body})?" if "" in node else body  # greedy: the longer phrase first
-
-    return emit(root)
 
 
 # =====================================================================================
