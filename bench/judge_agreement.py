@@ -52,11 +52,9 @@ def main() -> int:
     ap.add_argument("--core", type=int, default=0)
     ap.add_argument("--no-semantic", action="store_true")
     args = ap.parse_args()
-    if hasattr(os, "sched_setaffinity"):
-        try:
-            os.sched_setaffinity(0, {args.core})
-        except OSError:
-            pass
+    from bench.common import pin_to_core
+
+    pin_to_core(args.core)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 

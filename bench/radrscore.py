@@ -23,7 +23,6 @@ not distort.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import statistics
 import sys
@@ -180,11 +179,9 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--core", type=int, default=0)
     args = ap.parse_args()
-    if hasattr(os, "sched_setaffinity"):
-        try:
-            os.sched_setaffinity(0, {args.core})
-        except OSError:
-            pass
+    from bench.common import pin_to_core
+
+    pin_to_core(args.core)
 
     from training.answers import parse_output
     from training.findings_text import prefetch

@@ -32,22 +32,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from training.radrscore import ComponentAverages
+
 COMPONENTS = ("completeness", "factuality", "effectiveness", "radrscore")
 
 
 # ---- release items -----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class JudgeVerdict:
-    """One judge's components for one sample (None = not computable)."""
-
-    completeness: float | None
-    factuality: float | None
-    effectiveness: float | None
-
-    @property
-    def radrscore(self) -> float | None:
-        parts = [x for x in (self.completeness, self.factuality, self.effectiveness) if x is not None]
-        return sum(parts) / len(parts) if parts else None
+# One judge's components for one sample (None = not computable): the same three numbers, and the
+# same mean, as a set's component averages.
+JudgeVerdict = ComponentAverages
 
 
 @dataclass(frozen=True)
