@@ -165,7 +165,10 @@ def register(app: typer.Typer) -> None:
         budget: float | None = typer.Option(None, "--budget", help="compare the estimate with this cap (USD)"),
         sample: int | None = typer.Option(None, "--sample", help="build the prompts of this many samples (seeded) "
                                           "and scale up; default all"),
-        artifact: bool = typer.Option(True, "--artifact/--no-artifact", help="also publish a Prefect artifact"),
+        artifact: bool = typer.Option(None, "--artifact/--no-artifact",
+                                      help="also publish a Prefect artifact (default: when PREFECT_API_URL names a "
+                                           "server, e.g. under `radchain serve`; without one, --artifact starts "
+                                           "Prefect's temporary server, about 10 s)"),
         prompt_version: str | None = typer.Option(None, "--prompt-version", help="e.g. single-v3 (few-shot)"),
     ) -> None:
         """Estimate calls, tokens and dollars of mining the planned samples (sync vs batch), with no network call."""
@@ -176,5 +179,9 @@ def register(app: typer.Typer) -> None:
             raise UsageError("--protocol must be single or paper")
         if sample is not None and sample < 1:
             raise UsageError("--sample must be at least 1")
+        if artifact is None:
+            import os
+
+            artifact = bool(os.environ.get("PREFECT_API_URL"))
         print_estimate(settings, protocol=protocol, mode=llm_mode, budget=budget, sample=sample, artifact=artifact,
                        prompt_version=prompt_version)
