@@ -1,7 +1,7 @@
 """The training path learns, not only runs: the short version of bench/learning.py (SFT then GRPO of the
 small-cpu model on a freshly built demo warehouse), scored beside its baselines.
 
-Its speed target (<= 90 s on 2 idle cores) is a benchmark figure (bench/README.md), not asserted here.
+Its speed (about 160 s on 2 quiet cores) is a benchmark figure (bench/README.md), not asserted here.
 """
 
 from __future__ import annotations
@@ -26,11 +26,11 @@ def test_short_learning_run_lowers_the_loss_and_raises_format_compliance(tmp_pat
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     f = json.loads(report.read_text())
-    assert f["sft_steps"] == 120 and f["grpo_steps"] == 2
+    assert f["sft_steps"] == 300 and f["grpo_steps"] == 2
     assert f["sft_loss_last"] < f["sft_loss_first"]
     assert f["format_after_sft"] > f["format_before"]
     # Per-step output: the loss of every logging step and the reward of every GRPO step.
-    assert len([line for line in done.stdout.splitlines() if line.startswith("sft  step")]) == 120 // 10
+    assert len([line for line in done.stdout.splitlines() if line.startswith("sft  step")]) == 300 // 10
     assert len(f["grpo_rewards"]) == 2
     # Every phase is scored beside the three baselines, on the same samples, by the same scorer.
     for phase in f["phases"]:
