@@ -12,7 +12,7 @@ Exits non-zero when a floor is missed (issue 13):
 
 * lexical mode: RadRScore per-sample Pearson >= 0.45, each component >= 0.30, and both models
   ranked as the GPT-4o judge ranks them on every component;
-* semantic mode: >= 200 samples per CPU-second on one core, steady state.
+* semantic mode: >= 200 samples per CPU-second on one core, both cold and in steady state.
 
 process_reward's own floor (>= 2,000 completions/s) is bench/radrscore.py's.
 """
