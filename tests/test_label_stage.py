@@ -228,7 +228,8 @@ def test_cli_errors_are_one_line_exit_2(args) -> None:
 
 
 def test_cli_mimic_tree(tmp_path) -> None:
-    generate = pytest.importorskip("extractors.synthetic").generate_corpus
+    from extractors.synthetic import generate_corpus as generate
+
     generate(tmp_path / "corpus", 20, seed=3, images=False)
     result = _cli("--mimic", str(tmp_path / "corpus"), "-f", "json")
     assert result.exit_code == 0, result.output

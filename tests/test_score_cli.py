@@ -158,7 +158,7 @@ def _verdict_responder(body: dict) -> str:
 
 
 def test_llm_judge_and_agreement_through_the_fake_server(warehouse, tmp_path, monkeypatch):
-    fake = pytest.importorskip("radchain.testing.fake_openai")
+    import radchain.testing.fake_openai as fake
     from radchain.settings import reset_settings_cache
 
     preds = _write_predictions(tmp_path / "preds.jsonl", PREDICTIONS)
@@ -184,7 +184,7 @@ def test_llm_judge_and_agreement_through_the_fake_server(warehouse, tmp_path, mo
 
 def test_llm_judge_requests_pass_the_phi_guard(warehouse, tmp_path, monkeypatch):
     """A judge prompt quotes the model's reasoning: one naming a doctor is not sent to a guarded endpoint."""
-    fake = pytest.importorskip("radchain.testing.fake_openai")
+    import radchain.testing.fake_openai as fake
     from radchain.settings import reset_settings_cache
 
     leaky = [{"sample_id": "s-bin", "output": _think("Reviewed with Dr. Smith on 03/14/2019.", EFFUSION_NO,
