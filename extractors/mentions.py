@@ -402,9 +402,8 @@ CUE_RULES: tuple[CueRule, ...] = (
 
 # A comma followed by one of these opens a new assertion unless the list is disjunctive
 # ("no pneumothorax, small left effusion" vs "no consolidation, large effusion, or pneumothorax").
-_NEW_ITEM_WORDS = frozenset(_SEVERITY_WORDS) | {"there", "the", "this", "these", "it", "minimal", "persistent",
-                                                 "residual", "possible", "probable", "likely", "questionable",
-                                                 "suspected", "stable"}
+_NEW_ITEM_WORDS = frozenset(_SEVERITY_WORDS) | {"there", "the", "this", "these", "it", "residual", "possible",
+                                                 "probable", "likely", "questionable", "suspected"}
 _VERB_RE = re.compile(r"\b(?:is|are|was|were|has|have|had|remains?|appears?|seems?|measures?|demonstrates?|"
                       r"shows?|reveals?|persists?)\b")
 _DISJUNCTION_RE = re.compile(r"(?:^|[\s,])(?:or|nor|and/or)\s|[a-z]/[a-z]")
@@ -690,11 +689,12 @@ def _blocked(low: str, a: int, b: int, terms: Sequence[int], commas_ok: bool, li
         return False
     if not commas_ok:
         return True
-    return not _list_continues(low, a, b, b if list_end is None else list_end)
+    return not _list_continues(low, comma, b, b if list_end is None else list_end)
 
 
-def _list_continues(low: str, a: int, b: int, list_end: int) -> bool:
-    """Is low[a:b] one coordinated list, so that a cue at ``a`` still reads the item at ``b``?
+def _list_continues(low: str, first: int, b: int, list_end: int) -> bool:
+    """Is the text from a cue to ``b``, whose first comma is at ``first``, one coordinated list,
+    so that the cue still reads the item at ``b``?
 
     "no consolidation, large effusion, or pneumothorax": yes, the list ends in "or".
     "no pneumothorax, small left effusion": no, "small" after the comma opens a new
@@ -702,7 +702,6 @@ def _list_continues(low: str, a: int, b: int, list_end: int) -> bool:
     heart is enlarged"). Without such an opener, a plain list continues ("no effusion,
     consolidation and pneumothorax").
     """
-    first = low.find(",", a, b)
     if _DISJUNCTION_RE.search(low, first, max(list_end, b)):
         return True
     k = first
