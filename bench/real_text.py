@@ -67,8 +67,8 @@ def main() -> int:
 
     # ---- 1. IU / Open-i -------------------------------------------------------------------
     gold = rt.read_openi_gold(iu / "openi_gold_dev.csv")
-    reports = rt.read_iu_reports(iu / "indiana_reports.csv", gold)
-    runs = [rt.score_iu(reports, gold) for _ in range(max(1, args.repeats))]
+    all_reports = rt.read_iu_reports(iu / "indiana_reports.csv")  # both halves: the verifier check reads all
+    runs = [rt.score_iu(all_reports, gold) for _ in range(max(1, args.repeats))]  # scores the gold half
     res = runs[0]
     speed = statistics.median(r.reports_per_second for r in runs)
     print(f"IU X-ray / Open-i development half: {res.studies} reports, positive mentions")
@@ -120,7 +120,7 @@ def main() -> int:
           f"Negated F1 {rt.PUBLISHED_NEGEX_MEDSPACY['negated_f1']}")
 
     # ---- 3. verifier ----------------------------------------------------------------------
-    pol = rt.verifier_polarity_on(rt.read_iu_reports(iu / "indiana_reports.csv"))
+    pol = rt.verifier_polarity_on(all_reports)
     print(f"\nverifier, all IU reports: {pol.sentences} sentences open with a negation and name findings; "
           f"{pol.steps} steps claim one of them present from that quote; accepted {pol.accepted} "
           f"[{'ok' if pol.accepted == 0 else 'BELOW FLOOR'}, floor 0]")
