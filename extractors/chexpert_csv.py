@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import polars as pl
@@ -111,15 +111,25 @@ def canonical_observation(name: str) -> str | None:
     return None
 
 
-def label_columns(columns: list[str], aliases: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Table column -> CheXpert observation, for the columns that name one."""
+def alias_columns(columns: Sequence[str], aliases: Mapping[str, str] | None = None
+                  ) -> tuple[dict[str, list[str]], list[str]]:
+    """CheXpert observation -> every table column that names it (several may: Mass and Nodule ->
+    Lung Lesion), in column order, and the columns that name none."""
     aliases = dict(aliases or {})
-    out = {}
+    mapped: dict[str, list[str]] = {}
+    unmapped = []
     for col in columns:
         target = aliases.get(col) or canonical_observation(col)
-        if target is not None and target not in out.values():
-            out[col] = target
-    return out
+        if target is None:
+            unmapped.append(col)
+        else:
+            mapped.setdefault(target, []).append(col)
+    return mapped, unmapped
+
+
+def label_columns(columns: list[str], aliases: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Table column -> CheXpert observation, for the columns that name one (the first column of each)."""
+    return {cols[0]: target for target, cols in alias_columns(columns, aliases)[0].items()}
 
 
 def to_long(df: pl.DataFrame, *, id_col: str, aliases: Mapping[str, str] | None = None,

@@ -18,7 +18,7 @@ import polars as pl
 
 from extractors.chexpert_csv import (
     LabelTableError,
-    label_columns,
+    alias_columns,
     normalize_study_id,
     read_chexpert_csv,
     read_table,
@@ -202,22 +202,6 @@ def _ids(df: pl.DataFrame, id_col: str | None, path: Path | str) -> list[str]:
 
 GOLD_ZERO_MODES = ("negative", "unannotated")
 _VALUE_RANK = {"positive": 3, "uncertain": 2, "negative": 1, "not_mentioned": 0}
-
-
-def alias_columns(columns: Sequence[str], aliases: Mapping[str, str] | None) -> tuple[dict[str, list[str]], list[str]]:
-    """CheXpert observation -> every gold column mapped to it (several may map to one: Mass and
-    Nodule -> Lung Lesion), and the columns that map to nothing."""
-    from extractors.chexpert_csv import canonical_observation
-
-    mapped: dict[str, list[str]] = {}
-    unmapped = []
-    for col in columns:
-        target = (aliases or {}).get(col) or canonical_observation(col)
-        if target is None:
-            unmapped.append(col)
-        else:
-            mapped.setdefault(target, []).append(col)
-    return mapped, unmapped
 
 
 def gold_from_table(df: pl.DataFrame, *, id_col: str | None, aliases: Mapping[str, str] | None,
