@@ -211,3 +211,44 @@ def test_labeled_reports_evaluate_exactly() -> None:
     result = evaluate(predicted, gold)
     assert result.studies == 4 and result.exact_matches == 4
     assert len(result.observations) == 14
+
+
+def test_eval_labeler_many_to_one_aliases_and_a_positive_only_gold(tmp_path):
+    """Mass and Nodule both map to Lung Lesion (either positive -> positive); with --gold-zero
+    unannotated a 0 is "not annotated", so only positives are scored; unmapped columns and a
+    1/0 gold read as negatives are warned about."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    reports = tmp_path / "reports.csv"
+    pl.DataFrame({"id": ["a", "b", "c"], "text": [
+        "FINDINGS: A 1 cm nodule in the right upper lobe. IMPRESSION: Pulmonary nodule.",
+        "FINDINGS: A 3 cm mass in the left hilum. IMPRESSION: Left hilar mass.",
+        "FINDINGS: The lungs are clear. No pneumothorax. IMPRESSION: Normal chest.",
+    ]}).write_csv(reports)
+    gold = tmp_path / "gold.csv"
+    pl.DataFrame({"id": ["a", "b", "c"], "Mass": [0, 1, 0], "Nodule": [1, 0, 0], "Hernia": [0, 0, 1],
+                  "normal": [0, 0, 1]}).write_csv(gold)
+    aliases = tmp_path / "aliases.yaml"
+    aliases.write_text("Mass: Lung Lesion\nNodule: Lung Lesion\nnormal: No Finding\n")
+    args = ["eval-labeler", "--reports", str(reports), "--id-col", "id", "--gold", str(gold),
+            "--aliases", str(aliases), "-f", "json"]
+
+    positive_only = json.loads(CliRunner().invoke(app, [*args, "--gold-zero", "unannotated"]).stdout)
+    lesion = next(s for s in positive_only["scores"] if s["observation"] == "Lung Lesion")
+    assert (lesion["gold_positive"], lesion["true_positive"], lesion["f1"]) == (2, 2, 1.0)
+    assert lesion["negative_f1"] is None
+    assert positive_only["gold_zero"] == "unannotated"
+    assert any("Hernia" in w for w in positive_only["warnings"])
+
+    as_negatives = json.loads(CliRunner().invoke(app, args).stdout)
+    lesion = next(s for s in as_negatives["scores"] if s["observation"] == "Lung Lesion")
+    assert lesion["gold_positive"] == 2  # both columns count in either mode
+    assert as_negatives["exact_matches"] == 0
+    assert any("--gold-zero unannotated" in w for w in as_negatives["warnings"])
+
+    bad = CliRunner().invoke(app, [*args, "--gold-zero", "maybe"])
+    assert bad.exit_code == 2
