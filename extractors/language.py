@@ -58,7 +58,7 @@ o os as um uma não nao com sem pulmão pulmao coração coracao derrame sinais 
 het een van en geen niet met zonder long longen hart vocht links rechts
 """.split()
 
-_SHARED = frozenset({"no", "normal", "pneumothorax", "thorax", "pleural", "infiltrate", "infiltrate", "de",
+_SHARED = frozenset({"no", "normal", "pneumothorax", "thorax", "pleural", "infiltrate", "de",
                      "a", "in", "e", "o", "as", "is", "um", "du", "die", "den", "le", "la", "long", "van",
                      "hart", "links", "con", "se", "es", "il", "lo", "da", "des", "et", "un", "pulmonar",
                      "infiltrat", "signe", "derrame", "en"})
