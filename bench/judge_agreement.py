@@ -36,9 +36,11 @@ DEFAULT_RELEASE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 def _cold() -> None:
     from training.answers import parse_output
     from training.findings_text import clear_caches
-    from training.radrscore import _reasoning_words, _release_gold, report_reference
+    from training.radrscore import _answer_keys, _reasoning_words, _release_gold, report_reference, topic_stems
 
     clear_caches()
+    topic_stems.cache_clear()
+    _answer_keys.cache_clear()
     parse_output.cache_clear()
     _release_gold.cache_clear()
     report_reference.cache_clear()
