@@ -47,6 +47,19 @@ def _cold() -> None:
     _reasoning_words.cache_clear()
 
 
+def agreement_misses(report) -> list[str]:
+    """The agreement floors a report misses (also checked by bench/real_text.py)."""
+    misses = []
+    for comp in ("completeness", "factuality", "effectiveness", "radrscore"):
+        c = report.correlation(comp)
+        floor = RADRSCORE_FLOOR if comp == "radrscore" else COMPONENT_FLOOR
+        if c is None or c.pearson is None or c.pearson < floor:
+            misses.append(f"{comp} Pearson {None if c is None else c.pearson} < {floor}")
+        if report.same_ranking.get(comp) is False:
+            misses.append(f"{comp}: models ranked unlike the GPT-4o judge")
+    return misses
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--release", type=Path, default=DEFAULT_RELEASE)
@@ -64,16 +77,9 @@ def main() -> int:
     from training.judge_agreement import agreement_on_release, format_report, read_release
     from training.radrscore import semantic_judge, score_release_batch
 
-    failures = []
     report = agreement_on_release(args.release, n_boot=args.bootstrap)
     print(format_report(report))
-    for comp in ("completeness", "factuality", "effectiveness", "radrscore"):
-        c = report.correlation(comp)
-        floor = RADRSCORE_FLOOR if comp == "radrscore" else COMPONENT_FLOOR
-        if c is None or c.pearson is None or c.pearson < floor:
-            failures.append(f"{comp} Pearson {None if c is None else c.pearson} < {floor}")
-        if report.same_ranking.get(comp) is False:
-            failures.append(f"{comp}: models ranked unlike the GPT-4o judge")
+    failures = agreement_misses(report)
 
     items = [it for it in read_release(args.release) if it.verdict is not None and it.pred.strip()]
     models = sorted({it.model for it in items})
