@@ -260,6 +260,9 @@ def test_embedding_matcher_supports_paraphrased_findingless_steps():
      {("Atelectasis", "present")}),
     ("Assessing for pneumothorax, there is no evidence of pneumothorax.", {("Pneumothorax", "absent")}),
     ("There is a small left pleural effusion.", {("Pleural Effusion", "present")}),
+    # an option repeated from the question (the reader takes "Option D:" for a heading) claims nothing
+    ("Option D: Indwelling catheter in right abdomen", set()),
+    ("B) Large pleural effusion: there is no pleural effusion.", {("Pleural Effusion", "absent")}),
 ])
 def test_plans_questions_and_textbook_knowledge_are_not_claims(sentence, expected):
     assert {(o, s) for o, s, _ in step_findings(sentence)} == expected
@@ -361,3 +364,16 @@ def test_release_items_are_judged_with_their_answer():
     assert release_wrong_answer(item, "A") is None
     wrong = release_wrong_answer(item, "B")
     assert wrong.chosen == ("pneumothorax",) and wrong.expected == ("cardiomegaly",)
+
+
+def test_a_long_heading_line_is_not_a_step():
+    text = "Round Density in Anterior Segment of Right Upper Lobe of Lung:\nNo round density is seen there."
+    assert split_steps(text) == ["No round density is seen there."]
+
+
+def test_a_hedge_is_not_a_contradiction_but_the_opposite_status_is():
+    gold = GoldChain.from_steps(["In conclusion, the chest X-ray confirms moderate cardiomegaly."])
+    hedged, denied = reasoning_steps("There may be mild cardiomegaly.\nThere is no cardiomegaly.")
+    assert [k.status for k in hedged.key_findings] == ["uncertain"]
+    assert not any(gold.contradicts(k) for k in hedged.key_findings)
+    assert all(gold.contradicts(k) for k in denied.key_findings) and denied.key_findings

@@ -58,7 +58,7 @@ class StepFindings:
 # Markdown emphasis and heading marks ("**Lung Fields:**", "### Findings") carry no words.
 _MARKDOWN = re.compile(r"\*\*|__|^#+\s*|`")
 # A heading line: a few words ending in a colon and nothing after it ("**Frontal View (First Image):**").
-_HEADING = re.compile(r"^[^.!?]{1,60}:\s*$")
+_HEADING = re.compile(r"^[^.!?]{1,120}:\s*$")
 
 
 def split_steps(text: str | None) -> list[str]:
@@ -143,6 +143,15 @@ def _assertion_limits(sentence: str) -> tuple[bool, bool, int | None, bool, int]
             bool(_DEFINITION.search(sentence)), title_end)
 
 
+def _option_title_end(step: str) -> int:
+    """Where the option title a step opens with ends (its next colon, else the step's end); 0 for none."""
+    option = _OPTION_TITLE.match(step)
+    if not option:
+        return 0
+    colon = step.find(":", option.end())
+    return colon if colon >= 0 else len(step)
+
+
 def _asserted(m: Any) -> bool:
     question, plan, generic_from, definition, title_end = _assertion_limits(m.sentence)
     if question:
@@ -195,7 +204,12 @@ def _read_chunk(texts: Sequence[str]) -> None:
     buckets: list[list[Any]] = [[] for _ in texts]
     for m in find_mentions(_JOIN.join(texts), expand_normals=True):
         buckets[bisect.bisect_right(starts, m.start) - 1].append(m)
-    for t, ms in zip(texts, buckets):
+    for t, start, ms in zip(texts, starts, buckets):
+        title_end = _option_title_end(t)
+        if title_end:
+            # The reader takes "Option D:" for a section heading and starts the sentence after it, so
+            # the option's repeated words are cut here, by the step's own text.
+            ms = [m for m in ms if m.start - start >= title_end]
         _STEP_CACHE[t] = _findings_of(ms)
         _KEY_CACHE[t] = key_findings_of(ms, keep=_asserted)
 

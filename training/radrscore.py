@@ -190,10 +190,11 @@ class GoldChain:
         return any(matches(g, stated, names) for g in pool)
 
     def contradicts(self, stated: KeyFinding, names: NameMatcher = EXACT_NAMES) -> bool:
-        """The gold concludes this finding with a status that does not accept the stated one."""
+        """The gold concludes this finding with the opposite polarity: present (or uncertain) against
+        absent, absent against present. A hedge is not a contradiction ("the heart might be enlarged"
+        against a gold "moderate cardiomegaly" is unsupported at worst), so wording may still support it."""
         pool = self.keys if names.embed is not None else candidates(self._key_index, stated)
-        return any(same_finding(g, stated, names) and stated.status not in _GOLD_ACCEPTS.get(g.status, ())
-                   for g in pool)
+        return any(same_finding(g, stated, names) and _opposed(g.status, stated.status) for g in pool)
 
     @classmethod
     def from_steps(cls, steps: Iterable[Mapping[str, Any] | Any] | None) -> "GoldChain":
@@ -225,6 +226,11 @@ class GoldChain:
             key_findings = tuple(KeyFinding(o, st, laterality_of(a) if a else None, a) for o, st, a in stated)
             out.append(GoldStep(str(text), keys, key_findings))
         return cls(tuple(out))
+
+
+def _opposed(gold: str, stated: str) -> bool:
+    return (gold == "absent") != (stated == "absent") and "uncertain" not in (gold, stated) or (
+        gold == "uncertain" and stated == "absent")
 
 
 def _keys_from_pairs(pairs: Iterable[FindingKey]) -> tuple[KeyFinding, ...]:
@@ -409,8 +415,8 @@ class WrongAnswer:
         chosen, expected = self.keys
         if any(matches(w, stated) for w in chosen):
             return True
-        return any(same_finding(g, stated) and stated.status not in _GOLD_ACCEPTS.get(g.status, ())
-                   and qualifiers_agree(g, stated) for g in expected)
+        return any(same_finding(g, stated) and _opposed(g.status, stated.status) and qualifiers_agree(g, stated)
+                   for g in expected)
 
 
 def _option_keys(texts: Iterable[str]) -> tuple[KeyFinding, ...]:
