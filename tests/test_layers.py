@@ -78,3 +78,11 @@ def test_the_scan_catches_an_upward_import_in_a_real_file(tmp_path):
     (pkg / "ok.py").write_text("import json\n")
     (pkg / "bad.py").write_text("def score():\n    from flows.commands.score import score_file\n")
     assert violations("training", FORBIDDEN["training"], root=tmp_path) == ["training/bad.py:2 imports flows.commands.score"]
+
+
+def test_the_llm_client_takes_its_settings_from_its_caller():
+    """extractors/llm/client.py does not load radchain's settings: the mine stage, the judge and tests
+    pass an LLMSettings (or anything shaped like extractors.llm.client.EndpointSettings) in."""
+    path = REPO / "extractors" / "llm" / "client.py"
+    modules = [m for _, m in imported_modules(path.read_text(encoding="utf-8"), str(path))]
+    assert not [m for m in modules if m == "radchain.settings" or m.startswith("radchain.settings.")]
