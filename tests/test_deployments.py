@@ -118,7 +118,7 @@ def test_status_without_a_server_says_so(radchain_home):
 
 # ---- `radchain serve` for real --------------------------------------------------------------------
 def _free_port() -> int:
-    from flows.commands.serve import pick_free_port
+    from flows.supervisor import pick_free_port
 
     return pick_free_port()
 
@@ -295,6 +295,6 @@ def test_serve_stops_its_processes_on_sigterm(served):
     assert not alive
     assert "stopped." in served["log"].read_text()
     assert not (served["home"] / "serve" / "serve.json").exists()
-    from flows.commands.serve import port_free
+    from flows.supervisor import port_free
 
     assert port_free("127.0.0.1", served["port"])

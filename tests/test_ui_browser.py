@@ -67,7 +67,7 @@ def render_until(url: str, wanted: list[str], attempts: int = 3) -> str:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     from extractors.synthetic import generate_corpus
-    from flows.commands.serve import ServeStack
+    from flows.supervisor import ServeStack
     from flows.deployments import deployment_specs
     from radchain.settings import Settings
 
