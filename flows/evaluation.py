@@ -16,6 +16,7 @@ from typing import Any
 
 from warehouse import Warehouse
 
+SCORE_VERSION = "score-v1"  # code_version of the rows a scoring writes
 COMPONENTS = ("accuracy", "completeness", "factuality", "effectiveness", "radrscore")
 CHART_METRICS = (("accuracy", "accuracy (letter match; open task: set F1)"),
                  ("radrscore", "RadRScore (reasoning vs gold chain, rules judge)"),
@@ -30,17 +31,129 @@ EXPLANATION = (
 )
 
 
+def score_file(
+    predictions: Path,
+    *,
+    model: str | None = None,
+    checkpoint: str | None = None,
+    judge: str = "rules",
+    semantic: bool = False,
+    write: bool = True,
+    settings: Any = None,
+    baseline: str | None = None,
+    baseline_of: str | None = None,
+) -> tuple[str, Any]:
+    """Score a predictions JSONL against the warehouse gold; write the eval tables when ``write``.
+
+    Returns (eval_id, training.radrscore.ScoreReport with ``format_compliance``). The scoring is
+    training/scoring.py (plain code); here the gold is read, the LLM judge run if asked, and the rows
+    written. Used by `radchain score` and the evaluation job, which also scores the baselines
+    (``baseline`` names one, ``baseline_of`` the model evaluation it stands beside). Raises
+    ValueError on unusable input (training.scoring.PredictionsError for the file itself).
+    """
+    return score_file_rows(predictions, model=model, checkpoint=checkpoint, judge=judge, semantic=semantic,
+                           write=write, settings=settings, baseline=baseline, baseline_of=baseline_of)[:2]
+
+
+def score_file_rows(predictions: Path, *, model: str | None = None, checkpoint: str | None = None,
+                    judge: str = "rules", semantic: bool = False, write: bool = True, settings: Any = None,
+                    baseline: str | None = None, baseline_of: str | None = None) -> tuple[str, Any, Any]:
+    """``score_file`` that also returns the training.scoring.ScoredFile (per-task rows with score counts)."""
+    from radchain.runtime import prepare_environment
+    from training.scoring import JUDGES, read_predictions, score_records
+
+    settings = settings or prepare_environment()
+    if judge not in JUDGES:
+        raise ValueError("--judge must be rules or llm")
+    records, file_model = read_predictions(predictions)
+    wh, gold = load_gold(settings, records)
+    reasoning_scores, judge_failures, llm_calls = None, 0, []
+    if judge == "llm":
+        reasoning_scores, judge_failures, llm_calls = llm_scores(settings, records, gold)
+    scored = score_records(records, gold, predictions, model=model or file_model or predictions.stem,
+                           checkpoint=checkpoint, judge=judge, semantic=semantic, reasoning_scores=reasoning_scores,
+                           judge_failures=judge_failures)
+    if write:
+        _write(wh, scored, llm_calls, baseline, baseline_of)
+    return scored.eval_id, scored.report, scored
+
+
+def load_gold(settings: Any, records: list[dict[str, Any]]) -> tuple[Warehouse, dict[str, Any]]:
+    """The warehouse and the gold references of the records' samples."""
+    from training.radrscore import gold_from_rows
+    from warehouse.eval_store import count_samples, read_gold_rows
+
+    wh = Warehouse(settings.warehouse_dir)
+    if count_samples(wh) == 0:
+        raise ValueError(f"no VQA samples in the warehouse at {wh.root}; run `radchain run` first")
+    wh.ensure()
+    samples, steps, labels = read_gold_rows(wh, (r["sample_id"] for r in records))
+    return wh, gold_from_rows(samples, steps, labels)
+
+
+def llm_scores(settings: Any, records: list[dict[str, Any]], gold: dict[str, Any]) -> tuple[dict, int, list]:
+    """LLM-judge scores of the known samples: (scores by sample id, failures, int_llm_calls rows)."""
+    if not settings.llm.base_url and settings.llm.api_key is None:
+        raise ValueError("the llm judge needs an endpoint: set OPENAI_BASE_URL (and OPENAI_API_KEY for a hosted API)")
+    import asyncio
+
+    from extractors.llm.client import LLMClient
+    from extractors.phi import PhiGuard
+    from radchain.secrets import with_api_key
+    from training.answers import completion_text, parse_output
+    from training.judge_llm import JudgeItem, LLMJudge
+    from warehouse.llm_cache import SQLiteResponseCache
+
+    llm = with_api_key(settings.llm)  # from the environment or a Prefect Secret block, as for mining
+    # Judge prompts quote the reference chain (report sentences) and the model's reasoning: a request
+    # the PHI guard flags is not sent, and that sample counts as a judge failure (the rules judge scores it).
+    guard = PhiGuard.from_settings(llm)
+
+    items, seen = [], set()
+    for r in records:
+        ref = gold.get(r["sample_id"])
+        if ref is None or ref.sample_id in seen:
+            continue
+        seen.add(ref.sample_id)
+        items.append(JudgeItem(ref.sample_id, parse_output(completion_text(r.get("output"))).think, ref.chain,
+                               ref.labels))
+
+    async def run() -> list:
+        with SQLiteResponseCache.from_settings(settings) as cache:
+            async with LLMClient(llm, cache=cache, request_guard=guard) as client:
+                return await LLMJudge(client).judge_many(items)
+
+    outcomes = asyncio.run(run())
+    scores = {o.sample_id: o.score for o in outcomes if o.score is not None}
+    calls = [c for o in outcomes for c in o.llm_calls]
+    return scores, sum(o.score is None for o in outcomes), calls
+
+
+def _write(wh: Warehouse, scored: Any, llm_calls: list[dict[str, Any]], baseline: str | None,
+           baseline_of: str | None) -> None:
+    from datetime import UTC, datetime
+
+    from radchain import __version__
+    from schemas.base import Lineage
+    from schemas.llm import LlmCall
+    from warehouse.eval_store import write_eval
+
+    lineage = Lineage(run_id=f"score-{scored.eval_id}", batch_id=scored.eval_id,
+                      code_version=f"radchain-{__version__}/{SCORE_VERSION}")
+    write_eval(wh, scored.eval_id, scored.result_rows(datetime.now(UTC), baseline, baseline_of),
+               scored.prediction_rows(), lineage)
+    if llm_calls:
+        wh.write(LlmCall, f"judge-{scored.eval_id}", llm_calls, lineage)
+
+
 def score_outputs(wh: Warehouse, predictions: Path, model: str, checkpoint: str | None,
                   judge: str = "rules", baseline: str | None = None, baseline_of: str | None = None,
                   write: bool = True) -> tuple[str, list[dict[str, Any]]]:
-    """What `radchain score` does, for the evaluation job: score, write, return per-task rows
-    (with ``format_compliance`` per task)."""
-    from flows.commands.score import score_file
-
-    eval_id, report = score_file(predictions, model=model, checkpoint=checkpoint, judge=judge, write=write,
-                                 baseline=baseline, baseline_of=baseline_of)
-    return eval_id, [dict(r.as_dict(), format_compliance=report.format_compliance.get(r.task))
-                     for r in report.per_task]
+    """Score one predictions file for the evaluation job and write it; per-task rows with
+    ``format_compliance`` and ``<score>_n`` (the samples behind each score)."""
+    eval_id, _, scored = score_file_rows(predictions, model=model, checkpoint=checkpoint, judge=judge, write=write,
+                                         baseline=baseline, baseline_of=baseline_of)
+    return eval_id, scored.task_rows()
 
 
 def write_predictions(path: Path, rows: Sequence[Mapping[str, Any]], outputs: Sequence[str]) -> Path:
