@@ -45,6 +45,7 @@ def test_the_five_deployments_are_declared(tmp_path):
     assert specs["train"].parameters == {"config": "tiny-cpu", "use_deployments": True}
     assert specs["mine"].parameters["source"]["path"] == str((tmp_path / "src").resolve())
     assert specs["mine"].parameters["stages"] == ["ingest", "label", "tasks", "mine", "datasets"]
+    assert specs["mine"].parameters["options"]["show_progress"] is True  # scheduled runs get mine-progress
     assert all(s.concurrency == 1 and "radchain" in s.tags for s in specs.values())
     rows = schedule_rows(list(specs.values()))
     assert {r["deployment"]: r["schedule"] for r in rows}["radchain-pipeline/mine"] == "0 2 * * * (UTC)"
