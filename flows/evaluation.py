@@ -213,8 +213,11 @@ def render_chart(scored: Mapping[str, list[dict[str, Any]]], path: Path, title: 
         ax.set_ylim(0, 1.25)
         ax.set_ylabel(metric.replace("_", " "))
         ax.set_title(label, fontsize=9)
-    n_by_task = {r["task"]: r.get("n") for r in scored[series[0]]}
-    axes[-1].set_xticks(range(len(tasks)), [f"{t}\n(n={n_by_task.get(t)})" for t in tasks])
+    by_task = {r["task"]: r for r in scored[series[0]]}
+    axes[-1].set_xticks(range(len(tasks)), [f"{t}\n(n={by_task[t].get('n')}, "
+                                            f"unparsed {by_task[t].get('n_unparseable')})" for t in tasks])
+    if unparseable_warning(scored):
+        title += f"\nall {by_task.get('all', {}).get('n')} model outputs unparseable (nothing to score)"
     axes[0].legend(fontsize=7, ncols=len(series), loc="upper center")
     fig.suptitle(title)
     fig.tight_layout()
@@ -225,10 +228,36 @@ def render_chart(scored: Mapping[str, list[dict[str, Any]]], path: Path, title: 
 
 
 def results_table(scored: Mapping[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """One row per (series, task): the numbers the chart draws, plus n and n_unparseable."""
-    keep = ("task", "n", "n_unparseable", "n_no_answer", *COMPONENTS, "format_compliance")
-    return [{"series": name, **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items() if k in keep}}
+    """One row per (series, task): n, n_unparseable, n_no_answer, then each score followed by its count
+    (``<score>_n``: the samples it averages over), so a zero says whether anything was scored."""
+    keep = ["task", "n", "n_unparseable", "n_no_answer"]
+    for score in (*COMPONENTS, "format_compliance"):
+        keep += [score, f"{score}_n"]
+    return [{"series": name, **{k: (round(r[k], 4) if isinstance(r[k], float) else r[k]) for k in keep if k in r}}
             for name, rows in scored.items() for r in rows]
+
+
+def score_line(row: Mapping[str, Any]) -> str:
+    """One task's scores in words, each with its count: "binary: n=40, 40 unparseable (100%), accuracy 0.000
+    (n=40), RadRScore 0.000 (n=40) ..." (a log line and the artifact's summary)."""
+    n, bad = row.get("n") or 0, row.get("n_unparseable") or 0
+    parts = [f"{row['task']}: n={n}, {bad} unparseable ({100 * bad / n:.0f}%)" if n else f"{row['task']}: n=0"]
+    for score, label in (("accuracy", "accuracy"), ("radrscore", "RadRScore"), ("completeness", "completeness"),
+                         ("factuality", "factuality"), ("effectiveness", "effectiveness"),
+                         ("format_compliance", "format compliance")):
+        value, count = row.get(score), row.get(f"{score}_n")
+        text = "n/a" if value is None else f"{value:.3f}"
+        parts.append(f"{label} {text}" + (f" (n={count})" if count is not None else ""))
+    return ", ".join(parts)
+
+
+def unparseable_warning(scored: Mapping[str, list[dict[str, Any]]]) -> str | None:
+    """A sentence when every model output was unparseable: its zeros are "nothing could be read", not scores."""
+    every = next((r for r in scored.get("model", []) if r["task"] == "all"), None)
+    if every and every.get("n") and every.get("n_unparseable") == every["n"]:
+        return (f"All {every['n']} model outputs were unparseable (no reasoning could be read): the model's zeros "
+                "below mean nothing was scored, not that the reasoning was wrong. Look at predictions.jsonl.")
+    return None
 
 
 def publish_eval(scored: Mapping[str, list[dict[str, Any]]], chart_path: Path, key: str = "eval-results",
@@ -238,11 +267,16 @@ def publish_eval(scored: Mapping[str, list[dict[str, Any]]], chart_path: Path, k
 
     chart = render_chart(scored, chart_path, title=title)
     create_table_artifact(key=key, table=results_table(scored),
-                          description="Accuracy, RadRScore and format compliance per task: model and baselines")
+                          description="Accuracy, RadRScore and format compliance per task, each with the number of "
+                                      "samples behind it (<score>_n), n and n_unparseable: model and baselines")
     png = base64.b64encode(chart.read_bytes()).decode()
+    warning = unparseable_warning(scored)
+    summary = "\n".join(f"- {score_line(r)}" for r in scored.get("model", []))
     create_markdown_artifact(
         key=f"{key}-chart",
-        markdown=f"## {title}\n\n![model and baselines per task](data:image/png;base64,{png})\n\n{EXPLANATION}\n\n"
+        markdown=f"## {title}\n\n" + (f"**{warning}**\n\n" if warning else "")
+                 + f"Model, per task:\n\n{summary}\n\n"
+                 f"![model and baselines per task](data:image/png;base64,{png})\n\n{EXPLANATION}\n\n"
                  f"Chart file: `{chart}`",
         description="Model beside majority, random and oracle baselines per task",
     )
