@@ -77,7 +77,8 @@ def test_the_scan_catches_an_upward_import_in_a_real_file(tmp_path):
     pkg.mkdir()
     (pkg / "ok.py").write_text("import json\n")
     (pkg / "bad.py").write_text("def score():\n    from flows.commands.score import score_file\n")
-    assert violations("training", FORBIDDEN["training"], root=tmp_path) == ["training/bad.py:2 imports flows.commands.score"]
+    found = violations("training", FORBIDDEN["training"], root=tmp_path)
+    assert found == ["training/bad.py:2 imports flows.commands.score"]
 
 
 def test_the_llm_client_takes_its_settings_from_its_caller():
