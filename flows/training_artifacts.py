@@ -209,15 +209,30 @@ def summary_markdown(version: str, jobs: Sequence[Mapping[str, Any]], artifacts:
                      base: str = "") -> str:
     """The parent run's summary: one table row per job with links to its run and its artifacts."""
     lines = [f"## Training on dataset `{version}`", "",
-             "| job | flow run | state | headline | checkpoint | artifacts |", "|---|---|---|---|---|---|"]
+             "| job | flow run | state | headline | artifacts | checkpoint |", "|---|---|---|---|---|---|"]
     for job in jobs:
         run_id = job.get("flow_run_id")
+        mine = sorted(artifacts.get(str(run_id), []), key=lambda a: a.key)
         run = f"[{job.get('flow_run_name') or run_id}]({base}/runs/flow-run/{run_id})" if run_id else ""
-        links = ", ".join(f"[{a.key}]({base}/artifacts/artifact/{a.id})"
-                          for a in sorted(artifacts.get(str(run_id), []), key=lambda a: a.key))
-        lines.append(f"| {job['kind']} | {run} | {job.get('status', '')} | {job.get('headline', '')} | "
-                     f"`{job.get('checkpoint') or ''}` | {links} |")
+        links = ", ".join(f"[{a.key}]({base}/artifacts/artifact/{a.id})" for a in mine)
+        headline = job.get("headline") or eval_headline(next((a.data for a in mine if a.key == "eval-results"), None))
+        lines.append(f"| {job['kind']} | {run} | {job.get('status', '')} | {headline} | {links} | "
+                     f"`{job.get('checkpoint') or ''}` |")
     return "\n".join(lines)
+
+
+def eval_headline(table: Any) -> str:
+    """The model's "all" row of an ``eval-results`` table (artifact data: JSON text or rows), in words."""
+    if isinstance(table, str):
+        try:
+            table = json.loads(table)
+        except ValueError:
+            return ""
+    every = next((r for r in table or [] if r.get("series") == "model" and r.get("task") == "all"), None)
+    if every is None:
+        return ""
+    acc = "n/a" if every.get("accuracy") is None else f"{every['accuracy']:.3f}"
+    return f"accuracy {acc} over {every.get('n')}, {every.get('n_unparseable')} unparseable"
 
 
 def publish_train_summary(version: str, jobs: Sequence[Mapping[str, Any]]) -> Any:

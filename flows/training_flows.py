@@ -323,9 +323,9 @@ def train_flow(dataset_version: str | None = None, config: str = "tiny-cpu", use
             run, evaluation = _run_job_deployment("radchain-evaluate/evaluate", eval_params), None
         else:
             run = evaluation = evaluate_flow(**eval_params)
+        # its headline is read from its eval-results artifact (the same whether it ran here or on a worker)
         jobs.append(dict(kind="evaluate", flow_run_id=run.get("flow_run_id"), flow_run_name=run.get("flow_run_name"),
-                         status="completed", checkpoint=grpo["checkpoint"],
-                         headline=_eval_headline(evaluation) if evaluation else ""))
+                         status="completed", checkpoint=grpo["checkpoint"]))
     finally:
         if jobs:
             try:
@@ -334,11 +334,3 @@ def train_flow(dataset_version: str | None = None, config: str = "tiny-cpu", use
                 get_run_logger().warning("could not publish the train summary: %s: %s", type(e).__name__, e)
     return dict(dataset_version=version, sft=sft, grpo=grpo, evaluation=evaluation,
                 runs={j["kind"]: j["flow_run_id"] for j in jobs}, **_this_run())
-
-
-def _eval_headline(evaluation: dict[str, Any]) -> str:
-    every = next((r for r in evaluation["results"] if r["task"] == "all"), None)
-    if every is None:
-        return ""
-    acc = "n/a" if every.get("accuracy") is None else f"{every['accuracy']:.3f}"
-    return f"accuracy {acc} over {every['n']}, {every['n_unparseable']} unparseable"

@@ -195,6 +195,8 @@ def _assert_training_artifacts(out):
     summary = by_run[str(out["flow_run_id"])]["train-summary"].data
     for kind, run_id in runs.items():
         assert f"/runs/flow-run/{run_id})" in summary
+    eval_line = next(line for line in summary.splitlines() if line.startswith("| evaluate |"))
+    assert f"over {model_all['n']}, {model_all['n_unparseable']} unparseable |" in eval_line
     for key in ("sft-curves", "sft-metrics", "grpo-curves", "eval-results"):
         art = next(a for a in arts if a.key == key)
         assert f"[{key}](" in summary and f"/artifacts/artifact/{art.id})" in summary

@@ -54,8 +54,11 @@ def test_metric_rows_and_headline_of_a_finished_and_a_failed_job():
 
 def test_the_summary_links_each_job_run_and_its_artifacts():
     sft_run, eval_run = uuid4(), uuid4()
-    curves, metrics, results = (SimpleNamespace(key=k, id=uuid4()) for k in ("sft-curves", "sft-metrics",
-                                                                                  "eval-results"))
+    curves, metrics = (SimpleNamespace(key=k, id=uuid4(), data=None) for k in ("sft-curves", "sft-metrics"))
+    table = [dict(series="model", task="binary", n=1, n_unparseable=1, accuracy=0.0),
+             dict(series="model", task="all", n=2, n_unparseable=1, accuracy=0.5),
+             dict(series="oracle", task="all", n=2, n_unparseable=0, accuracy=1.0)]
+    results = SimpleNamespace(key="eval-results", id=uuid4(), data=json.dumps(table))  # as the API returns it
     jobs = [dict(kind="sft", flow_run_id=sft_run, flow_run_name="brave-fox", status="completed",
                  checkpoint="/x/final", headline="2 steps, train loss 2.25"),
             dict(kind="evaluate", flow_run_id=eval_run, flow_run_name="calm-owl", status="completed")]
@@ -66,7 +69,9 @@ def test_the_summary_links_each_job_run_and_its_artifacts():
     assert (f"[sft-curves](http://127.0.0.1:4200/artifacts/artifact/{curves.id}), "
             f"[sft-metrics](http://127.0.0.1:4200/artifacts/artifact/{metrics.id})") in sft_line
     assert "2 steps, train loss 2.25" in sft_line and "`/x/final`" in sft_line
-    assert f"[eval-results](http://127.0.0.1:4200/artifacts/artifact/{results.id})" in text
+    eval_line = next(line for line in text.splitlines() if line.startswith("| evaluate |"))
+    assert f"[eval-results](http://127.0.0.1:4200/artifacts/artifact/{results.id})" in eval_line
+    assert "| accuracy 0.500 over 2, 1 unparseable |" in eval_line  # the model's "all" row, from its artifact
 
 
 def _rows(n: int, unparseable: int) -> list[dict]:
