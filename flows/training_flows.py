@@ -293,12 +293,14 @@ def _registry_row(training_run_id: str) -> dict[str, Any]:
 def train_flow(dataset_version: str | None = None, config: str = "tiny-cpu", use_deployments: bool = False,
                max_examples: int | None = None, max_eval_per_task: int | None = None,
                max_new_tokens: int | None = None) -> dict[str, Any]:
-    """SFT → GRPO from the SFT checkpoint → evaluate, as separate jobs; a ``train-summary`` artifact links
-    each job's flow run and its artifacts (curves, metrics, evaluation)."""
-    from flows.training_artifacts import headline_figure, publish_train_summary
-
+    """SFT → GRPO from the SFT checkpoint → evaluate, as separate jobs."""
     version = dataset_version or latest_dataset_version(_warehouse())
     sft_id, grpo_id = f"sft-{uuid.uuid4().hex[:12]}", f"grpo-{uuid.uuid4().hex[:12]}"
+
+    # What the operator sees: a ``train-summary`` artifact on this run links each job's flow run and its
+    # artifacts (curves, metrics, evaluation), written also when a job fails.
+    from flows.training_artifacts import headline_figure, publish_train_summary
+
     jobs: list[dict[str, Any]] = []
 
     def record(kind: str, run: dict[str, Any], row: dict[str, Any] | None) -> None:
