@@ -138,7 +138,10 @@ def _write(wh: Warehouse, scored: Any, llm_calls: list[dict[str, Any]], baseline
     from schemas.llm import LlmCall
     from warehouse.eval_store import write_eval
 
-    lineage = Lineage(run_id=f"score-{scored.eval_id}", batch_id=scored.eval_id,
+    from prefect.runtime import flow_run
+
+    # The Prefect flow run that scored (evaluate_flow); `radchain score` outside a flow keeps score-<eval_id>.
+    lineage = Lineage(run_id=str(flow_run.get_id() or f"score-{scored.eval_id}"), batch_id=scored.eval_id,
                       code_version=f"radchain-{__version__}/{SCORE_VERSION}")
     write_eval(wh, scored.eval_id, scored.result_rows(datetime.now(UTC), baseline, baseline_of),
                scored.prediction_rows(), lineage)
