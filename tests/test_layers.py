@@ -1,8 +1,9 @@
 """Layers: a package never imports one above it (README, "Layers").
 
 ``extractors/``, ``training/`` and ``schemas/`` are plain code: no prefect, no duckdb, and nothing
-from ``flows`` (orchestration) or ``warehouse`` (storage). The shipped test doubles in
-``radchain/testing/`` do not import ``flows``. Every import statement counts, the ones inside
+from ``flows`` (orchestration) or ``warehouse`` (storage); ``schemas/`` also nothing from the
+code that fills its tables. ``warehouse/`` does not import prefect or ``flows``, and ``radchain/``
+(its shipped test doubles in ``radchain/testing/`` included) does not import ``flows``. Every import statement counts, the ones inside
 functions too (they run when the function does), read with ``ast`` from the source files.
 """
 
@@ -18,8 +19,10 @@ REPO = Path(__file__).resolve().parents[1]
 FORBIDDEN = {
     "extractors": ("prefect", "duckdb", "flows", "warehouse"),
     "training": ("prefect", "duckdb", "flows", "warehouse"),
-    "schemas": ("prefect", "duckdb", "flows", "warehouse"),
+    "schemas": ("prefect", "duckdb", "flows", "warehouse", "extractors", "training"),  # the bottom layer
+    "warehouse": ("prefect", "flows"),  # storage: orchestration sits above it
     "radchain/testing": ("flows",),
+    "radchain": ("flows",),  # settings, secrets, runtime: used by every layer
 }
 
 
