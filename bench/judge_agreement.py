@@ -36,13 +36,28 @@ DEFAULT_RELEASE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 def _cold() -> None:
     from training.answers import parse_output
     from training.findings_text import clear_caches
-    from training.radrscore import _reasoning_words, _release_gold, report_reference
+    from training.radrscore import _answer_keys, _reasoning_words, _release_gold, report_reference, topic_stems
 
     clear_caches()
+    topic_stems.cache_clear()
+    _answer_keys.cache_clear()
     parse_output.cache_clear()
     _release_gold.cache_clear()
     report_reference.cache_clear()
     _reasoning_words.cache_clear()
+
+
+def agreement_misses(report) -> list[str]:
+    """The agreement floors a report misses (also checked by bench/real_text.py)."""
+    misses = []
+    for comp in ("completeness", "factuality", "effectiveness", "radrscore"):
+        c = report.correlation(comp)
+        floor = RADRSCORE_FLOOR if comp == "radrscore" else COMPONENT_FLOOR
+        if c is None or c.pearson is None or c.pearson < floor:
+            misses.append(f"{comp} Pearson {None if c is None else c.pearson} < {floor}")
+        if report.same_ranking.get(comp) is False:
+            misses.append(f"{comp}: models ranked unlike the GPT-4o judge")
+    return misses
 
 
 def main() -> int:
@@ -62,16 +77,9 @@ def main() -> int:
     from training.judge_agreement import agreement_on_release, format_report, read_release
     from training.radrscore import semantic_judge, score_release_batch
 
-    failures = []
     report = agreement_on_release(args.release, n_boot=args.bootstrap)
     print(format_report(report))
-    for comp in ("completeness", "factuality", "effectiveness", "radrscore"):
-        c = report.correlation(comp)
-        floor = RADRSCORE_FLOOR if comp == "radrscore" else COMPONENT_FLOOR
-        if c is None or c.pearson is None or c.pearson < floor:
-            failures.append(f"{comp} Pearson {None if c is None else c.pearson} < {floor}")
-        if report.same_ranking.get(comp) is False:
-            failures.append(f"{comp}: models ranked unlike the GPT-4o judge")
+    failures = agreement_misses(report)
 
     items = [it for it in read_release(args.release) if it.verdict is not None and it.pred.strip()]
     models = sorted({it.model for it in items})

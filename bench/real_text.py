@@ -12,10 +12,15 @@ Prints, in one run:
    one's sentences per second (median of --repeats, one process, one core).
 3. The verifier on IU sentences that open with a negation: steps that claim a finding the
    sentence negates must all be rejected (EVIDENCE_CONTRADICTS_FINDING).
+4. The RadRScore rules judge against the GPT-4o verdicts stored in the ChestX-Reasoner release
+   (release-judge-openi/): per-sample Pearson/Spearman per component and per model, system means
+   and ranking, with bench/judge_agreement.py's floors (that bench also times the semantic mode).
 
 Exits 1 when a floor is missed (issue "Real report language"): IU macro F1 >= 0.85 over the
 8 agreeing observations, each >= 0.75, micro F1 >= 0.87 over all 10; NegEx accuracy >= 0.95,
-Negated F1 >= 0.94, at >= 10x medspaCy's sentences/s; 0 contradicting steps accepted.
+Negated F1 >= 0.94, at >= 10x medspaCy's sentences/s; 0 contradicting steps accepted; and
+the judge-agreement floors of issue 13 (RadRScore Pearson >= 0.45, each component >= 0.30, the
+two models ranked as GPT-4o ranks them).
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ def main() -> int:
     ap.add_argument("--real", type=Path, default=default_real_dir(), help="shared/data/real")
     ap.add_argument("--repeats", type=int, default=3, help="timing repeats (median reported)")
     ap.add_argument("--no-medspacy", action="store_true", help="skip medspaCy (no speed ratio floor then)")
+    ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the judge agreement")
     args = ap.parse_args()
 
     from extractors import real_text as rt
@@ -126,6 +132,19 @@ def main() -> int:
           f"[{'ok' if pol.accepted == 0 else 'BELOW FLOOR'}, floor 0]")
     if pol.accepted:
         misses.append(f"verifier accepted {pol.accepted} contradicting steps")
+
+    # ---- 4. the RadRScore judge against the paper's GPT-4o verdicts -------------------------
+    release = args.real / "release-judge-openi"
+    if release.is_dir():
+        from bench.judge_agreement import agreement_misses
+        from training.judge_agreement import agreement_on_release, format_report
+
+        report = agreement_on_release(release, n_boot=args.bootstrap)
+        print("\nRadRScore rules judge (lexical) vs the release's GPT-4o verdicts, Open-i tasks:")
+        print(format_report(report))
+        judged = agreement_misses(report)
+        print("judge agreement floors: " + ("; ".join(judged) if judged else "ok"))
+        misses += judged
 
     if misses:
         print("\nFLOORS MISSED: " + "; ".join(misses))

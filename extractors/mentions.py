@@ -617,6 +617,8 @@ def _lower(text: str) -> str:
 
 
 _ODD_WHITESPACE = re.compile(r"\s{2,}|[^\S ]")  # any whitespace but a lone space
+# Typographic apostrophes read as the plain one ("isn’t" is "isn't"): one character for one, so offsets hold.
+_QUOTES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'"})
 
 
 class _Normalized:
@@ -647,10 +649,10 @@ class _Normalized:
                 shift += len(run) - len(replacement)
                 self._shifts.append(shift)
         if not parts:
-            self.text = original
+            self.text = original.translate(_QUOTES)
             return
         parts.append(original[last:])
-        self.text = "".join(parts)
+        self.text = "".join(parts).translate(_QUOTES)
 
     def start(self, pos: int) -> int:
         """Original offset of a collapsed start offset."""

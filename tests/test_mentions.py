@@ -26,6 +26,9 @@ CASES = [
      {"Consolidation": A, "Pleural Effusion": A, "Pneumothorax": A}),
     ("Cardiomegaly without overt pulmonary edema.", {"Cardiomegaly": P, "Edema": A}),
     ("Negative for pneumothorax.", {"Pneumothorax": A}),
+    # typographic apostrophes, as model outputs write them
+    ("There isn\u2019t a distinct nodule in the left lower lobe.", {"Lung Lesion": A}),
+    ("No effusion; there\u2019s a small pneumothorax.", {"Pleural Effusion": A, "Pneumothorax": P}),
     ("The lungs are free of consolidation.", {"Consolidation": A}),
     ("The lungs are clear of edema.", {"Edema": A}),
     ("Interval resolution of the left pleural effusion.", {"Pleural Effusion": A}),

@@ -263,3 +263,101 @@ def test_embedding_matcher_supports_paraphrased_findingless_steps():
 ])
 def test_plans_questions_and_textbook_knowledge_are_not_claims(sentence, expected):
     assert {(o, s) for o, s, _ in step_findings(sentence)} == expected
+
+
+# ---- the answer a reasoning argues for (WrongAnswer) and topic support ----------------------------
+OPTIONS = ["Focal consolidation in the right lower lobe", "Large pleural effusion", "Pneumothorax", "Normal"]
+
+
+def _option_chain(answer_step: str) -> str:
+    return think(
+        "First, we look for a pleural effusion and a pneumothorax.",  # no finding (a plan)
+        SENTENCES[("Cardiomegaly", "present")],                      # the gold supports it
+        "There is a large pleural effusion.",                        # asserts option B
+        "There is no focal consolidation in the right lower lobe.",  # denies option A, the right answer
+        answer_step,                                                 # no finding
+    )
+
+
+def test_a_wrong_answer_makes_the_steps_that_argue_for_it_ineffective():
+    from training.radrscore import wrong_answer
+
+    reasoning = _option_chain("Therefore, the answer is B.")
+    wrong = wrong_answer("B", "single", "A", OPTIONS, outcome=0.0)
+    assert wrong is not None and wrong.chosen == ("Large pleural effusion",)
+    blind = score_reasoning(reasoning, GOLD, LABELS)
+    judged = score_reasoning(reasoning, GOLD, LABELS, wrong=wrong)
+    # Blind to the answer: the two findingless steps are worded like gold steps ("Therefore, the answer
+    # is B." is the gold's own conclusion; effusion and pneumothorax are what the gold examines) and
+    # cardiomegaly is supported; the effusion and the consolidation contradict the gold: 3 of 5.
+    assert blind.effectiveness == pytest.approx(3 / 5)
+    # Knowing the answer (B) is wrong, only the supported finding step is left: 1 of 5.
+    assert judged.effectiveness == pytest.approx(1 / 5)
+    assert judged.completeness == blind.completeness and judged.factuality == blind.factuality
+
+
+def test_a_right_answer_or_no_answer_changes_nothing():
+    from training.radrscore import wrong_answer
+
+    assert wrong_answer("A", "single", "A", OPTIONS, outcome=1.0) is None
+    assert wrong_answer(None, "single", "A", OPTIONS, outcome=0.0) is None
+    assert wrong_answer("Cardiomegaly", "open", ["Cardiomegaly", "Edema"], None, outcome=2 / 3) is None
+
+
+def test_a_wrong_option_asserted_is_read_from_the_option_text_not_its_letter():
+    from training.radrscore import wrong_answer
+
+    wrong = wrong_answer("B", "single", "A", OPTIONS, outcome=0.0)
+    chosen, expected = wrong.keys
+    assert {k.finding for k in chosen} == {"Pleural Effusion"}
+    assert {(k.finding, k.status) for k in expected} >= {("Consolidation", "present")}
+    # An option whose text names no finding ("Yes"/"No") gives the finding rule nothing to read.
+    yes_no = wrong_answer("A", "binary", "B", ["Yes", "No"], outcome=0.0)
+    assert yes_no.keys == ((), ())
+
+
+def test_open_task_wrong_answer_names_the_findings_it_added():
+    from training.radrscore import wrong_answer
+
+    wrong = wrong_answer("Pleural Effusion, Edema", "open", ["Cardiomegaly"], None, outcome=0.0)
+    assert wrong.chosen == ("Pleural Effusion", "Edema") and wrong.expected == ("Cardiomegaly",)
+
+
+def test_score_predictions_reads_the_answer_with_the_reasoning():
+    ref = GoldReference(sample_id="s1", task="single", answer_letter="A", options=tuple(OPTIONS),
+                        answer_findings=(), chain=GOLD, labels=LABELS)
+    right = f"<think>{_option_chain('Therefore, the answer is A.')}</think><answer>A</answer>"
+    wrong = f"<think>{_option_chain('Therefore, the answer is B.')}</think><answer>B</answer>"
+    report = score_predictions([{"sample_id": "s1", "output": wrong}], {"s1": ref})
+    assert report.per_sample[0].reasoning.effectiveness == pytest.approx(1 / 5)
+    report = score_predictions([{"sample_id": "s1", "output": right}], {"s1": ref})
+    assert report.per_sample[0].reasoning.effectiveness == pytest.approx(3 / 5)
+
+
+def test_a_checklist_step_on_a_topic_the_gold_examines_is_supported():
+    gold = GoldChain.from_steps([
+        "Next, assess the possibility of rib deformities by inspecting the contour and alignment of the "
+        "posterior ribs; no abnormal angulation is observed.",
+    ])
+    m = LexicalStepMatcher()
+    step = ("Deformities in the posterior ribs would be noticeable in both frontal and lateral views of the "
+            "thorax; one looks for irregularities or curves in the bony outlines, especially on the lateral "
+            "projection.")
+    # Few of its words are the gold's (under 30%), but it shares the topic: deformities, posterior ribs.
+    assert m.supported([step], gold) == [True]
+    assert LexicalStepMatcher(topic_min=0).supported([step], gold) == [False]
+    # Sharing only the words every reading uses (chest, image, evaluate, normal) is not a topic.
+    assert m.supported(["Let us evaluate the chest image for anything abnormal overall."], gold) == [False]
+
+
+def test_release_items_are_judged_with_their_answer():
+    from training.judge_agreement import ReleaseItem
+    from training.radrscore import release_wrong_answer
+
+    item = ReleaseItem(model="m", task="openi_single_evaluation_res", index=0,
+                       question="Which finding is in this chest X-ray? Options:\nA) cardiomegaly\nB) pneumothorax\n"
+                                "Let's think step by step.",
+                       answer="<answer> A </answer>", report="", gold_steps=(), pred="", verdict=None)
+    assert release_wrong_answer(item, "A") is None
+    wrong = release_wrong_answer(item, "B")
+    assert wrong.chosen == ("pneumothorax",) and wrong.expected == ("cardiomegaly",)

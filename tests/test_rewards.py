@@ -114,7 +114,10 @@ def test_each_reward_responds_to_its_own_defect():
     assert format_reward(cs, **kw) == [1.0, 1.0, 0.0, 1.0, 0.0, 0.0]
     assert outcome_reward(cs, **kw) == [1.0, 0.0, 1.0, 1.0, 0.0, 1.0]  # a bare "A" is a free-text answer
     process = process_reward(cs, **kw)
-    assert process[0] == process[1] == process[2] == 1.0
+    assert process[0] == process[2] == 1.0
+    # A wrong answer costs the reasoning the steps that argued for it on no evidence: of the three
+    # steps, the findingless "Therefore, the answer is A." is ineffective -> (1 + 1 + 2/3) / 3.
+    assert process[1] == pytest.approx((1 + 1 + 2 / 3) / 3)
     assert 0.0 < process[3] < 1.0 and process[4] == process[5] == 0.0
     gated = process_reward_gated(cs, **kw)
     assert gated[1] == 0.0 and gated[0] == 1.0 and gated[3] == process[3]

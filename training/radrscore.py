@@ -25,8 +25,10 @@ likewise one per finding, the status it ends on.
   finding the reference does not mention counts as normal: only "absent" is right about it.
 * **effectiveness** = share of the reasoning's steps the gold supports: the gold reasoning
   uses >= 30% of the step's content words, or is close to one gold step (Jaccard >= 0.5), or
-  states one of its findings compatibly; and none of the step's findings contradicts the
-  gold's conclusion on that finding. With an embedding matcher (``EmbeddingStepMatcher``)
+  shares two topic stems with one gold step, or states one of its findings compatibly; and none
+  of the step's findings contradicts the gold's conclusion on that finding. When the final answer
+  is known to be wrong (``wrong``, see :class:`WrongAnswer`), the steps that argue for it are
+  ineffective too, as the paper's judge, which reads the answer with the reasoning, counts them. With an embedding matcher (``EmbeddingStepMatcher``)
   what wording leaves open is decided by MiniLM cosine. Embeddings are off by default so the
   reward path stays fast and deterministic.
 
@@ -80,6 +82,7 @@ from training.key_findings import (
     matches,
     candidates,
     index_by_finding,
+    qualifiers_agree,
     reference_accepts,
     same_finding,
     with_members,
@@ -146,6 +149,7 @@ class GoldChain:
     step_keys: tuple[KeyFinding, ...] = field(init=False)  # every key finding of every step
     accepts: Mapping[str, frozenset[str]] = field(init=False)  # observation -> stated statuses that match
     step_words: tuple[frozenset[str], ...] = field(init=False)
+    step_topics: tuple[frozenset[str], ...] = field(init=False)  # topic_stems of each step
     step_texts: tuple[str, ...] = field(init=False)
     words: frozenset[str] = field(init=False)  # content words of the whole gold reasoning
     # (text, content words, step) of every step with content words: the gold's statements
@@ -165,6 +169,7 @@ class GoldChain:
         object.__setattr__(self, "accepts", {o: frozenset(s) for o, s in accepts.items()})
         object.__setattr__(self, "step_words", tuple(content_words(s.text) for s in self.steps))
         object.__setattr__(self, "step_texts", tuple(s.text for s in self.steps))
+        object.__setattr__(self, "step_topics", tuple(topic_stems(s.text) for s in self.steps))
         object.__setattr__(self, "_key_index", index_by_finding(keys))
         object.__setattr__(self, "_step_index", index_by_finding(step_keys))
         object.__setattr__(self, "statements", tuple(
@@ -269,6 +274,7 @@ class StepMatcher(Protocol):
 
 
 COVERAGE = 0.3  # share of a text's content words the other side must use (lexical mode)
+TOPIC_MIN = 2  # topic stems a model step must share with one gold step (see LexicalStepMatcher)
 
 
 @lru_cache(maxsize=1 << 15)
@@ -276,18 +282,43 @@ def _reasoning_words(text: str) -> frozenset[str]:
     return content_words(text)
 
 
+# Words every chest X-ray reasoning uses whatever it examines: sharing them is not sharing a topic.
+_GENERIC_STEMS = frozenset(
+    "chest ray xray image view views film radio findi evide sign signs appea shows show showe note noted obser "
+    "patie analy asses exami evalu check look consi indic sugge prese absen abnor norma signi visib typic poten "
+    "possi featu struc area areas lung lungs left right first next final answe optio conce would could there "
+    "which these those their other each given based overa speci clear cause relat seen".split()
+)
+
+
+@lru_cache(maxsize=1 << 15)
+def topic_stems(text: str) -> frozenset[str]:
+    """The step's topic words as 5-letter stems ("deformities" and "deformity", "bones" and "bony" meet),
+    without the words every reading uses (chest, image, evaluate, normal ...)."""
+    return frozenset(w[:5] for w in content_words(text) if len(w) > 2) - _GENERIC_STEMS
+
+
 class LexicalStepMatcher:
     """By wording, deterministic and cheap (the default, the RL reward's matcher).
 
     A model step is supported when the gold reasoning uses at least ``coverage`` of its content
-    words, or when it is close to one gold step (content-word Jaccard >= ``threshold``); a gold
-    statement is covered when the model's reasoning uses at least ``coverage`` of its content
-    words. Filler ("Let me look carefully") has few content words and rarely reaches either.
+    words, or when it is close to one gold step (content-word Jaccard >= ``threshold``), or when
+    it shares ``topic_min`` topic stems with one gold step (:func:`topic_stems`); a gold statement
+    is covered when the model's reasoning uses at least ``coverage`` of its content words. Filler
+    ("Let me look carefully") has few content words and reaches none of these.
+
+    The topic rule is the paper's judge's reading of a checklist step: "Deformities in the posterior
+    ribs would be noticeable ... look for irregularities in the rib structures" is effective when the
+    gold reasoning also examines rib deformities, however differently it words it. On the release's
+    Open-i verdicts it raised the per-sample effectiveness Pearson most at two shared stems (one lets
+    filler through, three misses reworded steps).
     """
 
-    def __init__(self, threshold: float = LEXICAL_STEP_THRESHOLD, coverage: float = COVERAGE) -> None:
+    def __init__(self, threshold: float = LEXICAL_STEP_THRESHOLD, coverage: float = COVERAGE,
+                 topic_min: int = TOPIC_MIN) -> None:
         self.threshold = threshold
         self.coverage = coverage
+        self.topic_min = topic_min
 
     def supported(self, step_texts: Sequence[str], gold: GoldChain) -> list[bool]:
         out = []
@@ -303,6 +334,10 @@ class LexicalStepMatcher:
                         if union and len(words & g) / union >= self.threshold:
                             ok = True
                             break
+                if not ok and self.topic_min:
+                    topics = topic_stems(text)
+                    ok = len(topics) >= self.topic_min and any(
+                        len(topics & g) >= self.topic_min for g in gold.step_topics)
             out.append(ok)
         return out
 
@@ -344,6 +379,90 @@ class ReasoningScore:
         )
 
 
+# ---- the answer a reasoning argues for -----------------------------------------------------------
+@dataclass(frozen=True)
+class WrongAnswer:
+    """A wrong final answer, as effectiveness judges the steps that lead to it.
+
+    The paper's judge reads the whole output, answer included, against gold reasoning whose last
+    step names the right answer, and counts a step that argues for the wrong answer as contradicted.
+    On the release's Open-i verdicts, the judge's effectiveness for ChestX-Reasoner was .78 on right
+    answers and .20 on wrong ones; a judge blind to the answer gave the wrong ones .57. So, in a
+    reasoning that ends in a wrong answer, a step whose finding asserts what a wrongly chosen option
+    states, or denies what the right answer states, is ineffective, and so is a step that states no
+    finding at all ("First, we examine the lung fields", "Based on these observations, ..."): it led
+    to the wrong answer on no evidence. Steps that state findings the gold supports stay effective.
+    ``chosen``: the texts the answer named that the gold answer does not hold (option texts, or
+    open-task items); ``expected``: the gold answer's texts. An option that names no finding ("Yes",
+    "B) No") gives the finding rule nothing to read.
+    """
+
+    chosen: tuple[str, ...]
+    expected: tuple[str, ...]
+
+    @property
+    def keys(self) -> tuple[tuple[KeyFinding, ...], tuple[KeyFinding, ...]]:
+        return _answer_keys(self.chosen, self.expected)
+
+    def argued_by(self, stated: KeyFinding) -> bool:
+        """``stated`` asserts a wrongly chosen option's finding, or denies the right answer's."""
+        chosen, expected = self.keys
+        if any(matches(w, stated) for w in chosen):
+            return True
+        return any(same_finding(g, stated) and stated.status not in _GOLD_ACCEPTS.get(g.status, ())
+                   and qualifiers_agree(g, stated) for g in expected)
+
+
+def _option_keys(texts: Iterable[str]) -> tuple[KeyFinding, ...]:
+    # An option names findings as claims ("round opacity in left lung hilum"): what it does not negate,
+    # it asserts (a hedge in an option is the option's wording, not doubt).
+    out: list[KeyFinding] = []
+    for step in chain_text_steps([t for t in texts if t and t.strip()]):
+        out += [k if k.status == "absent" else k._replace(status="present") for k in step.key_findings]
+    return tuple(out)
+
+
+@lru_cache(maxsize=1 << 12)
+def _answer_keys(chosen: tuple[str, ...], expected: tuple[str, ...]) -> tuple[
+        tuple[KeyFinding, ...], tuple[KeyFinding, ...]]:
+    gold = _option_keys(expected)
+    # A finding both answers name (two options about opacities, in different places) argues for neither.
+    wrong = tuple(k for k in _option_keys(chosen) if not any(same_finding(k, g) for g in gold))
+    return wrong, gold
+
+
+_ANSWER_ITEMS = re.compile(r"\s*(?:[,;\n]|\band\b)\s*")
+
+
+def wrong_answer(answer: str | None, task: str, solution: Any, options: Sequence[str] | None,
+                 outcome: float) -> WrongAnswer | None:
+    """The answer's claim when it is wrong (``outcome`` below 1 for an option task, below 0.5 set F1
+    for the open task), else None. No answer: None (there is nothing the steps argue for)."""
+    from training.answers import parse_letter
+
+    if answer is None or outcome >= (0.5 if task == "open" else 1.0):
+        return None
+    if task == "open":
+        gold_items = solution if isinstance(solution, (list, tuple)) else _ANSWER_ITEMS.split(str(solution or ""))
+        expected = tuple(str(x).strip() for x in gold_items if str(x).strip())
+        said = tuple(x.strip() for x in _ANSWER_ITEMS.split(answer) if x.strip())
+        wanted = {x.casefold() for x in expected}
+        return WrongAnswer(tuple(x for x in said if x.casefold() not in wanted), expected)
+    opts = list(options or ())
+    letters = "ABCDEFGH"
+
+    def option_text(letter: str | None) -> tuple[str, ...]:
+        if letter is None or letters.index(letter) >= len(opts):
+            return ()
+        return (_OPTION_LETTER.sub("", str(opts[letters.index(letter)])),)
+
+    chosen, gold = parse_letter(answer, opts or None), parse_letter(str(solution or ""), None)
+    return WrongAnswer(option_text(chosen) if chosen != gold else (), option_text(gold))
+
+
+_OPTION_LETTER = re.compile(r"^\s*\(?[A-H][).:]\s*")
+
+
 @lru_cache(maxsize=1 << 12)
 def report_reference(report: str) -> Mapping[str, KeyFinding]:
     """A report's key findings (one per finding, the status it ends on), the factuality reference
@@ -372,13 +491,15 @@ def score_reasoning(
     report: Mapping[str, KeyFinding] | None = None,
     names: NameMatcher | None = None,
     tagless: bool = False,
+    wrong: WrongAnswer | None = None,
 ) -> ReasoningScore:
     """RadRScore components of one reasoning text (``think`` None = unparseable).
 
     ``labels`` must already be normalised (:func:`normalise_labels`); an empty mapping means
     "no labels". ``report`` (see :func:`report_reference`) is the factuality reference when
     given; otherwise the labels are, then the gold chain. ``names`` matches findings outside
-    the CheXpert labels by meaning (semantic mode); by default names must be equal.
+    the CheXpert labels by meaning (semantic mode); by default names must be equal. ``wrong``
+    (:func:`wrong_answer`) marks the steps that argue for a wrong final answer ineffective.
     """
     has_labels = bool(labels)
     names = names or EXACT_NAMES
@@ -435,6 +556,10 @@ def score_reasoning(
                 if s.key_findings:
                     if any(gold.contradicts(k, names) for k in s.key_findings):
                         continue
+                    if wrong is not None and any(wrong.argued_by(k) for k in s.key_findings):
+                        continue
+                elif wrong is not None:
+                    continue  # a step that states no finding led to the wrong answer on no evidence
                     ok = ok or any(gold.supports(k, names) for k in s.key_findings)
                 supported += ok
             effectiveness = supported / len(steps)
@@ -671,6 +796,19 @@ class ScoreReport:
     model: str | None = None  # the scored model's name, when the caller knows it
 
 
+def score_sample(parsed: Any, ref: GoldReference, *, step_matcher: StepMatcher | None = None,
+                 outcome: float | None = None) -> ReasoningScore:
+    """The rules judge's RadRScore of one parsed output (training.answers.ParsedOutput) against its
+    reference, the answer included (a wrong answer's arguing steps are ineffective: WrongAnswer)."""
+    from training.answers import outcome_score
+
+    if outcome is None:
+        outcome = outcome_score(parsed.answer, ref.task, ref.solution, ref.options)
+    wrong = wrong_answer(parsed.answer, ref.task, ref.solution, ref.options, outcome)
+    return score_reasoning(parsed.think, ref.chain, ref.labels, step_matcher=step_matcher,
+                           tagless=parsed.tagless, wrong=wrong)
+
+
 def score_predictions(
     predictions: Iterable[Mapping[str, Any]],
     gold: Mapping[str, GoldReference],
@@ -706,9 +844,8 @@ def score_predictions(
         text = completion_text(p.get("output"))
         parsed = parse_output(text)
         outcome = outcome_score(parsed.answer, ref.task, ref.solution, ref.options)
-        reasoning = (reasoning_scores or {}).get(sid) or score_reasoning(
-            parsed.think, ref.chain, ref.labels, step_matcher=step_matcher, tagless=parsed.tagless
-        )
+        reasoning = (reasoning_scores or {}).get(sid) or score_sample(parsed, ref, step_matcher=step_matcher,
+                                                                      outcome=outcome)
         per_sample.append(SampleScore(sid, ref.task, text, parsed.answer, outcome, reasoning, ref.chain.empty))
     return ScoreReport(per_sample, summarise(per_sample, len(unknown)), unknown, duplicates)
 
@@ -802,8 +939,22 @@ def score_release_batch(items: Sequence[Any], *, semantic: bool = False, matcher
     for it, p in zip(items, parsed):
         gold = _release_gold(tuple(it.gold_steps))
         out.append(score_reasoning(p.think, gold, None, step_matcher=matcher, report=report_reference(it.report),
-                                   names=names, tagless=p.tagless))
+                                   names=names, tagless=p.tagless, wrong=release_wrong_answer(it, p.answer)))
     return out
+
+
+_RELEASE_OPTION = re.compile(r"^\s*\(?([A-H])[).:]\s*(.+?)\s*$", re.MULTILINE)
+
+
+def release_wrong_answer(item: Any, answer: str | None) -> WrongAnswer | None:
+    """:func:`wrong_answer` for a release item: its options are the question's "A) ..." lines, its gold
+    answer the item's ``answer`` ("<answer> C </answer>", or the findings of a no-option task)."""
+    from training.answers import outcome_score, parse_output
+
+    gold = parse_output(item.answer or "").answer or (item.answer or "").strip()
+    options = [text for _, text in _RELEASE_OPTION.findall(item.question or "")]
+    task = "single" if options else "open"
+    return wrong_answer(answer, task, gold, options, outcome_score(answer, task, gold, options or None))
 
 
 @lru_cache(maxsize=1 << 12)

@@ -52,10 +52,12 @@ from training.answers import completion_text, is_well_formed, outcome_score, par
 from training.findings_text import prefetch
 from training.radrscore import (
     GoldChain,
+    ReasoningScore,
     gold_chain_from_json,
     labels_from_json,
     normalise_labels,
     score_reasoning,
+    wrong_answer,
 )
 
 __all__ = [
@@ -129,14 +131,22 @@ def outcome_reward(completions: Sequence[Any], **kwargs: Any) -> list[float]:
 
 def process_reward(completions: Sequence[Any], **kwargs: Any) -> list[float]:
     """RadRScore (rules judge) of the <think> text against ``gold_steps`` and ``gold_labels``."""
+    return [r.radrscore for r in _process_scores(completions, kwargs)]
+
+
+def _process_scores(completions: Sequence[Any], kwargs: Mapping[str, Any]) -> list[ReasoningScore]:
     n = len(completions)
     steps, labels = _column(kwargs, "gold_steps", n), _column(kwargs, "gold_labels", n)
-    thinks = [parse_output(completion_text(c)).think for c in completions]
-    prefetch(thinks)  # every unseen line of the batch in a few finder calls
-    return [
-        score_reasoning(think, _gold_chain(g), _labels(lab)).radrscore
-        for think, g, lab in zip(thinks, steps, labels)
-    ]
+    solutions, tasks, options = (_column(kwargs, k, n) for k in ("solution", "task", "options"))
+    parsed = [parse_output(completion_text(c)) for c in completions]
+    prefetch(p.think for p in parsed)  # every unseen line of the batch in a few finder calls
+    out = []
+    for p, g, lab, sol, task, opts in zip(parsed, steps, labels, solutions, tasks, options):
+        # The answer is part of the reasoning's argument: steps arguing for a wrong one are ineffective.
+        outcome = outcome_score(p.answer, str(task or ""), sol, opts)
+        wrong = wrong_answer(p.answer, str(task or ""), sol, opts, outcome) if sol is not None else None
+        out.append(score_reasoning(p.think, _gold_chain(g), _labels(lab), wrong=wrong))
+    return out
 
 
 def process_reward_gated(completions: Sequence[Any], **kwargs: Any) -> list[float]:
@@ -149,12 +159,9 @@ def process_reward_gated(completions: Sequence[Any], **kwargs: Any) -> list[floa
 
 def reward_components(completions: Sequence[Any], **kwargs: Any) -> list[dict[str, float | None]]:
     """All components per completion (for logging and debugging a reward run)."""
-    n = len(completions)
-    steps, labels = _column(kwargs, "gold_steps", n), _column(kwargs, "gold_labels", n)
     fmt, outcome = format_reward(completions, **kwargs), outcome_reward(completions, **kwargs)
     rows = []
-    for i, c in enumerate(completions):
-        r = score_reasoning(parse_output(completion_text(c)).think, _gold_chain(steps[i]), _labels(labels[i]))
+    for i, r in enumerate(_process_scores(completions, kwargs)):
         rows.append(dict(format=fmt[i], outcome=outcome[i], completeness=r.completeness, factuality=r.factuality,
                          effectiveness=r.effectiveness, process=r.radrscore))
     return rows

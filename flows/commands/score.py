@@ -106,7 +106,7 @@ def register(app: typer.Typer) -> None:
         from radchain.runtime import prepare_environment
         from training.answers import completion_text, parse_output
         from training.judge_llm import judge_agreement
-        from training.radrscore import score_reasoning
+        from training.radrscore import score_sample
         from training.scoring import read_predictions
 
         settings = prepare_environment()
@@ -117,8 +117,7 @@ def register(app: typer.Typer) -> None:
         for r in records:
             ref = gold.get(str(r["sample_id"]))
             if ref is not None:
-                think = parse_output(completion_text(r.get("output"))).think
-                rules_scores[ref.sample_id] = score_reasoning(think, ref.chain, ref.labels)
+                rules_scores[ref.sample_id] = score_sample(parse_output(completion_text(r.get("output"))), ref)
         rows = judge_agreement(rules_scores, llm_scores)
         print_arrow(pa.Table.from_pylist(rows), format, title=f"judge agreement (llm judge failed on {failures})")
 
