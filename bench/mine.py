@@ -99,9 +99,9 @@ def _stats(server) -> dict[str, Any]:
 def _serve(conn, warehouse_dir: str, latency: float, concurrency: int) -> None:
     """Child process: start the server, then answer commands from the parent until 'stop'."""
     from radchain.testing import FakeOpenAIServer
-    from radchain.testing.chain_responder import ChainResponder
+    from flows.testing import chain_responder
 
-    responder = ChainResponder.from_warehouse(warehouse_dir).warm()
+    responder = chain_responder(warehouse_dir).warm()
     server = FakeOpenAIServer(responder=responder, **_server_kwargs(latency, concurrency)).start()
     # The responder's tables are a million objects: a full collection over them paused the server
     # for up to 130 ms (answers late by that much, the mean latency 104 ms instead of 101 ms).
@@ -167,9 +167,9 @@ class RemoteServer:
 class LocalServer:
     def __init__(self, warehouse_dir: Path, latency: float, concurrency: int) -> None:
         from radchain.testing import FakeOpenAIServer
-        from radchain.testing.chain_responder import ChainResponder
+        from flows.testing import chain_responder
 
-        self.responder = ChainResponder.from_warehouse(warehouse_dir).warm()
+        self.responder = chain_responder(warehouse_dir).warm()
         self.server = FakeOpenAIServer(responder=self.responder, **_server_kwargs(latency, concurrency)).start()
         self.base_url = self.server.base_url
 

@@ -96,7 +96,9 @@ def deployment_specs(
     pipeline_params = {
         "source": {"path": str(Path(src).resolve()), "kind": "auto"},
         "stages": list(stages or PIPELINE_STAGES),
-        "options": {"extractor": extractor, "show_progress": False},
+        # Progress on: a scheduled run has no terminal (no bar), but its `mine-progress` artifact is what an
+        # operator watches in the UI while a long stage runs.
+        "options": {"extractor": extractor, "show_progress": True},
     }
     return [
         DeploymentSpec(

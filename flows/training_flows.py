@@ -106,10 +106,10 @@ def _run_job(kind: str, training_run_id: str, config: str, version: str, rows: l
         dataset_version=version, init_checkpoint=init_checkpoint, n_examples=len(rows), n_skipped=skipped,
         started_at=started_at, checkpoint=None, metrics_json="{}", error=None,
     )
+    out_dir = get_settings().runs_dir / kind / training_run_id
     try:
         if not rows:
             raise ValueError(f"{kind}: dataset {version} has no usable training rows (missing images?)")
-        out_dir = get_settings().runs_dir / kind / training_run_id
         result = job(cfg, rows, out_dir)
         row.update(status=result.status, checkpoint=result.checkpoint, metrics_json=json.dumps(result.metrics, default=str))
     except Exception as e:
@@ -118,7 +118,28 @@ def _run_job(kind: str, training_run_id: str, config: str, version: str, rows: l
     finally:
         row.update(wall_s=time.perf_counter() - t0, finished_at=datetime.now(UTC))
         _record_run(wh, row)
+        _publish_job(row, out_dir)
     return row
+
+
+def _publish_job(row: dict[str, Any], out_dir: Path) -> None:
+    """Curves and final metrics of a job as artifacts of its flow run (flows/training_artifacts.py); a
+    failure to draw them is logged, never raised over the job's own outcome."""
+    from flows.training_artifacts import publish_training
+
+    try:
+        published = publish_training(row, out_dir)
+        get_run_logger().info("%s %s: curves %s", row["kind"], row["training_run_id"], published["chart"])
+    except Exception as e:  # noqa: BLE001
+        get_run_logger().warning("%s %s: could not publish its artifacts: %s: %s", row["kind"],
+                                 row["training_run_id"], type(e).__name__, e)
+
+
+def _this_run() -> dict[str, Any]:
+    """The id and name of the flow run this code runs in (the parent `train` run links them)."""
+    from prefect.runtime import flow_run
+
+    return dict(flow_run_id=flow_run.id, flow_run_name=flow_run.name)
 
 
 def _launched(kind: str, cfg, config: str, rows: list[dict], out: Path, init_checkpoint: str | None = None,
@@ -137,6 +158,7 @@ def _launched(kind: str, cfg, config: str, rows: list[dict], out: Path, init_che
 @flow(name="radchain-sft", log_prints=False, persist_result=False)
 def sft_flow(dataset_version: str | None = None, config: str = "tiny-cpu", max_examples: int | None = None,
              training_run_id: str | None = None) -> dict[str, Any]:
+    from flows.training_artifacts import TrainingProgress
     from training.config import load_config
     from training.sft import run_sft
 
@@ -149,12 +171,12 @@ def sft_flow(dataset_version: str | None = None, config: str = "tiny-cpu", max_e
     def job(cfg, rows, out):
         if cfg.launch.mode == "accelerate":
             return _launched("sft", cfg, config, rows, out)
-        return run_sft(cfg, rows, out_dir=out)
+        return run_sft(cfg, rows, out_dir=out, callbacks=[TrainingProgress("sft")])
 
     row = _run_job("sft", training_run_id or f"sft-{uuid.uuid4().hex[:12]}", config, version, rows, skipped, None,
                    job)
     get_run_logger().info("SFT %s: %s, checkpoint %s", row["training_run_id"], row["status"], row["checkpoint"])
-    return row
+    return {**row, **_this_run()}
 
 
 def reward_functions(cfg) -> tuple[list, list[float]]:
@@ -173,6 +195,7 @@ def reward_functions(cfg) -> tuple[list, list[float]]:
 @flow(name="radchain-grpo", log_prints=False, persist_result=False)
 def grpo_flow(dataset_version: str | None = None, config: str = "tiny-cpu", init_checkpoint: str | None = None,
               max_prompts: int | None = None, training_run_id: str | None = None) -> dict[str, Any]:
+    from flows.training_artifacts import TrainingProgress
     from training.grpo import run_grpo
 
     wh = _warehouse()
@@ -185,12 +208,13 @@ def grpo_flow(dataset_version: str | None = None, config: str = "tiny-cpu", init
             # The launched processes resolve the same names: training.rewards.<name>_reward.
             specs = [(f"training.rewards:{name}_reward", w) for name, w in zip(cfg.rewards, weights, strict=True)]
             return _launched("grpo", cfg, config, rows, out, init_checkpoint, specs)
-        return run_grpo(cfg, rows, funcs, weights, out_dir=out, init_checkpoint=init_checkpoint)
+        return run_grpo(cfg, rows, funcs, weights, out_dir=out, init_checkpoint=init_checkpoint,
+                        callbacks=[TrainingProgress("grpo")])
 
     row = _run_job("grpo", training_run_id or f"grpo-{uuid.uuid4().hex[:12]}", config, version, rows, skipped,
                    init_checkpoint, job)
     get_run_logger().info("GRPO %s: %s, checkpoint %s", row["training_run_id"], row["status"], row["checkpoint"])
-    return row
+    return {**row, **_this_run()}
 
 
 @flow(name="radchain-evaluate", log_prints=False, persist_result=False)
@@ -203,19 +227,32 @@ def evaluate_flow(checkpoint: str, dataset_version: str | None = None, max_per_t
     ``max_new_tokens``: None takes the config's ``grpo.max_completion_length``, the length the policy
     was trained to answer in (a shorter budget cuts chains before their <answer>).
     """
-    from flows.evaluation import EXPLANATION, publish_eval, score_with_baselines
+    from flows.evaluation import EXPLANATION, publish_eval, score_line, score_with_baselines
     from training.baselines import majority_answers
     from training.config import load_config
     from training.generate import generate
 
+    from flows.progress import StageProgress
+
     wh = _warehouse()
+    log = get_run_logger()
     cfg = load_config(config)
     budget = max_new_tokens or cfg.grpo.max_completion_length
     version = dataset_version or latest_dataset_version(wh)
     rows, skipped = mart_rows(wh, "mart_benchmark", version, splits=None, per_task=max_per_task)
     if not rows:
         raise ValueError(f"dataset {version} has no benchmark rows with images to evaluate")
-    outputs = generate(checkpoint, rows, max_new_tokens=budget)
+    tasks = {r["task"] for r in rows}
+    log.info("evaluation of %s on %s: generating for %d benchmark samples of %d tasks (%d skipped: no image), "
+             "%d new tokens", checkpoint, version, len(rows), len(tasks), skipped, budget)
+    progress = StageProgress("evaluate", len(rows), unit="benchmark samples")
+    t0 = time.perf_counter()
+    try:
+        outputs = generate(checkpoint, rows, max_new_tokens=budget, progress=progress)
+    finally:
+        progress.close()
+    log.info("generated %d outputs in %.1f s; scoring the model and the majority, random and oracle baselines",
+             len(outputs), time.perf_counter() - t0)
     out_dir = get_settings().runs_dir / "eval" / f"{Path(checkpoint).parent.name}-{version}"
     train_answers = (wh.scan("mart_rl_prompts").filter((pl.col("dataset_version") == version)
                                                        & (pl.col("split") == "train"))
@@ -226,19 +263,23 @@ def evaluate_flow(checkpoint: str, dataset_version: str | None = None, max_per_t
         eval_id, scored = score_with_baselines(
             wh, rows, outputs, out_dir, model=model_name or Path(checkpoint).parent.name, checkpoint=checkpoint,
             majority=majority_answers(train_answers), seed=get_settings().seed)
+    for r in scored["model"]:
+        log.info("%s", score_line(r))
     chart = publish_eval(scored, out_dir / "eval.png", key="eval-results",
                          title=f"{model_name or Path(checkpoint).parent.name} on {version}")
-    get_run_logger().info("evaluation %s: chart %s. %s", eval_id, chart, EXPLANATION)
+    log.info("evaluation %s: chart %s. %s", eval_id, chart, EXPLANATION)
     return dict(eval_id=eval_id, predictions=str(out_dir / "predictions.jsonl"), chart=str(chart), n=len(rows),
-                skipped=skipped, max_new_tokens=budget, results=scored["model"], baselines=scored)
+                skipped=skipped, max_new_tokens=budget, results=scored["model"], baselines=scored, **_this_run())
 
 
-def _run_job_deployment(name: str, parameters: dict[str, Any]) -> None:
+def _run_job_deployment(name: str, parameters: dict[str, Any]) -> dict[str, Any]:
+    """Run a job's deployment and wait; its flow run's id and name (the summary links them)."""
     from prefect.deployments import run_deployment
 
     fr = run_deployment(name=name, parameters=parameters, timeout=None)
     if not fr.state or not fr.state.is_completed():
         raise RuntimeError(f"deployment {name} ended {fr.state.type if fr.state else 'without a state'}")
+    return dict(flow_run_id=fr.id, flow_run_name=fr.name)
 
 
 def _registry_row(training_run_id: str) -> dict[str, Any]:
@@ -255,24 +296,43 @@ def train_flow(dataset_version: str | None = None, config: str = "tiny-cpu", use
     """SFT → GRPO from the SFT checkpoint → evaluate, as separate jobs."""
     version = dataset_version or latest_dataset_version(_warehouse())
     sft_id, grpo_id = f"sft-{uuid.uuid4().hex[:12]}", f"grpo-{uuid.uuid4().hex[:12]}"
-    sft_params = dict(dataset_version=version, config=config, max_examples=max_examples, training_run_id=sft_id)
-    if use_deployments:
-        _run_job_deployment("radchain-sft/sft", sft_params)
-    else:
-        sft_flow(**sft_params)
-    sft = _registry_row(sft_id)
-    grpo_params = dict(dataset_version=version, config=config, init_checkpoint=sft["checkpoint"],
-                       max_prompts=max_examples, training_run_id=grpo_id)
-    if use_deployments:
-        _run_job_deployment("radchain-grpo/grpo", grpo_params)
-    else:
-        grpo_flow(**grpo_params)
-    grpo = _registry_row(grpo_id)
-    eval_params = dict(checkpoint=grpo["checkpoint"], dataset_version=version, max_per_task=max_eval_per_task,
-                       max_new_tokens=max_new_tokens, config=config)
-    if use_deployments:
-        _run_job_deployment("radchain-evaluate/evaluate", eval_params)
-        evaluation = None
-    else:
-        evaluation = evaluate_flow(**eval_params)
-    return dict(dataset_version=version, sft=sft, grpo=grpo, evaluation=evaluation)
+
+    # What the operator sees: a ``train-summary`` artifact on this run links each job's flow run and its
+    # artifacts (curves, metrics, evaluation), written also when a job fails.
+    from flows.training_artifacts import headline_figure, publish_train_summary
+
+    jobs: list[dict[str, Any]] = []
+
+    def record(kind: str, run: dict[str, Any], row: dict[str, Any] | None) -> None:
+        job = dict(kind=kind, flow_run_id=run.get("flow_run_id"), flow_run_name=run.get("flow_run_name"))
+        if row is not None:
+            job.update(status=row["status"], checkpoint=row["checkpoint"], headline=headline_figure(row))
+        jobs.append(job)
+
+    try:
+        sft_params = dict(dataset_version=version, config=config, max_examples=max_examples, training_run_id=sft_id)
+        run = _run_job_deployment("radchain-sft/sft", sft_params) if use_deployments else sft_flow(**sft_params)
+        sft = _registry_row(sft_id)
+        record("sft", run, sft)
+        grpo_params = dict(dataset_version=version, config=config, init_checkpoint=sft["checkpoint"],
+                           max_prompts=max_examples, training_run_id=grpo_id)
+        run = _run_job_deployment("radchain-grpo/grpo", grpo_params) if use_deployments else grpo_flow(**grpo_params)
+        grpo = _registry_row(grpo_id)
+        record("grpo", run, grpo)
+        eval_params = dict(checkpoint=grpo["checkpoint"], dataset_version=version, max_per_task=max_eval_per_task,
+                           max_new_tokens=max_new_tokens, config=config)
+        if use_deployments:
+            run, evaluation = _run_job_deployment("radchain-evaluate/evaluate", eval_params), None
+        else:
+            run = evaluation = evaluate_flow(**eval_params)
+        # its headline is read from its eval-results artifact (the same whether it ran here or on a worker)
+        jobs.append(dict(kind="evaluate", flow_run_id=run.get("flow_run_id"), flow_run_name=run.get("flow_run_name"),
+                         status="completed", checkpoint=grpo["checkpoint"]))
+    finally:
+        if jobs:
+            try:
+                publish_train_summary(version, jobs)
+            except Exception as e:  # noqa: BLE001 - the summary never hides the jobs' own outcome
+                get_run_logger().warning("could not publish the train summary: %s: %s", type(e).__name__, e)
+    return dict(dataset_version=version, sft=sft, grpo=grpo, evaluation=evaluation,
+                runs={j["kind"]: j["flow_run_id"] for j in jobs}, **_this_run())

@@ -345,7 +345,7 @@ def test_prompt_injection_is_quoted_data_on_the_llm_path(tree_run, tmp_path):
     from extractors.instructions import mask_instructions
     from flows.pipeline import make_context as mk
     from radchain.testing import FakeOpenAIServer, llm_settings_for
-    from radchain.testing.chain_responder import ChainResponder
+    from flows.testing import chain_responder
     from radchain.testing.fake_openai import fenced_blocks
     from warehouse import Warehouse
 
@@ -358,7 +358,7 @@ def test_prompt_injection_is_quoted_data_on_the_llm_path(tree_run, tmp_path):
     assert "developer mode" not in masked and "Small left pleural effusion." in masked and len(masked) == len(row["text"])
     wanted = set(wh.read("int_vqa_samples").filter(pl.col("study_id") == "59000021")["sample_id"])
     assert wanted
-    with FakeOpenAIServer(responder=ChainResponder.from_warehouse(wh).warm()) as server:
+    with FakeOpenAIServer(responder=chain_responder(wh).warm()) as server:
         settings = Settings(home=home, batch_size=3)
         settings.llm = llm_settings_for(server, requests_per_minute=0, tokens_per_minute=0)
         ctx = mk(settings, SourceSpec(path=tree_run["root"]), extractor="llm", show_progress=False)
@@ -1273,7 +1273,7 @@ def test_instruction_and_phi_never_reach_the_llm_and_a_model_quoting_the_instruc
     out of every request, a "model" that quotes it anyway gets EVIDENCE_NOT_FOUND, and the report with a name
     and a phone number is PHI_DETECTED without a request (issue 14 items 4 and 5)."""
     from radchain.testing import FakeOpenAIServer, llm_settings_for
-    from radchain.testing.chain_responder import ChainResponder
+    from flows.testing import chain_responder
 
     wh, _ = run_table(tmp_path, _instruction_table(tmp_path), stages=["ingest", "label", "tasks"],
                       id_col="study_id", text_col="text", image_col="image")
@@ -1281,7 +1281,7 @@ def test_instruction_and_phi_never_reach_the_llm_and_a_model_quoting_the_instruc
     w1 = set(samples.filter(pl.col("study_id") == "W1")["sample_id"])
     h1 = set(samples.filter(pl.col("study_id") == "H1")["sample_id"])
     assert w1 and h1
-    base = ChainResponder.from_warehouse(wh).warm()
+    base = chain_responder(wh).warm()
 
     def responder(body):
         item, _ = base.find(body)
@@ -1383,12 +1383,12 @@ def mined_table(tmp_path_factory):
 def test_mine_stops_when_the_endpoint_dies_and_keeps_completed_batches(mined_table, tmp_path):
     from flows.stages import mine
     from radchain.testing import FakeOpenAIServer, llm_settings_for
-    from radchain.testing.chain_responder import ChainResponder
+    from flows.testing import chain_responder
     from warehouse import Warehouse
 
     shutil.copytree(mined_table / "home" / "warehouse", tmp_path / "home" / "warehouse")
     wh = Warehouse(tmp_path / "home" / "warehouse")
-    server = FakeOpenAIServer(responder=ChainResponder.from_warehouse(wh).warm()).start()
+    server = FakeOpenAIServer(responder=chain_responder(wh).warm()).start()
     settings = Settings(home=tmp_path / "home", batch_size=10)
     settings.llm = llm_settings_for(server, requests_per_minute=0, tokens_per_minute=0, breaker_failures=4,
                                     preflight_min_samples=0, backoff_initial_s=0.05, backoff_max_s=0.1)

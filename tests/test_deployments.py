@@ -45,6 +45,7 @@ def test_the_five_deployments_are_declared(tmp_path):
     assert specs["train"].parameters == {"config": "tiny-cpu", "use_deployments": True}
     assert specs["mine"].parameters["source"]["path"] == str((tmp_path / "src").resolve())
     assert specs["mine"].parameters["stages"] == ["ingest", "label", "tasks", "mine", "datasets"]
+    assert specs["mine"].parameters["options"]["show_progress"] is True  # scheduled runs get mine-progress
     assert all(s.concurrency == 1 and "radchain" in s.tags for s in specs.values())
     rows = schedule_rows(list(specs.values()))
     assert {r["deployment"]: r["schedule"] for r in rows}["radchain-pipeline/mine"] == "0 2 * * * (UTC)"
@@ -118,7 +119,7 @@ def test_status_without_a_server_says_so(radchain_home):
 
 # ---- `radchain serve` for real --------------------------------------------------------------------
 def _free_port() -> int:
-    from flows.commands.serve import pick_free_port
+    from flows.supervisor import pick_free_port
 
     return pick_free_port()
 
@@ -295,6 +296,6 @@ def test_serve_stops_its_processes_on_sigterm(served):
     assert not alive
     assert "stopped." in served["log"].read_text()
     assert not (served["home"] / "serve" / "serve.json").exists()
-    from flows.commands.serve import port_free
+    from flows.supervisor import port_free
 
     assert port_free("127.0.0.1", served["port"])

@@ -32,9 +32,9 @@ def pristine(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def responder(pristine):
-    from radchain.testing.chain_responder import ChainResponder
+    from flows.testing import chain_responder
 
-    return ChainResponder.from_warehouse(pristine).warm()
+    return chain_responder(pristine).warm()
 
 
 def _server(responder, **kw):

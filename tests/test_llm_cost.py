@@ -24,9 +24,9 @@ def pristine(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(pristine):
     from radchain.testing import FakeOpenAIServer
-    from radchain.testing.chain_responder import ChainResponder
+    from flows.testing import chain_responder
 
-    responder = ChainResponder.from_warehouse(pristine).warm()
+    responder = chain_responder(pristine).warm()
     with FakeOpenAIServer(responder=responder, model=GPT4O) as s:
         s.responder_obj = responder
         yield s

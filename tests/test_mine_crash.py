@@ -91,7 +91,7 @@ def test_killed_mine_run_resumes_without_duplicates_or_repeated_calls(tmp_path, 
     from flows.stages.mine import plan
     from radchain.settings import reset_settings_cache
     from radchain.testing import FakeOpenAIServer
-    from radchain.testing.chain_responder import ChainResponder
+    from flows.testing import chain_responder
     from warehouse import Warehouse
 
     corpus, home = tmp_path / "corpus", tmp_path / "home"
@@ -106,7 +106,7 @@ def test_killed_mine_run_resumes_without_duplicates_or_repeated_calls(tmp_path, 
     n_batches = len(plan(ctx))
     assert n_batches >= 4
 
-    recording = Recording(ChainResponder.from_warehouse(wh).warm())
+    recording = Recording(chain_responder(wh).warm())
     server = FakeOpenAIServer(responder=recording, latency_s=LATENCY_S, faults=FAULTS, seed=3, retry_after_s=0.05)
     server.start()
     env = {"OPENAI_BASE_URL": server.base_url, "OPENAI_API_KEY": "sk-test-crash", "RADCHAIN_LLM_MAX_CONCURRENCY": "4",

@@ -79,7 +79,7 @@ def mined(tmp_path_factory):
     from flows.stages.common import SourceSpec
     from radchain.settings import get_settings, reset_settings_cache
     from radchain.testing import FakeOpenAIServer
-    from radchain.testing.chain_responder import ChainResponder
+    from flows.testing import chain_responder
 
     root = tmp_path_factory.mktemp("mine-llm")
     corpus = root / "corpus"
@@ -98,7 +98,7 @@ def mined(tmp_path_factory):
         pristine = root / "pristine-warehouse"
         shutil.copytree(ctx.settings.warehouse_dir, pristine)
 
-        responder = ChainResponder.from_warehouse(wh).warm()
+        responder = chain_responder(wh).warm()
         server = FakeOpenAIServer(responder=responder, faults=FAULTS, seed=FAULT_SEED, retry_after_s=0.05,
                                   timeout_sleep_s=2 * CLIENT_TIMEOUT_S).start()
         try:
@@ -327,14 +327,14 @@ def test_changed_inputs_invalidate_reuse(mined, tmp_path):
     from flows.pipeline import make_context, run_stages
     from radchain.settings import Settings
     from radchain.testing import FakeOpenAIServer, llm_settings_for
-    from radchain.testing.chain_responder import ChainResponder
+    from flows.testing import chain_responder
     from schemas.vqa import VqaSample
 
     home = tmp_path / "home"
     shutil.copytree(mined["root"] / "home" / "warehouse", home / "warehouse")
     shutil.copytree(mined["root"] / "home" / "cache", home / "cache")
     settings = Settings(home=home)
-    responder = ChainResponder.from_warehouse(settings.warehouse_dir).warm()
+    responder = chain_responder(settings.warehouse_dir).warm()
     with FakeOpenAIServer(responder=responder) as server:
         settings.llm = llm_settings_for(server, max_concurrency=16, requests_per_minute=0, tokens_per_minute=0,
                                         timeout_s=CLIENT_TIMEOUT_S)

@@ -251,12 +251,12 @@ def _mine(corpus, name: str, responder=None, **llm_overrides):
     from flows.pipeline import make_context, run_stages
     from radchain.settings import Settings
     from radchain.testing import FakeOpenAIServer, llm_settings_for
-    from radchain.testing.chain_responder import ChainResponder
+    from flows.testing import chain_responder
     from warehouse import Warehouse
 
     home = corpus["root"] / name
     shutil.copytree(corpus["warehouse"], home / "warehouse")
-    responder = responder or ChainResponder.from_warehouse(Warehouse(home / "warehouse")).warm()
+    responder = responder or chain_responder(Warehouse(home / "warehouse")).warm()
     with FakeOpenAIServer(responder=responder) as server:
         settings = Settings(home=home, batch_size=8)
         settings.llm = llm_settings_for(server, requests_per_minute=0, tokens_per_minute=0, **llm_overrides)
@@ -320,10 +320,10 @@ def test_exempt_endpoints_receive_everything(corpus, overrides):
 
 def test_refine_requests_are_guarded_too(corpus):
     """A model reply with a name in it, fed back in the refinement turn, is stopped there."""
-    from radchain.testing.chain_responder import ChainResponder
+    from flows.testing import chain_responder
     from warehouse import Warehouse
 
-    base = ChainResponder.from_warehouse(Warehouse(corpus["warehouse"])).warm()
+    base = chain_responder(Warehouse(corpus["warehouse"])).warm()
     samples = corpus["samples"].filter(~pl.col("study_id").is_in(list(corpus["flagged"])))
     target = samples.sort("sample_id")["sample_id"][0]
 

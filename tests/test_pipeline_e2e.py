@@ -161,6 +161,45 @@ def test_train_dag_sft_grpo_evaluate_records_runs_and_results(built):
     counts = train["solution"].value_counts().sort(["count", "solution"], descending=[True, False])
     preds = Path(evaluation["predictions"]).with_name("baseline-majority.jsonl").read_text().splitlines()
     assert f"<answer>{counts['solution'][0]}</answer>" in {json.loads(line)["output"] for line in preds}
+    _assert_training_artifacts(out)
+
+
+def _assert_training_artifacts(out):
+    """What the operator sees: each job's run holds its curves, metrics and progress; the evaluation's its
+    progress and per-score counts; the parent run a summary that links them (artifacts read back from the API)."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    runs = {k: str(v) for k, v in out["runs"].items()}  # job -> its flow run id
+    assert set(runs) == {"sft", "grpo", "evaluate"} and runs["evaluate"] == out["evaluation"]["flow_run_id"]
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[*runs.values(), str(out["flow_run_id"])])))
+    by_run: dict = {}
+    for a in arts:
+        by_run.setdefault(str(a.flow_run_id), {})[a.key] = a
+    for kind in ("sft", "grpo"):
+        mine = by_run[runs[kind]]
+        assert {f"{kind}-curves", f"{kind}-metrics", f"{kind}-progress"} <= set(mine), sorted(mine)
+        assert "data:image/png;base64," in mine[f"{kind}-curves"].data
+        metrics = {r["metric"]: r["value"] for r in json.loads(mine[f"{kind}-metrics"].data)}
+        assert metrics["status"] == "completed" and metrics["steps"] == {"sft": "2", "grpo": "1"}[kind]
+        assert mine[f"{kind}-progress"].data == 100.0
+    evaluation = by_run[runs["evaluate"]]
+    assert evaluation["evaluate-progress"].data == 100.0
+    table = json.loads(evaluation["eval-results"].data)
+    model_all = next(r for r in table if r["series"] == "model" and r["task"] == "all")
+    assert model_all["n"] == out["evaluation"]["n"] and "n_unparseable" in model_all
+    assert model_all["accuracy_n"] == model_all["n"]
+    assert f"n={model_all['n']}, {model_all['n_unparseable']} unparseable" in evaluation["eval-results-chart"].data
+    summary = by_run[str(out["flow_run_id"])]["train-summary"].data
+    for kind, run_id in runs.items():
+        assert f"/runs/flow-run/{run_id})" in summary
+    eval_line = next(line for line in summary.splitlines() if line.startswith("| evaluate |"))
+    assert f"over {model_all['n']}, {model_all['n_unparseable']} unparseable |" in eval_line
+    for key in ("sft-curves", "sft-metrics", "grpo-curves", "eval-results"):
+        art = next(a for a in arts if a.key == key)
+        assert f"[{key}](" in summary and f"/artifacts/artifact/{art.id})" in summary
 
 
 def test_sft_and_grpo_jobs_launched_with_accelerate_are_recorded(built, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -210,7 +211,7 @@ def test_llm_judge_without_an_endpoint_is_a_usage_error(warehouse, tmp_path):
 
 
 def test_score_file_is_the_evaluation_jobs_entry_point(warehouse, tmp_path):
-    from flows.commands.score import score_file
+    from flows.evaluation import score_file
 
     preds = _write_predictions(tmp_path / "ckpt.jsonl", PREDICTIONS)
     eval_id, report = score_file(preds, model="m", checkpoint="c", write=False)
@@ -219,3 +220,57 @@ def test_score_file_is_the_evaluation_jobs_entry_point(warehouse, tmp_path):
     assert warehouse.count("fct_eval_results") == 0  # write=False writes nothing
     again, _ = score_file(preds, model="m", checkpoint="c", write=True)
     assert again == eval_id and warehouse.count("fct_eval_results") == 3
+
+
+def _gold_without_a_warehouse():
+    """The fixture's gold, built from the same row dicts without writing them anywhere."""
+    from training.radrscore import gold_from_rows
+
+    samples = [_sample("s-bin", "binary", "st1", "B", ["Pleural Effusion"]),
+               _sample("s-bin2", "binary", "st1", "A", ["Cardiomegaly"]),
+               _sample("s-open", "open", "st1", None, ["Cardiomegaly"]),
+               _sample("s-nochain", "binary", "st1", "A", ["Cardiomegaly"])]
+    steps = [_step(chain, sid, i, text, obs, status)
+             for sid, chain in (("s-bin", "c1"), ("s-bin2", "c2"), ("s-open", "c3"))
+             for i, (text, obs, status) in enumerate([(EFFUSION_NO, "Pleural Effusion", "absent"),
+                                                      (HEART_BIG, "Cardiomegaly", "present"),
+                                                      (CONCLUSION, None, None)])]
+    labels = [dict(study_id="st1", observation="Pleural Effusion", value="negative"),
+              dict(study_id="st1", observation="Cardiomegaly", value="positive")]
+    return gold_from_rows(samples, steps, labels)
+
+
+def test_scoring_is_plain_code_and_says_how_many_samples_each_score_averages(tmp_path):
+    """training/scoring.py scores a file against gold it is handed (no warehouse, no settings) and gives
+    each score its count: the same figures as the CLI test above, with the samples behind them."""
+    from training.scoring import read_predictions, score_records
+
+    preds = _write_predictions(tmp_path / "p.jsonl", PREDICTIONS)
+    records, _ = read_predictions(preds)
+    scored = score_records(records, _gold_without_a_warehouse(), preds, model="m", checkpoint="c")
+    rows = {r["task"]: r for r in scored.task_rows()}
+    every = rows["all"]
+    assert (every["n"], every["n_unparseable"]) == (4, 1)
+    # completeness: s-nochain has no gold chain; factuality: all four; effectiveness: s-nochain again
+    assert (every["accuracy_n"], every["completeness_n"], every["factuality_n"], every["effectiveness_n"],
+            every["radrscore_n"], every["format_compliance_n"]) == (4, 3, 4, 3, 4, 4)
+    assert every["completeness"] == pytest.approx((1 + 0 + 2 / 5) / 3)
+    assert (rows["binary"]["accuracy_n"], rows["open"]["accuracy_n"]) == (3, 1)
+    assert len(scored.prediction_rows()) == 4 and len(scored.result_rows(datetime.now(UTC))) == 3
+    # the id is the file's: the same bytes scored the same way are the same evaluation
+    again = score_records(records, _gold_without_a_warehouse(), preds, model="m", checkpoint="c")
+    assert again.eval_id == scored.eval_id
+
+
+def test_an_all_unparseable_evaluation_reads_as_such(tmp_path):
+    """Every output empty (no reasoning, no answer): n, n_unparseable = n, and zeros with their counts."""
+    from training.scoring import read_predictions, score_records
+
+    preds = _write_predictions(tmp_path / "junk.jsonl", [{"sample_id": sid, "output": ""}
+                                                          for sid in ("s-bin", "s-bin2", "s-open", "s-nochain")])
+    records, _ = read_predictions(preds)
+    every = {r["task"]: r for r in score_records(records, _gold_without_a_warehouse(), preds, model="junk")
+             .task_rows()}["all"]
+    assert (every["n"], every["n_unparseable"], every["n_no_answer"]) == (4, 4, 4)
+    assert (every["accuracy"], every["format_compliance"]) == (0.0, 0.0)
+    assert (every["accuracy_n"], every["format_compliance_n"]) == (4, 4)

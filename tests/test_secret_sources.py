@@ -171,12 +171,12 @@ def test_mine_stage_uses_the_block_key_and_leaks_it_nowhere(block_name, prepared
     from flows.pipeline import pipeline_flow
     from radchain.settings import get_settings, reset_settings_cache
     from radchain.testing import FakeOpenAIServer
-    from radchain.testing.chain_responder import ChainResponder
+    from flows.testing import chain_responder
     from warehouse import Warehouse
 
     home = tmp_path / "home"
     shutil.copytree(prepared["warehouse"], home / "warehouse")
-    responder = ChainResponder.from_warehouse(Warehouse(home / "warehouse")).warm()
+    responder = chain_responder(Warehouse(home / "warehouse")).warm()
     caplog.set_level(logging.DEBUG)
     with FakeOpenAIServer(responder=responder, api_key=KEY) as server:
         monkeypatch.setenv("RADCHAIN_HOME", str(home))

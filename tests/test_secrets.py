@@ -90,7 +90,7 @@ def test_api_key_is_not_stored_or_logged(radchain_home, monkeypatch, capsys, col
     from flows.stages.common import SourceSpec
     from radchain.settings import get_settings, reset_settings_cache
     from radchain.testing import FakeOpenAIServer
-    from radchain.testing.chain_responder import ChainResponder
+    from flows.testing import chain_responder
 
     corpus = tmp_path / "corpus"
     generate_corpus(corpus, studies=20, seed=5, images=False)
@@ -98,7 +98,7 @@ def test_api_key_is_not_stored_or_logged(radchain_home, monkeypatch, capsys, col
     run_stages(ctx, ["ingest", "label", "tasks"])
     n_samples = ctx.warehouse.read("int_vqa_samples").height
 
-    responder = ChainResponder.from_warehouse(ctx.warehouse)
+    responder = chain_responder(ctx.warehouse)
     faults = dict(rate_limit=0.05, malformed_json=0.05, ungrounded=0.05)
     with FakeOpenAIServer(responder=responder, api_key=SECRET, faults=faults, seed=2, retry_after_s=0.05) as server:
         monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)

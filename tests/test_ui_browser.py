@@ -3,7 +3,12 @@
 Starts the serve machinery (Prefect server on 127.0.0.1, the pools, a cpu worker, the
 deployments), runs the pipeline through the `mine` deployment on a 40-study demo corpus,
 then renders the flow-run page and the stage-count artifact's page in headless Chromium and
-checks the rendered DOM: the run completed, and the artifact shows the per-stage table.
+checks the rendered DOM: the run completed, and the artifact shows the per-stage table. The
+deployment run also left its `mine-progress` artifact (progress is on in deployments). Then the
+`train` deployment runs as it is scheduled (it waits on the cpu pool while the `sft`, `grpo` and
+`evaluate` deployments run on the gpu pool's worker; tiny config) and the SFT curve artifact and
+the parent run's summary are rendered: the PNG is in the page, the summary links the jobs' runs
+and artifacts.
 Screenshots are kept in ``.radchain/test-output/`` (or ``$RADCHAIN_TEST_OUTPUT``).
 
 Skipped only when no Chromium is installed (.ci/run installs it).
@@ -67,21 +72,21 @@ def render_until(url: str, wanted: list[str], attempts: int = 3) -> str:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     from extractors.synthetic import generate_corpus
-    from flows.commands.serve import ServeStack
     from flows.deployments import deployment_specs
+    from flows.supervisor import ServeStack
     from radchain.settings import Settings
 
     root = tmp_path_factory.mktemp("ui")
     corpus = generate_corpus(root / "corpus", studies=STUDIES, seed=13).out
     settings = Settings(home=(root / "home").resolve())
-    stack = ServeStack(settings, port=0, pools=("cpu",), worker_poll_s=2,
+    stack = ServeStack(settings, port=0, pools=("cpu", "gpu"), worker_poll_s=2,
                        env={"PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING"})
     stack.start(deployment_specs(source=corpus, extractor="rules"), schedules_active=False)
     try:
         yield stack
     finally:
         stack.stop()
-        for name in ("server", "worker-cpu"):
+        for name in ("server", "worker-cpu", "worker-gpu"):
             log = stack.log_dir / f"{name}.log"
             if log.exists():
                 shutil.copy(log, output_dir() / f"ui-{name}.log")
@@ -106,6 +111,68 @@ def mine_run(stack):
 def test_the_run_published_its_artifacts(mine_run):
     _, artifacts = mine_run
     assert {"stage-counts", "rejection-reasons", "llm-spend", "dataset-versions"} <= set(artifacts)
+
+
+def test_the_deployment_run_has_a_progress_artifact(stack, mine_run):
+    """A scheduled/deployed mine run shows its progress (deployments no longer turn it off)."""
+    run, artifacts = mine_run
+    progress = artifacts["mine-progress"]
+    assert progress.type == "progress" and progress.data == 100.0
+    assert re.fullmatch(r"mine: (\d+)/\1 samples processed", progress.description), progress.description
+    render_until(f"{stack.ui_url}/artifacts/artifact/{progress.id}", ["mine-progress", run.name])
+
+
+@pytest.fixture(scope="module")
+def train_run(stack, mine_run):
+    """The `train` deployment (its jobs as deployment runs on the gpu pool, tiny config) on the mine run's
+    dataset; the parent run and the artifacts of it and its job runs, by key."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, \
+        FlowRunFilterParentFlowRunId
+    from prefect.deployments import run_deployment
+
+    with stack.api():
+        run = run_deployment("radchain-train/train", timeout=900, poll_interval=2,
+                             parameters={"max_examples": 4, "max_eval_per_task": 1})  # use_deployments: true
+        with get_client(sync_client=True) as client:
+            children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.id])))
+            artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[run.id, *(c.id for c in children)])))
+    assert run.state.is_completed(), run.state
+    return run, {a.key: a for a in artifacts}, children
+
+
+def test_training_curve_artifact_page_shows_the_chart(stack, train_run):
+    run, artifacts, _ = train_run
+    assert {"sft-curves", "sft-metrics", "grpo-curves", "grpo-metrics", "eval-results", "train-summary"} <= \
+        set(artifacts), sorted(artifacts)
+    curves = artifacts["sft-curves"]
+    url = f"{stack.ui_url}/artifacts/artifact/{curves.id}"
+    render_until(url, ["sft-curves", "logged steps"])
+    dom = chromium(url, budget_ms=30000)
+    assert re.search(r'<img[^>]+src="data:image/png;base64,', dom), "the curve PNG is not in the rendered page"
+    shot = output_dir() / "ui-sft-curves.png"
+    chromium(url, screenshot=shot)
+    assert shot.stat().st_size > 10_000
+
+
+def test_the_train_run_summary_links_its_jobs_artifacts(stack, train_run):
+    run, artifacts, children = train_run
+    # the weekly DAG as deployed: each job a run of its own deployment, on the gpu pool
+    assert sorted((c.work_pool_name, c.state.type.value) for c in children) == [("gpu", "COMPLETED")] * 3
+    summary = artifacts["train-summary"]
+    text = render_until(f"{stack.ui_url}/artifacts/artifact/{summary.id}", ["train-summary", "sft", "grpo",
+                                                                            "evaluate", "sft-curves"])
+    assert "grpo-curves" in text and "eval-results" in text
+    assert re.search(r"\bevaluate \S+ completed accuracy \d\.\d{3} over \d+, \d+ unparseable\b", text), text[:2000]
+    for key in ("sft-curves", "grpo-metrics", "eval-results"):
+        assert f"/artifacts/artifact/{artifacts[key].id})" in summary.data
+    for child in children:
+        assert f"[{child.name}](" in summary.data and f"/runs/flow-run/{child.id})" in summary.data
+    shot = output_dir() / "ui-train-summary.png"
+    chromium(f"{stack.ui_url}/artifacts/artifact/{summary.id}", screenshot=shot)
+    assert shot.stat().st_size > 10_000
 
 
 def test_flow_run_page_shows_the_completed_run(stack, mine_run):

@@ -7,7 +7,7 @@ evaluation is reproducible.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +43,10 @@ def generate(
     do_sample: bool = False,
     temperature: float = 1.0,
     device: str | torch.device | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> list[str]:
-    """One decoded completion per row (special tokens removed), in row order."""
+    """One decoded completion per row (special tokens removed), in row order. ``progress(n)`` is
+    called after each batch with the rows it answered (the evaluation job's progress artifact)."""
     if isinstance(checkpoint_or_model, LoadedModel):
         loaded = checkpoint_or_model
     else:
@@ -78,6 +80,8 @@ def generate(
                 )
             new_tokens = generated[:, inputs["input_ids"].shape[1] :]
             outputs.extend(processor.batch_decode(new_tokens, skip_special_tokens=True))
+            if progress is not None:
+                progress(len(batch))
     finally:
         model.train(was_training)
     return outputs

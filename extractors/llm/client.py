@@ -1,9 +1,9 @@
 """An OpenAI-compatible chat client built for batch mining: throttled, retried, cached, accounted.
 
-One ``LLMClient`` talks to one endpoint (``LLMSettings.base_url``; a hosted API, vLLM,
-or the fake server in radchain.testing) through the official ``openai.AsyncOpenAI``
-client, whose own retries are switched off (``max_retries=0``) so that every attempt is
-counted here and shows up in the ``attempts`` column of int_llm_calls.
+One ``LLMClient`` talks to one endpoint (``settings.base_url``; the caller passes its settings in,
+see ``EndpointSettings``; a hosted API, vLLM, or the fake server in radchain.testing) through the
+official ``openai.AsyncOpenAI`` client, whose own retries are switched off (``max_retries=0``) so
+that every attempt is counted here and shows up in the ``attempts`` column of int_llm_calls.
 
 What happens to one request (``complete_structured``):
 
@@ -50,7 +50,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
-from typing import Any
+from typing import Any, Protocol
 
 import openai
 from openai import AsyncOpenAI
@@ -67,9 +67,27 @@ from extractors.llm.structured import (
     parse_structured,
     repair_message,
 )
-from radchain.settings import LLMSettings
 
 log = logging.getLogger("radchain.llm")
+
+
+class EndpointSettings(Protocol):
+    """What the client reads of its settings; the caller passes them in (``radchain.settings.LLMSettings``
+    in the pipeline). Extractors are plain code and do not load the application's settings themselves."""
+
+    base_url: str | None
+    api_key: Any  # a pydantic SecretStr (``get_secret_value()``) or None
+    model: str
+    temperature: float
+    timeout_s: float
+    max_attempts: int
+    backoff_initial_s: float
+    backoff_max_s: float
+    breaker_failures: int
+    max_concurrency: int
+    requests_per_minute: int
+    tokens_per_minute: int
+    price_per_mtok: Mapping[str, Any]  # model -> ModelPrice (or its dict), see extractors.llm.pricing
 
 Message = Mapping[str, Any]
 
@@ -301,7 +319,7 @@ class LLMClient:
 
     def __init__(
         self,
-        settings: LLMSettings,
+        settings: EndpointSettings,
         cache: ResponseCache | None = None,
         *,
         strict_schema: bool = True,
@@ -322,7 +340,7 @@ class LLMClient:
         self.call_log = call_log
         self.cache = cache
         self.strict_schema = strict_schema
-        # None: LLMSettings.backoff_initial_s / backoff_max_s (1 s and 30 s by default).
+        # None: settings.backoff_initial_s / backoff_max_s (1 s and 30 s by default).
         self.backoff_initial_s = settings.backoff_initial_s if backoff_initial_s is None else backoff_initial_s
         self.backoff_max_s = settings.backoff_max_s if backoff_max_s is None else backoff_max_s
         self.retry_after_cap_s = retry_after_cap_s

@@ -6,7 +6,7 @@ which the verifier rightly rejects. To exercise the mine stage end to end (retri
 refinement, caching, the dead-letter table) the fake "model" has to answer each prompt
 with a chain that makes sense for *that* sample. ``ChainResponder`` does so by looking the
 request up: it is built from the list of ``MiningInput`` the stage will mine (for a
-warehouse: ``ChainResponder.from_warehouse``), recognises which sample a chat-completions
+warehouse: ``flows.testing.chain_responder``), recognises which sample a chat-completions
 body built by ``LLMChainExtractor`` is about, and answers with the rule backend's chain for
 that sample (``extract_rules_chain``), as JSON with the evidence offsets left null, as an
 LLM would reply. The server's fault injection (429/500/timeouts, malformed or
@@ -41,7 +41,6 @@ import json
 import threading
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 from extractors.chains.llm_backend import answer_text, options_block
@@ -79,22 +78,6 @@ class ChainResponder:
         self._lock = threading.Lock()
         self.calls: Counter[str] = Counter()  # plan | steps | structured | miss
         self.misses = 0
-
-    @classmethod
-    def from_warehouse(cls, warehouse: Any, sample_ids: Iterable[str] | None = None) -> ChainResponder:
-        """All samples of ``int_vqa_samples`` (or ``sample_ids``) as the mine stage loads them.
-
-        ``warehouse`` is a ``warehouse.Warehouse`` or its folder."""
-        from types import SimpleNamespace
-
-        from flows.stages.mine import load_inputs
-        from warehouse import Warehouse
-
-        wh = warehouse if isinstance(warehouse, Warehouse) else Warehouse(Path(warehouse))
-        if sample_ids is None:
-            sample_ids = wh.read("int_vqa_samples")["sample_id"].to_list()
-        items, _ = load_inputs(SimpleNamespace(warehouse=wh), sample_ids)  # load_inputs reads ctx.warehouse only
-        return cls(items)
 
     # ---- what the "model" knows about a sample -----------------------------------------------
     def chain_for(self, item: MiningInput) -> ReasoningChain:
