@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.base import TableRecord
+from schemas.checks import relationship, sql_check
 
 StepKind = Literal["plan", "observation", "interpretation", "comparison", "conclusion"]
 FindingStatus = Literal["present", "absent", "uncertain"]
@@ -68,6 +69,16 @@ class ChainRow(TableRecord):
     n_steps: int
     text: str
 
+    __checks__ = (
+        relationship("int_chains", "sample_id", "int_vqa_samples", "sample_id",
+                     description="every chain's sample exists"),
+        relationship("int_chains", "study_id", "raw_reports", "study_id"),
+        sql_check("int_chains", "n_steps_matches",
+                  "SELECT c.chain_id AS id FROM {table} c LEFT JOIN (SELECT chain_id, count(*) AS n FROM "
+                  "int_chain_steps GROUP BY chain_id) s USING (chain_id) WHERE coalesce(s.n, 0) <> c.n_steps",
+                  "a chain has exactly n_steps rows in int_chain_steps", reads=("int_chain_steps",)),
+    )
+
 
 class ChainStepRow(TableRecord):
     __table__ = "int_chain_steps"
@@ -82,3 +93,15 @@ class ChainStepRow(TableRecord):
     text: str
     findings: list[StepFinding]
     evidence: list[Evidence]
+
+    __checks__ = (
+        relationship("int_chain_steps", "chain_id", "int_chains", "chain_id",
+                     description="every step's chain exists"),
+        # v_chain_evidence: offsets index the report, a newline, then the prior report (extractors/chains/verify.py).
+        sql_check("int_chain_steps", "evidence_offsets",
+                  "SELECT chain_id || '|' || step_index AS id, format('quote <{{}}> at [{{}}, {{}}) of study {{}}', "
+                  "quote, quote_start, quote_end, study_id) AS detail FROM v_chain_evidence "
+                  "WHERE quote_start IS NULL OR quote_end IS NULL OR NOT coalesce(quote_matches, false)",
+                  "every evidence quote's offsets lie inside its report text and cut out exactly the quote",
+                  reads=("v_chain_evidence",)),
+    )
