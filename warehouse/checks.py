@@ -106,9 +106,10 @@ class CheckOutcome:
     @property
     def line(self) -> str:
         """One line saying what failed (for logs, the run's state message, the CLI)."""
-        what = self.detail or (f"e.g. {', '.join(self.sample_ids)}" if self.sample_ids else "")
-        return f"{self.check.name} failed ({self.failing_rows} failing rows): {self.check.description}" + (
-            f"; {what}" if what else "")
+        if self.detail:
+            return f"{self.check.name} failed: {self.detail}"
+        ids = f"; e.g. {', '.join(self.sample_ids)}" if self.sample_ids else ""
+        return f"{self.check.name} failed ({self.failing_rows} failing rows: {self.check.description}){ids}"
 
     def row(self, stage: str, dataset_version: str | None = None) -> dict[str, Any]:
         c = self.check
