@@ -68,11 +68,16 @@ def stage_writes(stage: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys([*tables, *SHARED_TABLES]))
 
 
-def check_params(ctx: RunContext) -> dict[str, float]:
-    params = ctx.settings.checks.params()
-    if ctx.options.get("min_acceptance") is not None:
-        params["min_acceptance"] = float(ctx.options["min_acceptance"])
+def check_params_from(settings: Any, min_acceptance: float | None = None) -> dict[str, float]:
+    """The checks' thresholds: the settings (RADCHAIN_CHECKS_*), the mine gate overridden per run."""
+    params = settings.checks.params()
+    if min_acceptance is not None:
+        params["min_acceptance"] = float(min_acceptance)
     return params
+
+
+def check_params(ctx: RunContext) -> dict[str, float]:
+    return check_params_from(ctx.settings, ctx.options.get("min_acceptance"))
 
 
 def _code_version() -> str:
