@@ -317,7 +317,11 @@ def _write(wh: Any, eval_id: str, report: Any, model: str, checkpoint: str | Non
     from warehouse.eval_store import write_eval
 
     now = datetime.now(UTC)
-    lineage = Lineage(run_id=f"score-{eval_id}", batch_id=eval_id, code_version=f"radchain-{__version__}/{VERSION}")
+    from prefect.runtime import flow_run
+
+    # The Prefect flow run that scored (evaluate_flow); `radchain score` outside a flow keeps score-<eval_id>.
+    lineage = Lineage(run_id=str(flow_run.get_id() or f"score-{eval_id}"), batch_id=eval_id,
+                      code_version=f"radchain-{__version__}/{VERSION}")
     results = [
         dict(eval_id=eval_id, model=model, checkpoint=checkpoint, judge=judge, predictions_path=str(path.resolve()),
              scored_at=now, format_compliance=report.format_compliance.get(r.task), baseline=baseline,
