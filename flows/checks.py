@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from contextlib import ExitStack
 from datetime import UTC, datetime
 from typing import Any
 
@@ -68,6 +69,13 @@ def stage_writes(stage: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys([*tables, *SHARED_TABLES]))
 
 
+def stage_checks(stage: str, last: bool = True) -> list[Any]:
+    """The checks to run after ``stage``. The tables every stage writes get their run-scoped checks (the
+    gates, rejection rates) after each stage, and their whole-table checks (keys) after the run's last."""
+    own = set(stage_writes(stage)) - set(SHARED_TABLES)
+    return [c for c in all_checks(stage_writes(stage)) if c.table in own or last or c.scope == "run"]
+
+
 def check_params_from(settings: Any, min_acceptance: float | None = None) -> dict[str, float]:
     """The checks' thresholds: the settings (RADCHAIN_CHECKS_*), the mine gate overridden per run."""
     params = settings.checks.params()
@@ -86,11 +94,12 @@ def _code_version() -> str:
     return f"radchain-{__version__}/checks-v1"
 
 
-def run_stage_checks(ctx: RunContext, stage: str) -> list[CheckOutcome]:
-    """Run the checks of the tables ``stage`` wrote, store the results, log the failures; raise
-    DataCheckFailed when an error check failed (after removing a dataset version the datasets stage built)."""
+def run_stage_checks(ctx: RunContext, stage: str, last: bool = True, con: Any = None) -> list[CheckOutcome]:
+    """Run the checks of the tables ``stage`` wrote (``last``: the run's last stage, see stage_checks), store
+    the results, log the failures; raise DataCheckFailed when an error check failed (after removing a
+    dataset version the datasets stage built)."""
     wh = ctx.warehouse
-    outcomes = run_checks(wh, all_checks(stage_writes(stage)), ctx.run_id, check_params(ctx))
+    outcomes = run_checks(wh, stage_checks(stage, last), ctx.run_id, check_params(ctx), con=con)
     versions = []
     if stage == "datasets":
         versions = (wh.scan("fct_dataset_versions").filter(pl.col("run_id") == ctx.run_id)
@@ -152,6 +161,8 @@ class RunAudit:
         self.started_at = datetime.now(UTC)
         self.stages: list[dict[str, Any]] = []
         self._write("Running")
+        self._reader = ExitStack()  # one read-only connection for the run's checks (views read the live files)
+        self._con: Any = None
 
     def _write(self, state: str, reason: str | None = None) -> None:
         row = dict(flow=self.flow, state=state, reason=reason, requested_stages=self.requested, stages=self.stages,
@@ -166,7 +177,9 @@ class RunAudit:
             outputs=sum(r.outputs for r in results), rejected=sum(r.rejected for r in results),
             skipped=sum(r.skipped for r in results), wall_s=round(sum(r.wall_s for r in results), 3)))
         self._write("Running")
-        return run_stage_checks(self.ctx, stage)
+        if self._con is None:
+            self._con = self._reader.enter_context(self.ctx.warehouse.read_connection())
+        return run_stage_checks(self.ctx, stage, last=stage == self.requested[-1], con=self._con)
 
     def __enter__(self) -> "RunAudit":
         return self
@@ -176,6 +189,8 @@ class RunAudit:
 
     def finish(self, error: BaseException | None = None) -> None:
         """Completed, or Failed with the error's one line; then the run's checks as a Prefect artifact."""
+        self._reader.close()
+        self._con = None
         reason = None
         if error is not None:
             reason = " ".join(f"{type(error).__name__}: {error}".split())[:2000]

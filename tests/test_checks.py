@@ -216,6 +216,10 @@ def test_every_check_ran_after_its_stage_and_passed(clean):
     assert "int_chain_steps.evidence_offsets" in by_stage["mine"]
     assert "mart_sft_examples.no_test_patient" in by_stage["datasets"]
     assert "raw_reports.unique(study_id)" in by_stage["ingest"] and "raw_reports.unique(study_id)" not in by_stage["mine"]
+    # Tables every stage writes: their run-scoped checks (the gate) after each stage, their keys after the last.
+    assert "audit_stage_counts.mine_acceptance" in by_stage["mine"] and "audit_stage_counts.rejection_rate" in by_stage["ingest"]
+    assert "int_rejections.unique(rejection_id)" in by_stage["datasets"]
+    assert "int_rejections.unique(rejection_id)" not in by_stage["ingest"]
     # Every declared check of a data table ran after the stage that writes it.
     ran = set().union(*by_stage.values())
     for c in all_checks(["raw_reports", "int_labels", "int_vqa_samples", "int_chains", "mart_rl_prompts"]):

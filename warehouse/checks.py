@@ -10,6 +10,7 @@ of the run that built them (what ``train`` picks from).
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -120,14 +121,16 @@ class CheckOutcome:
 
 
 def run_checks(wh: Warehouse, checks: Sequence[Check], run_id: str | None = None,
-               params: Mapping[str, Any] | None = None) -> list[CheckOutcome]:
-    """Run each check on one read-only connection; a check whose SQL fails counts as failed (its error
-    in ``detail``), so a broken check is never silently green."""
+               params: Mapping[str, Any] | None = None, con: Any = None) -> list[CheckOutcome]:
+    """Run each check on one read-only connection (``con``, e.g. one a pipeline run keeps open for all its
+    stages, or a new one); a check whose SQL fails counts as failed (its error in ``detail``), so a broken
+    check is never silently green."""
     if not checks:
         return []
-    wh.refresh_views()
     out = []
-    with wh.read_connection() as con:
+    with ExitStack() as stack:
+        if con is None:
+            con = stack.enter_context(wh.read_connection())
         for check in checks:
             t0 = time.perf_counter()
             try:
