@@ -59,6 +59,16 @@ class DataCheckFailed(RuntimeError):
         super().__init__(f"after stage {stage}, data check {first.line}{more}"
                          + (f" ({hint})" if hint else "") + (f"; {note}" if note else ""))
 
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable (a state's data may be serialized)
+        return (_rebuild_failure, (str(self), self.stage, self.failed))
+
+
+def _rebuild_failure(message: str, stage: str, failed: list[CheckOutcome]) -> DataCheckFailed:
+    err = DataCheckFailed.__new__(DataCheckFailed)
+    RuntimeError.__init__(err, message)
+    err.stage, err.failed = stage, failed
+    return err
+
 
 def stage_writes(stage: str) -> tuple[str, ...]:
     """The tables whose checks run after ``stage``: what it writes, plus the tables every stage writes."""

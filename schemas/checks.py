@@ -20,7 +20,7 @@ from __future__ import annotations
 import types
 import typing
 from datetime import datetime
-from typing import Any, ClassVar, Literal, get_args, get_origin
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -127,7 +127,6 @@ class CheckResult(TableRecord):
                        "sample of their ids; the run id is the pipeline run (or `radchain check`) that ran it.")
     __grain__ = "one check in one run (after one stage, or on demand)"
     __key__ = ("run_id", "stage", "check_name")
-    __checks__: ClassVar[tuple[Check, ...]] = ()
 
     check_name: str = Field(description="the check's declared name, <table>.<what>")
     table_name: str = Field(description="the table it checks")

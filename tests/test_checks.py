@@ -385,3 +385,36 @@ def test_docs_writes_a_static_catalog_with_lineage_and_check_results(clean, tmp_
     assert "<code>int_chains.sample_id-&gt;int_vqa_samples</code>" in page
     assert "<span class=pass>passed</span>" in page
     reset_settings_cache()
+
+
+def test_cli_run_that_fails_a_check_prints_one_line_and_exits_1(gated, monkeypatch):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from radchain.settings import reset_settings_cache
+
+    monkeypatch.setenv("RADCHAIN_HOME", str(gated["home"]))
+    reset_settings_cache()
+    try:
+        result = CliRunner().invoke(app, ["run", "--source", str(gated["corpus"]), "--stages", "datasets"])
+    finally:
+        reset_settings_cache()
+    assert result.exit_code == 1, result.output
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.output
+    line = " ".join(result.stderr.split())
+    assert "run failed: after stage datasets, data check fct_dataset_versions.splits_not_empty failed" in line
+    assert "was not registered" in line and gated["wh"].count("fct_dataset_versions") == 0
+
+
+def test_a_check_failure_survives_pickling():
+    import pickle
+
+    from flows.checks import DataCheckFailed
+    from warehouse.checks import CheckOutcome, all_checks
+
+    check = all_checks(["raw_reports"])[0]
+    err = DataCheckFailed("ingest", [CheckOutcome(check, False, 2, ["a", "b"], None, 0.01)])
+    back = pickle.loads(pickle.dumps(err))
+    assert type(back) is DataCheckFailed and str(back) == str(err) and back.stage == "ingest"
+    assert str(err).startswith(f"after stage ingest, data check {check.name} failed (2 failing rows")

@@ -56,7 +56,8 @@ def register(app: typer.Typer) -> None:
         checks = all_checks(tables)
         outcomes = run_checks(wh, checks, None, check_params_from(settings, min_acceptance))
         run_id = f"check-{uuid.uuid4().hex[:12]}"
-        with warehouse_lock(wh.root, purpose=f"radchain check {run_id}"):  # held for the write only
+        # Held for the write only; a pipeline run holding it for longer makes this fail in 60 s, naming it.
+        with warehouse_lock(wh.root, timeout_s=60, purpose=f"radchain check {run_id}"):
             write_results(wh, outcomes, run_id, ON_DEMAND, f"radchain-{__version__}/checks-v1")
             wh.refresh_views()
         rows = [dict(check=o.check.name, table=o.check.table, severity=o.check.severity,
