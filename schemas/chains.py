@@ -97,11 +97,21 @@ class ChainStepRow(TableRecord):
     __checks__ = (
         relationship("int_chain_steps", "chain_id", "int_chains", "chain_id",
                      description="every step's chain exists"),
-        # v_chain_evidence: offsets index the report, a newline, then the prior report (extractors/chains/verify.py).
+        # Offsets index the report, a newline, then the prior report (extractors/chains/verify.py; v_chain_evidence).
         sql_check("int_chain_steps", "evidence_offsets",
-                  "SELECT chain_id || '|' || step_index AS id, format('quote <{{}}> at [{{}}, {{}}) of study {{}}', "
-                  "quote, quote_start, quote_end, study_id) AS detail FROM v_chain_evidence "
-                  "WHERE quote_start IS NULL OR quote_end IS NULL OR NOT coalesce(quote_matches, false)",
-                  "every evidence quote's offsets lie inside its report text and cut out exactly the quote",
-                  reads=("v_chain_evidence",)),
+                  "SELECT x.chain_id || '|' || x.step_index AS id, format('quote <{{}}> at [{{}}, {{}}) of study {{}}', "
+                  "x.e.quote, x.e.start, x.e.\"end\", s.study_id) AS detail "
+                  "FROM (SELECT chain_id, sample_id, step_index, unnest(evidence) AS e FROM {table}) x "
+                  "JOIN int_vqa_samples s USING (sample_id) "
+                  "LEFT JOIN raw_reports r ON r.study_id = s.study_id "
+                  "LEFT JOIN raw_reports p ON p.study_id = s.prior_study_id "
+                  "WHERE NOT coalesce(CASE "
+                  "WHEN x.e.start < 0 OR x.e.\"end\" < x.e.start THEN false "
+                  "WHEN x.e.\"end\" <= length(r.text) "
+                  "THEN substr(r.text, x.e.start + 1, x.e.\"end\" - x.e.start) = x.e.quote "
+                  "WHEN x.e.start > length(r.text) "
+                  "THEN substr(p.text, x.e.start - length(r.text), x.e.\"end\" - x.e.start) = x.e.quote "
+                  "ELSE false END, false)",
+                  "every evidence quote's offsets lie inside its report (or prior report) and cut out exactly "
+                  "the quote", reads=("int_vqa_samples", "raw_reports")),
     )
