@@ -75,11 +75,12 @@ def accepted_values(table: str, column: str, values: tuple[str, ...] | list[str]
 
 
 def relationship(table: str, columns: str | tuple[str, ...], to_table: str, to_columns: str | tuple[str, ...],
-                 severity: Severity = "error", name: str | None = None, description: str = "") -> Check:
+                 severity: Severity = "error", name: str | None = None, description: str = "",
+                 scope: Literal["table", "run"] = "table") -> Check:
     cols = (columns,) if isinstance(columns, str) else tuple(columns)
     tos = (to_columns,) if isinstance(to_columns, str) else tuple(to_columns)
     return Check(name=name or f"{table}.{'+'.join(cols)}->{to_table}", table=table, kind="relationship",
-                 columns=cols, to_table=to_table, to_columns=tos, severity=severity,
+                 columns=cols, to_table=to_table, to_columns=tos, severity=severity, scope=scope,
                  description=description or f"every {', '.join(cols)} exists in {to_table}")
 
 

@@ -26,7 +26,8 @@ class SftExample(TableRecord):
     weight: float  # mixture weight of the task (the release: 0.1 per task file, temporal 0.05)
 
     __checks__ = (
-        relationship("mart_sft_examples", "sample_id", "int_vqa_samples", "sample_id"),
+        # Run scope: older versions are kept as history, and their samples may since have left the warehouse.
+        relationship("mart_sft_examples", "sample_id", "int_vqa_samples", "sample_id", scope="run"),
         relationship("mart_sft_examples", "dataset_version", "fct_dataset_versions", "dataset_version"),
         sql_check("mart_sft_examples", "no_test_patient",
                   "SELECT m.example_id AS id, format('patient {{}} of sample {{}} has a test-split study', s.patient_id, "
@@ -56,7 +57,8 @@ class RlPrompt(TableRecord):
     weight: float
 
     __checks__ = (
-        relationship("mart_rl_prompts", "sample_id", "int_vqa_samples", "sample_id"),
+        # Run scope: older versions are kept as history, and their samples may since have left the warehouse.
+        relationship("mart_rl_prompts", "sample_id", "int_vqa_samples", "sample_id", scope="run"),
         relationship("mart_rl_prompts", "dataset_version", "fct_dataset_versions", "dataset_version"),
         sql_check("mart_rl_prompts", "no_test_patient",
                   "SELECT m.example_id AS id, format('patient {{}} of sample {{}} has a test-split study', s.patient_id, "
@@ -84,12 +86,13 @@ class BenchmarkItem(TableRecord):
     gold_labels: str
 
     __checks__ = (
-        relationship("mart_benchmark", "sample_id", "int_vqa_samples", "sample_id"),
+        # Run scope: older versions are kept as history, and their samples may since have left the warehouse.
+        relationship("mart_benchmark", "sample_id", "int_vqa_samples", "sample_id", scope="run"),
         relationship("mart_benchmark", "dataset_version", "fct_dataset_versions", "dataset_version"),
         sql_check("mart_benchmark", "test_split_only",
                   "SELECT b.sample_id AS id FROM {table} b JOIN int_vqa_samples s USING (sample_id) "
                   "WHERE s.split <> 'test'",
-                  "the benchmark holds test-split samples only", reads=("int_vqa_samples",)),
+                  "the benchmark holds test-split samples only", scope="run", reads=("int_vqa_samples",)),
     )
 
 
