@@ -418,3 +418,19 @@ def test_a_check_failure_survives_pickling():
     back = pickle.loads(pickle.dumps(err))
     assert type(back) is DataCheckFailed and str(back) == str(err) and back.stage == "ingest"
     assert str(err).startswith(f"after stage ingest, data check {check.name} failed (2 failing rows")
+
+
+def test_each_run_published_its_checks_artifact(gated):
+    """The data-checks markdown artifact of every flow run, the failed ones included, names the failing check."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["data-checks"])))
+    by_run = {str(a.flow_run_id): a for a in arts}
+    mined, built = (str(gated[k].state_details.flow_run_id) for k in ("mined", "built"))
+    assert {str(gated["first"].state_details.flow_run_id), mined, built} <= set(by_run)
+    md = by_run[mined].data
+    assert "| mine | `audit_stage_counts.mine_acceptance` | error | **failed** | 1 | mine |" in md
+    assert "1 errors failed, 1 warnings" in md
+    assert "`fct_dataset_versions.splits_not_empty` | error | **failed**" in by_run[built].data
