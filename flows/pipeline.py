@@ -25,6 +25,7 @@ from prefect.states import Failed
 
 from extractors.sources import SourceError
 
+from flows.checks import DataCheckFailed, RunAudit
 from flows.locking import warehouse_lock
 from flows.runners import (
     RunnerSpec,
@@ -167,10 +168,11 @@ def pipeline_flow(
     run_id = str(flow_run.get_id() or uuid.uuid4())
     try:
         return _run_pipeline(source, stages, options, spec, run_id)
-    except SourceError as e:
+    except (SourceError, DataCheckFailed) as e:
         # The source's content or mapping is unusable (a missing column, no rows, a broken JSON
-        # line ...): the run is Failed with that one line, and no traceback is logged for it.
-        # Calling the flow still raises the SourceError (the CLI prints it as one line).
+        # line ...), or an error data check failed after a stage (flows/checks.py): the run is Failed
+        # with that one line, and no traceback is logged for it.
+        # Calling the flow still raises the error (the CLI prints it as one line).
         return Failed(message=f"{type(e).__name__}: {e}", data=e)
 
 
@@ -181,14 +183,16 @@ def _run_pipeline(source: SourceSpec | None, stages: list[str], options: dict[st
         ctx = make_context(source=source, run_id=run_id, **(options or {}))
         logger = _logger()
         LAST_STAGE_WALLS.clear()
+        audit = RunAudit(ctx, [s for s in ALL_STAGES if s in stages])  # this run's audit_runs row
         finalizer = lambda s, c: finalize_task.with_options(name=f"{s}-finalize")(s, c)
-        with ExitStack() as stack:
+        with audit, ExitStack() as stack:
             task_runner = open_task_runner(spec, stack)
             where = spec.describe() if task_runner is None or spec.kind == "dask" else type(task_runner).__name__
 
             def on_stage(name: str, out: list[BatchResult], wall: float) -> None:
                 LAST_STAGE_WALLS[name] = wall
                 logger.info("stage %s: %d batch results in %.2f s (%s)", name, len(out), wall, where)
+                audit.after_stage(name, out)  # the data checks of its tables; an error check stops the run
 
             if task_runner is None:
                 results = run_stages(

@@ -42,6 +42,52 @@ def latest_dataset_version(wh: Warehouse) -> str:
     return versions.sort("built_at", descending=True)["dataset_version"][0]
 
 
+class NoCheckedDataset(ValueError):
+    """No dataset version passed the data checks of the run that built it: training refuses to start."""
+
+
+def checked_dataset_version(wh: Warehouse) -> str:
+    """The newest dataset version whose checks passed (every error check of the datasets stage of the run
+    that built it, in fct_check_results); logged, so a run says which version it trains on."""
+    from warehouse.checks import dataset_versions_passed
+
+    versions = dataset_versions_passed(wh)
+    if versions.is_empty():
+        raise NoCheckedDataset("no dataset version in the warehouse; run `radchain run` (the datasets stage) first")
+    passed = versions.filter(pl.col("passed"))
+    if passed.is_empty():
+        newest = versions.row(0, named=True)
+        why = (f"{newest['failed_errors']} error checks failed" if newest["checks"]
+               else "it has no data check results (built outside a pipeline run, or before checks existed)")
+        raise NoCheckedDataset(
+            f"no dataset version passed its data checks: the newest, {newest['dataset_version']}, is refused "
+            f"({why}); run `radchain run --stages datasets` to rebuild and check it, see `radchain check`, or "
+            "name a version with --dataset-version")
+    row = passed.row(0, named=True)
+    skipped = versions.filter(pl.col("built_at") > row["built_at"]).height
+    _log(f"training on dataset version {row['dataset_version']}, the newest whose {row['checks']} data checks "
+         f"passed (built {row['built_at']:%Y-%m-%d %H:%M} by run {row['run_id']})"
+         + (f"; {skipped} newer versions did not pass and were skipped" if skipped else ""))
+    return row["dataset_version"]
+
+
+def _log(message: str) -> None:
+    try:
+        get_run_logger().info(message)
+    except Exception:  # outside a flow run
+        import logging
+
+        logging.getLogger("radchain.train").info(message)
+    print(message, flush=True)
+
+
+def _flow_run_id(default: str) -> str:
+    """The Prefect flow run writing a row (its lineage run_id); ``default`` outside a flow run."""
+    from prefect.runtime import flow_run
+
+    return str(flow_run.get_id() or default)
+
+
 def has_usable_images(row: dict) -> bool:
     """Every image of the row is on disk and starts like an image (a garbage .jpg would crash a trainer)."""
     from extractors.sources import looks_like_image
@@ -86,7 +132,7 @@ def _record_run(wh: Warehouse, row: dict[str, Any]) -> None:
 
     from flows.locking import warehouse_lock
 
-    lineage = Lineage(run_id=row["training_run_id"], batch_id=row["training_run_id"],
+    lineage = Lineage(run_id=_flow_run_id(row["training_run_id"]), batch_id=row["training_run_id"],
                       code_version=f"radchain-{__version__}/{VERSION}")
     with warehouse_lock(wh.root, purpose=f"{row['kind']} job {row['training_run_id']}"):  # held for the write only
         wh.write(TrainingRun, row["training_run_id"], [row], lineage)
@@ -163,7 +209,7 @@ def sft_flow(dataset_version: str | None = None, config: str = "tiny-cpu", max_e
     from training.sft import run_sft
 
     wh = _warehouse()
-    version = dataset_version or latest_dataset_version(wh)
+    version = dataset_version or checked_dataset_version(wh)
     variants = set(load_config(config).sft.variants)
     rows, skipped = mart_rows(wh, "mart_sft_examples", version, limit=max_examples,
                               keep=lambda r: r["variant"] in variants)
@@ -199,7 +245,7 @@ def grpo_flow(dataset_version: str | None = None, config: str = "tiny-cpu", init
     from training.grpo import run_grpo
 
     wh = _warehouse()
-    version = dataset_version or latest_dataset_version(wh)
+    version = dataset_version or checked_dataset_version(wh)
     rows, skipped = mart_rows(wh, "mart_rl_prompts", version, columns=RL_COLUMNS, limit=max_prompts)
 
     def job(cfg, rows, out):
@@ -294,7 +340,7 @@ def train_flow(dataset_version: str | None = None, config: str = "tiny-cpu", use
                max_examples: int | None = None, max_eval_per_task: int | None = None,
                max_new_tokens: int | None = None) -> dict[str, Any]:
     """SFT → GRPO from the SFT checkpoint → evaluate, as separate jobs."""
-    version = dataset_version or latest_dataset_version(_warehouse())
+    version = dataset_version or checked_dataset_version(_warehouse())
     sft_id, grpo_id = f"sft-{uuid.uuid4().hex[:12]}", f"grpo-{uuid.uuid4().hex[:12]}"
 
     # What the operator sees: a ``train-summary`` artifact on this run links each job's flow run and its

@@ -126,6 +126,25 @@ class LLMSettings(BaseSettings):
         return state
 
 
+class CheckSettings(BaseSettings):
+    """Thresholds of the data checks and quality gates (schemas/ declares the checks; flows/checks.py runs them)."""
+
+    model_config = SettingsConfigDict(env_prefix="RADCHAIN_CHECKS_", extra="ignore")
+
+    # The mine gate: a run whose mine stage accepts less than this share of the samples it decided
+    # (accepted / (accepted + rejected); budget-skipped samples aside) ends Failed, and builds no dataset.
+    # RADCHAIN_CHECKS_MIN_ACCEPTANCE; `radchain run --min-acceptance` per run.
+    min_acceptance: float = Field(default=0.5, ge=0.0, le=1.0)
+    # Warn when a stage of a run rejects more than this share of its inputs.
+    max_rejection_rate: float = Field(default=0.5, ge=0.0, le=1.0)
+    # Warn when an option task answers one letter in more than this share of its samples (balanced sampling).
+    max_answer_share: float = Field(default=0.7, ge=0.0, le=1.0)
+
+    def params(self) -> dict[str, float]:
+        return dict(min_acceptance=self.min_acceptance, max_rejection_rate=self.max_rejection_rate,
+                    max_answer_share=self.max_answer_share)
+
+
 class _CheckedTomlSource(TomlConfigSettingsSource):
     """The TOML file, refused when it holds an API key (keys come from the environment or a Secret block)."""
 
@@ -143,6 +162,7 @@ class Settings(BaseSettings):
     batch_size: int = 5000
     seed: int = 13
     llm: LLMSettings = Field(default_factory=LLMSettings)
+    checks: CheckSettings = Field(default_factory=CheckSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -9,15 +9,16 @@ from schemas.labels import OBSERVATIONS, TARGET_OBSERVATIONS, Label
 from schemas.vqa import TASKS, VqaSample
 from schemas.chains import ChainRow, ChainStepRow, Evidence, ReasoningChain, ReasoningStep, StepFinding
 from schemas.llm import LlmCall
-from schemas.audit import Materialization, Rejection, StageCount
+from schemas.checks import Check, CheckResult
+from schemas.audit import Materialization, Rejection, RunRecord, StageCount
 from schemas.datasets import BenchmarkItem, DatasetVersion, RlPrompt, SftExample
 from schemas.training import TrainingRun
 from schemas.eval import EvalResult, ScoredPrediction
 
 __all__ = [
     "OBSERVATIONS", "TARGET_OBSERVATIONS", "TASKS",
-    "BenchmarkItem", "ChainRow", "ChainStepRow", "DatasetVersion", "EvalResult", "Evidence", "Image", "Label",
+    "BenchmarkItem", "ChainRow", "Check", "CheckResult", "ChainStepRow", "DatasetVersion", "EvalResult", "Evidence", "Image", "Label",
     "Lineage", "LlmCall", "Materialization", "RawReport", "ReasoningChain", "ReasoningStep",
-    "Rejection", "RlPrompt", "ScoredPrediction", "Section", "SftExample", "StageCount", "StepFinding", "Study",
+    "Rejection", "RlPrompt", "RunRecord", "ScoredPrediction", "Section", "SftExample", "StageCount", "StepFinding", "Study",
     "TableRecord", "TrainingRun", "VqaSample", "stable_id",
 ]

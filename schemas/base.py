@@ -36,6 +36,8 @@ class TableRecord(Lineage):
     __description__: ClassVar[str] = ""
     __grain__: ClassVar[str] = ""  # what one row is
     __key__: ClassVar[tuple[str, ...]] = ()  # columns that identify a row
+    # Declared data checks (schemas.checks.Check); key, not-null and Literal checks are implied.
+    __checks__: ClassVar[tuple[Any, ...]] = ()
 
     registry: ClassVar[dict[str, type["TableRecord"]]] = {}
 

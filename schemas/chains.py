@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.base import TableRecord
+from schemas.checks import relationship, sql_check
 
 StepKind = Literal["plan", "observation", "interpretation", "comparison", "conclusion"]
 FindingStatus = Literal["present", "absent", "uncertain"]
@@ -68,6 +69,16 @@ class ChainRow(TableRecord):
     n_steps: int
     text: str
 
+    __checks__ = (
+        relationship("int_chains", "sample_id", "int_vqa_samples", "sample_id",
+                     description="every chain's sample exists"),
+        relationship("int_chains", "study_id", "raw_reports", "study_id"),
+        sql_check("int_chains", "n_steps_matches",
+                  "SELECT c.chain_id AS id FROM {table} c LEFT JOIN (SELECT chain_id, count(*) AS n FROM "
+                  "int_chain_steps GROUP BY chain_id) s USING (chain_id) WHERE coalesce(s.n, 0) <> c.n_steps",
+                  "a chain has exactly n_steps rows in int_chain_steps", reads=("int_chain_steps",)),
+    )
+
 
 class ChainStepRow(TableRecord):
     __table__ = "int_chain_steps"
@@ -82,3 +93,25 @@ class ChainStepRow(TableRecord):
     text: str
     findings: list[StepFinding]
     evidence: list[Evidence]
+
+    __checks__ = (
+        relationship("int_chain_steps", "chain_id", "int_chains", "chain_id",
+                     description="every step's chain exists"),
+        # Offsets index the report, a newline, then the prior report (extractors/chains/verify.py; v_chain_evidence).
+        sql_check("int_chain_steps", "evidence_offsets",
+                  "SELECT x.chain_id || '|' || x.step_index AS id, format('quote <{{}}> at [{{}}, {{}}) of study {{}}', "
+                  "x.e.quote, x.e.start, x.e.\"end\", s.study_id) AS detail "
+                  "FROM (SELECT chain_id, sample_id, step_index, unnest(evidence) AS e FROM {table}) x "
+                  "JOIN int_vqa_samples s USING (sample_id) "
+                  "LEFT JOIN raw_reports r ON r.study_id = s.study_id "
+                  "LEFT JOIN raw_reports p ON p.study_id = s.prior_study_id "
+                  "WHERE NOT coalesce(CASE "
+                  "WHEN x.e.start < 0 OR x.e.\"end\" < x.e.start THEN false "
+                  "WHEN x.e.\"end\" <= length(r.text) "
+                  "THEN substr(r.text, x.e.start + 1, x.e.\"end\" - x.e.start) = x.e.quote "
+                  "WHEN x.e.start > length(r.text) "
+                  "THEN substr(p.text, x.e.start - length(r.text), x.e.\"end\" - x.e.start) = x.e.quote "
+                  "ELSE false END, false)",
+                  "every evidence quote's offsets lie inside its report (or prior report) and cut out exactly "
+                  "the quote", reads=("int_vqa_samples", "raw_reports")),
+    )

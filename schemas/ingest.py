@@ -7,6 +7,7 @@ from datetime import datetime
 from pydantic import BaseModel, Field
 
 from schemas.base import TableRecord
+from schemas.checks import relationship, sql_check
 
 SECTION_NAMES = (
     "preamble", "examination", "indication", "history", "technique", "comparison",
@@ -56,6 +57,15 @@ class Section(TableRecord):
     text: str
     inferred: bool = False  # True when made by the no-header paragraph fallback (extractors/sections.py)
 
+    __checks__ = (
+        relationship("stg_sections", "study_id", "raw_reports", "study_id"),
+        sql_check("stg_sections", "offsets_in_text",
+                  "SELECT s.section_id AS id FROM {table} s JOIN raw_reports r USING (study_id) "
+                  "WHERE s.start < 0 OR s.\"end\" > length(r.text) OR s.start > s.\"end\" "
+                  "OR substr(r.text, s.start + 1, s.\"end\" - s.start) <> s.text",
+                  "a section's offsets lie inside its report and cut out exactly its text", reads=("raw_reports",)),
+    )
+
 
 class Image(TableRecord):
     __table__ = "stg_images"
@@ -75,6 +85,14 @@ class Image(TableRecord):
     height: int | None = None
     format: str | None = None  # JPEG, PNG, DICOM, ...
 
+    __checks__ = (
+        relationship("stg_images", "study_id", "stg_studies", "study_id"),
+        sql_check("stg_images", "status_values",
+                  "SELECT dicom_id AS id FROM {table} WHERE status NOT IN ('ok', 'missing', 'corrupt') "
+                  "OR \"exists\" <> (status = 'ok')",
+                  "status is ok, missing or corrupt, and exists = (status = 'ok')"),
+    )
+
 
 class Study(TableRecord):
     __table__ = "stg_studies"
@@ -91,3 +109,9 @@ class Study(TableRecord):
     n_images: int
     has_findings: bool
     has_impression: bool
+
+    __checks__ = (
+        relationship("stg_studies", "study_id", "raw_reports", "study_id"),
+        relationship("stg_studies", "prior_study_id", "stg_studies", "study_id",
+                     description="a study's prior study exists"),
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from schemas.base import TableRecord
+from schemas.checks import relationship
 
 OBSERVATIONS = (
     "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Lesion", "Lung Opacity",
@@ -33,3 +34,7 @@ class Label(TableRecord):
     sentence_start: int | None = None  # offsets into raw_reports.text
     sentence_end: int | None = None
     sentence: str | None = None
+
+    __checks__ = (
+        relationship("int_labels", "study_id", "raw_reports", "study_id"),
+    )

@@ -140,10 +140,24 @@ def test_train_dag_sft_grpo_evaluate_records_runs_and_results(built):
     grpo = runs.filter(pl.col("kind") == "grpo").to_dicts()[0]
     sft = runs.filter(pl.col("kind") == "sft").to_dicts()[0]
     assert grpo["init_checkpoint"] == sft["checkpoint"] and Path(grpo["checkpoint"]).is_dir()
+    # Lineage: run_id is the Prefect flow run of each job (a UUID), not the job's own id.
+    import uuid
+
+    for r in (sft, grpo):
+        assert uuid.UUID(r["run_id"]) and r["run_id"] != r["training_run_id"]
+    assert sft["run_id"] != grpo["run_id"]
+    # It trained on the newest version whose checks passed in the run that built it.
+    passed = wh.sql("SELECT v.dataset_version FROM fct_dataset_versions v JOIN fct_check_results c "
+                    "ON c.run_id = v.run_id AND c.dataset_version = v.dataset_version "
+                    "GROUP BY ALL HAVING bool_and(c.passed OR c.severity = 'warn')").to_pylist()
+    assert [p["dataset_version"] for p in passed] == [out["dataset_version"]] == [grpo["dataset_version"]]
     assert json.loads(grpo["metrics_json"])["reward_names"] == ["outcome_reward", "format_reward", "process_reward"]
     evaluation = out["evaluation"]
     assert evaluation["max_new_tokens"] == 12  # tiny-cpu's grpo.max_completion_length, not a constant
     results = wh.read("fct_eval_results").filter(pl.col("eval_id") == evaluation["eval_id"])
+    (eval_run,) = set(results["run_id"])
+    assert uuid.UUID(eval_run) and eval_run not in (sft["run_id"], grpo["run_id"])  # the evaluate flow run
+    assert set(wh.read("fct_predictions").filter(pl.col("eval_id") == evaluation["eval_id"])["run_id"]) == {eval_run}
     assert set(results["task"]) == {"binary", "single", "multi", "open", "temporal", "all"}
     assert results["baseline"].is_null().all() and results["format_compliance"].is_not_null().all()
     assert Path(evaluation["chart"]).stat().st_size > 1000

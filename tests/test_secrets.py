@@ -121,7 +121,12 @@ def test_api_key_is_not_stored_or_logged(radchain_home, monkeypatch, capsys, col
         server.api_key = "sk-some-other-key"
         for f in get_settings().cache_dir.glob("*"):
             f.unlink()
-        pipeline_flow(stages=["mine"], options={"extractor": "llm", "show_progress": False})
+        # Every sample rejected: the mine gate (flows/checks.py) fails the run, naming no key.
+        from flows.checks import DataCheckFailed
+
+        with pytest.raises(DataCheckFailed, match="mine_acceptance") as failed:
+            pipeline_flow(stages=["mine"], options={"extractor": "llm", "show_progress": False})
+        assert SECRET not in str(failed.value)
         rejections = ctx.warehouse.read("int_rejections").filter(pl.col("stage") == "mine")
         assert rejections.height == n_samples
         assert set(rejections["reason_code"].to_list()) == {"LLM_AUTH_FAILED"}

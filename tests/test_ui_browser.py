@@ -203,3 +203,21 @@ def test_artifact_key_page_keeps_the_history(stack, mine_run):
     run, _ = mine_run
     # The key's page lists the versions of the artifact, newest first, each described with its run id.
     render_until(f"{stack.ui_url}/artifacts/key/stage-counts", ["stage-counts", f"Per-stage counts of run {run.id}"])
+
+
+def test_docs_catalog_page_renders_its_lineage_graph(tmp_path):
+    """`radchain docs` writes a page that opens from disk (no server, no network) with the lineage graph drawn."""
+    from flows.lineage import lineage_edges
+    from warehouse.catalog_doc import write_html
+
+    page = write_html(tmp_path / "site", lineage_edges())
+    dom = chromium(page.as_uri())
+    text = visible_text(dom)
+    assert "radchain warehouse catalog" in text and "Lineage" in text
+    svg = re.search(r'<svg[^>]*id="lineage".*?</svg>', dom, re.S)
+    assert svg, dom[:2000]
+    nodes = set(re.findall(r'class="node" data-name="([^"]+)"', svg.group(0)))
+    assert {"ingest", "mine", "datasets", "int_chains", "mart_rl_prompts", "v_runs"} <= nodes
+    assert 'data-source="mine" data-target="int_chains"' in svg.group(0)
+    chromium(page.as_uri(), screenshot=output_dir() / "docs-catalog.png")
+    assert (output_dir() / "docs-catalog.png").stat().st_size > 10_000

@@ -169,4 +169,7 @@ def test_cli_sql_and_tables(radchain_home):
     res = runner.invoke(app, ["tables", "--format", "json"])
     listed = {r["table"]: r for r in json.loads(res.stdout)}
     assert listed["int_rejections"]["rows"] == 1 and listed["int_rejections"]["layer"] == "int"
-    assert set(listed) == set(TableRecord.registry)
+    from warehouse.views import VIEWS
+
+    assert set(listed) == set(TableRecord.registry) | set(VIEWS)  # the views too, with no row count
+    assert {listed[v]["layer"] for v in VIEWS} == {"view"} and listed["v_runs"]["rows"] is None

@@ -8,8 +8,12 @@ README.md`` rewrites the block between ``<!-- catalog:begin -->`` and
 from __future__ import annotations
 
 import argparse
+import html
+import re
 import sys
+import textwrap
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 
@@ -90,6 +94,18 @@ def views_markdown() -> str:
     return "\n".join(lines)
 
 
+def checks_markdown(specs: list[TableSpec] | None = None) -> str:
+    """Every declared data check (schemas/; implied key, not-null and Literal checks included)."""
+    from schemas.checks import checks_of
+
+    lines = ["| table | check | kind | severity | what it asserts |", "|---|---|---|---|---|"]
+    for s in specs or catalog():
+        for c in checks_of(s.model):
+            lines.append(f"| `{s.name}` | `{_cell(c.name.split('.', 1)[1])}` | {c.kind} | {c.severity} | "
+                         f"{_cell(c.description)} |")
+    return "\n".join(lines)
+
+
 def catalog_markdown() -> str:
     """The whole generated block: layers, tables, views, columns."""
     layers = ", ".join(f"`{k}_*` {v}" for k, v in LAYER_MEANING.items())
@@ -100,7 +116,206 @@ def catalog_markdown() -> str:
         "### Tables\n\n" + tables_markdown(),
         "### Views\n\n" + views_markdown(),
         "### Columns (lineage columns omitted)\n\n" + columns_markdown(),
+        "### Data checks\n\nDeclared beside the table models in `schemas/` (a key is unique and not null, a "
+        "`Literal` column holds its values; the rest are listed in each model's `__checks__`). They run after "
+        "every stage that writes their table, and on demand with `radchain check`; results go to "
+        "`fct_check_results`. An `error` check that fails ends the run Failed; a `warn` is reported.\n\n"
+        + checks_markdown(),
     ])
+
+
+# ---- the static HTML catalog (`radchain docs`) ------------------------------------------------------
+def column_description(model: type, name: str) -> str:
+    """A column's ``Field(description=...)``; else the comment written after it in the model's source."""
+    field = model.model_fields.get(name)
+    if field is not None and field.description:
+        return field.description
+    import inspect
+
+    for klass in model.__mro__:
+        try:
+            src = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        m = re.search(rf"^\s+{re.escape(name)}:[^#\n]*#\s*(.+)$", src, re.M)
+        if m:
+            return m.group(1).strip()
+    return ""
+
+
+def last_check_results(wh: Any) -> dict[str, dict[str, Any]]:
+    """The newest fct_check_results row of each check (by check name)."""
+    if wh is None or not wh.table_dir("fct_check_results").exists():
+        return {}
+    rows = wh.sql("SELECT check_name, passed, failing_rows, sample_ids, detail, run_id, stage, checked_at "
+                  "FROM fct_check_results QUALIFY row_number() OVER (PARTITION BY check_name "
+                  "ORDER BY checked_at DESC) = 1").to_pylist()
+    return {r["check_name"]: r for r in rows}
+
+
+def _layout(edges: list[Any], late: set[str] | frozenset[str] = frozenset()) -> tuple[dict[str, tuple[int, int]], int, int]:
+    """Columns by longest path from a source (a DAG), rows in order of first appearance; (positions, cols, rows)."""
+    nodes: list[str] = []
+    preds: dict[str, set[str]] = {}
+    for e in edges:
+        for n in (e.source, e.target):
+            if n not in preds:
+                preds[n] = set()
+                nodes.append(n)
+        preds[e.target].add(e.source)
+    rank: dict[str, int] = {}
+
+    def depth(n: str, seen: frozenset[str] = frozenset()) -> int:
+        if n not in rank:
+            ps = [p for p in preds[n] if p not in seen]
+            rank[n] = 1 + max((depth(p, seen | {n}) for p in ps), default=-1)
+        return rank[n]
+
+    for n in nodes:
+        depth(n)
+    if late:  # views go right of every table and job, in their own columns
+        base = 1 + max((r for n, r in rank.items() if n not in late), default=-1)
+        vrank: dict[str, int] = {}
+
+        def vdepth(n: str) -> int:
+            if n not in vrank:
+                vrank[n] = 1 + max((vdepth(p) for p in preds[n] if p in late), default=-1)
+            return vrank[n]
+
+        for n in nodes:
+            if n in late:
+                rank[n] = base + vdepth(n)
+    columns: dict[int, list[str]] = {}
+    for n in nodes:
+        columns.setdefault(rank[n], []).append(n)
+    pos = {n: (c, i) for c, ns in columns.items() for i, n in enumerate(ns)}
+    return pos, max(columns) + 1 if columns else 0, max((len(v) for v in columns.values()), default=0)
+
+
+def lineage_svg(edges: list[Any], tables: set[str], views: set[str]) -> str:
+    """The lineage graph as inline SVG: tables (by layer colour), views and jobs, left to right."""
+    pos, ncols, nrows = _layout(edges, views)
+    w, h, gx, gy = 170, 26, 60, 14
+    width, height = ncols * (w + gx) + 20, nrows * (h + gy) + 20
+    colour = {"raw": "#fde2e2", "stg": "#fff1c1", "int": "#dff3e4", "mart": "#dbe9fb", "fct": "#eadcf8",
+              "audit": "#eeeeee"}
+
+    def xy(n: str) -> tuple[int, int]:
+        c, r = pos[n]
+        return 10 + c * (w + gx), 10 + r * (h + gy)
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" id="lineage" width="{width}" height="{height}" '
+           f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
+           '<defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="7" markerHeight="7" '
+           'orient="auto-start-reverse"><path d="M 0 0 L 10 5 L 0 10 z" fill="#666"/></marker></defs>']
+    for e in edges:
+        (x1, y1), (x2, y2) = xy(e.source), xy(e.target)
+        sx, sy, tx, ty = x1 + w, y1 + h / 2, x2, y2 + h / 2
+        mid = (sx + tx) / 2
+        dash = ' stroke-dasharray="4 3"' if e.kind == "view" else ""
+        out.append(f'<path class="edge" data-source="{html.escape(e.source)}" data-target="{html.escape(e.target)}" '
+                   f'd="M {sx} {sy} C {mid} {sy}, {mid} {ty}, {tx} {ty}" fill="none" stroke="#888"{dash} '
+                   'marker-end="url(#arrow)"/>')
+    for n in pos:
+        x, y = xy(n)
+        if n in tables:
+            fill, shape, href = colour.get(n.split("_", 1)[0], "#fff"), 'rx="3"', f"#table-{n}"
+        elif n in views:
+            fill, shape, href = "#ffffff", 'rx="3" stroke-dasharray="4 3"', f"#view-{n}"
+        else:
+            fill, shape, href = "#333333", 'rx="13"', "#jobs"
+        text_fill = "#fff" if n not in tables and n not in views else "#111"
+        out.append(f'<a href="{href}"><g class="node" data-name="{html.escape(n)}">'
+                   f'<rect x="{x}" y="{y}" width="{w}" height="{h}" {shape} fill="{fill}" stroke="#555"/>'
+                   f'<text x="{x + w / 2}" y="{y + h / 2 + 4}" text-anchor="middle" fill="{text_fill}">'
+                   f'{html.escape(n)}</text></g></a>')
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:0;color:#222} header{background:#1f3a5f;color:#fff;padding:12px 24px}
+main{padding:8px 24px 40px} nav a{margin-right:14px} table{border-collapse:collapse;margin:6px 0 14px}
+td,th{border:1px solid #ccc;padding:3px 7px;vertical-align:top;font-size:13px;text-align:left}
+th{background:#f3f3f3} code{background:#f5f5f5;padding:0 3px} .pass{color:#17702e;font-weight:600}
+.fail{color:#b00020;font-weight:700} .warnfail{color:#a15c00;font-weight:700} .muted{color:#777}
+section.table{border-top:1px solid #ddd;padding-top:6px} #graph{overflow-x:auto;border:1px solid #ddd;padding:6px}
+"""
+
+
+def catalog_html(edges: list[Any], wh: Any = None, title: str = "radchain warehouse catalog") -> str:
+    """One self-contained HTML page: lineage graph, tables (columns, checks, last results), views."""
+    from datetime import UTC, datetime
+
+    from schemas.checks import checks_of
+    from warehouse.views import DESCRIPTIONS, VIEWS
+
+    e = html.escape
+    specs = catalog()
+    tables = {s.name for s in specs}
+    results = last_check_results(wh)
+    parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{e(title)}</title>"
+             f"<style>{_CSS}</style></head><body><header><h1>{e(title)}</h1>"
+             f"<div>generated {datetime.now(UTC).isoformat(timespec='seconds')}"
+             + (f" from {e(str(wh.root))}" if wh is not None else " (no warehouse: no check results)")
+             + "</div></header><main><nav><a href=#lineage-h>lineage</a><a href=#tables>tables</a>"
+               "<a href=#views>views</a><a href=#jobs>jobs</a></nav>",
+             "<h2 id=lineage-h>Lineage</h2><p>Tables (coloured by layer), views (dashed) and the jobs that read "
+             "and write them (dark). Bookkeeping tables written by every stage are listed under Jobs.</p>"
+             f"<div id=graph>{lineage_svg(edges, tables, set(VIEWS))}</div>",
+             "<h2 id=tables>Tables</h2>"]
+    for s in specs:
+        cols = ["<tr><th>column</th><th>type</th><th>nullable</th><th>description</th></tr>"]
+        for f in s.model.arrow_schema():
+            lineage = " <span class=muted>(lineage)</span>" if f.name in LINEAGE_COLUMNS else ""
+            cols.append(f"<tr><td><code>{e(f.name)}</code>{lineage}</td><td>{e(_type_name(f.type))}</td>"
+                        f"<td>{'yes' if f.nullable else 'no'}</td><td>{e(column_description(s.model, f.name))}</td></tr>")
+        checks = ["<tr><th>check</th><th>kind</th><th>severity</th><th>asserts</th><th>last result</th></tr>"]
+        for c in checks_of(s.model):
+            r = results.get(c.name)
+            if r is None:
+                last = "<span class=muted>not run yet</span>"
+            elif r["passed"]:
+                last = f"<span class=pass>passed</span> <span class=muted>{e(str(r['checked_at']))[:19]}</span>"
+            else:
+                cls = "fail" if c.severity == "error" else "warnfail"
+                last = (f"<span class={cls}>failed: {r['failing_rows']} rows</span> {e(r['detail'] or '')} "
+                        f"<span class=muted>e.g. {e(', '.join(r['sample_ids'] or []))}; "
+                        f"{e(str(r['checked_at']))[:19]}, run {e(r['run_id'])}</span>")
+            checks.append(f"<tr><td><code>{e(c.name)}</code></td><td>{e(c.kind)}</td><td>{e(c.severity)}</td>"
+                          f"<td>{e(c.description)}</td><td>{last}</td></tr>")
+        parts.append(
+            f"<section class=table id=table-{e(s.name)}><h3>{e(s.name)} <span class=muted>({e(s.layer)})</span></h3>"
+            f"<p>{e(s.description)}</p><p><b>One row is</b> {e(s.grain)}; <b>key</b> "
+            f"{', '.join(f'<code>{e(k)}</code>' for k in s.key)}</p><table>{''.join(cols)}</table>"
+            f"<h4>Checks</h4><table>{''.join(checks)}</table></section>")
+    parts.append("<h2 id=views>Views</h2>")
+    deps: dict[str, list[str]] = {}
+    for edge in edges:
+        if edge.kind == "view":
+            deps.setdefault(edge.target, []).append(edge.source)
+    for name, sql in VIEWS.items():
+        parts.append(f"<section class=table id=view-{e(name)}><h3>{e(name)}</h3><p>{e(DESCRIPTIONS.get(name, ''))}</p>"
+                     f"<p><b>reads</b> {', '.join(f'<code>{e(d)}</code>' for d in deps.get(name, []))}</p>"
+                     f"<details><summary>SQL</summary><pre>{e(textwrap.dedent(sql).strip())}</pre></details></section>")
+    jobs: dict[str, tuple[list[str], list[str]]] = {}
+    for edge in edges:
+        if edge.kind == "reads":
+            jobs.setdefault(edge.target, ([], []))[0].append(edge.source)
+        elif edge.kind == "writes":
+            jobs.setdefault(edge.source, ([], []))[1].append(edge.target)
+    rows = "".join(f"<tr><td><b>{e(j)}</b></td><td>{', '.join(map(e, r))}</td><td>{', '.join(map(e, w))}</td></tr>"
+                   for j, (r, w) in jobs.items())
+    parts.append(f"<h2 id=jobs>Jobs</h2><table><tr><th>job</th><th>reads</th><th>writes</th></tr>{rows}</table>")
+    parts.append("</main></body></html>")
+    return "\n".join(parts)
+
+
+def write_html(out_dir: Path, edges: list[Any], wh: Any = None) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "index.html"
+    path.write_text(catalog_html(edges, wh), encoding="utf-8")
+    return path
 
 
 def replace_block(document: str, block: str) -> str:

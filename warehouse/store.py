@@ -19,7 +19,8 @@ import os
 import re
 import tempfile
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -381,6 +382,13 @@ class Warehouse:
                     raise WarehouseError(f"SQL error: {e}") from e
                 out.append(SqlResult(text, table))
             return out
+
+    @contextmanager
+    def read_connection(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A read-only connection locked down like `radchain sql`'s (data checks run their SELECTs on it)."""
+        self._views_here()
+        with tempfile.TemporaryDirectory(prefix="radchain-sql-") as spill, self._locked_connection(spill) as con:
+            yield con
 
     def _locked_connection(self, spill_dir: str) -> duckdb.DuckDBPyConnection:
         """A private in-memory DuckDB with the views file attached read-only, then locked down.

@@ -16,11 +16,56 @@ VIEWS: dict[str, str] = {
         FROM int_rejections GROUP BY stage, reason_code
     """,
     # ---- operators' and data engineers' joins (docs/SQL.md answers its questions with these) ----
+    # One row per pipeline flow run: audit_runs (state, reason, stage totals) with the run's LLM spend and
+    # data check results; runs that left only audit_stage_counts rows (stages called outside the flow, or
+    # runs from before audit_runs) are listed from those, with no state.
     "v_runs": """
-        SELECT run_id, min(finished_at) AS first_batch_at, max(finished_at) AS finished_at,
-               count(*) AS batches, list(DISTINCT stage ORDER BY stage) AS stages,
-               sum(rejected) AS rejected, round(sum(wall_s), 3) AS wall_s
-        FROM audit_stage_counts GROUP BY run_id
+        WITH spend AS (
+            SELECT run_id, count(*) AS llm_calls, round(sum(cost_usd), 6) AS llm_cost_usd
+            FROM int_llm_calls GROUP BY run_id
+        ), checks AS (
+            SELECT run_id, count(*) FILTER (WHERE passed) AS checks_passed,
+                   count(*) FILTER (WHERE NOT passed AND severity = 'error') AS checks_failed,
+                   count(*) FILTER (WHERE NOT passed AND severity = 'warn') AS checks_warned,
+                   list(DISTINCT check_name ORDER BY check_name) FILTER (WHERE NOT passed) AS failed_checks
+            FROM fct_check_results GROUP BY run_id
+        ), audited AS (
+            SELECT run_id, flow, state, reason, started_at, finished_at, requested_stages,
+                   [s.stage FOR s IN stages] AS stages, stages AS stage_counts
+            FROM audit_runs
+        ), per_stage AS (
+            SELECT run_id, stage, min(finished_at - to_microseconds(CAST(wall_s * 1e6 AS BIGINT))) AS started_at,
+                   max(finished_at) AS finished_at,
+                   struct_pack(stage := stage, batches := CAST(count(*) AS BIGINT), inputs := CAST(sum(inputs) AS BIGINT), outputs := CAST(sum(outputs) AS BIGINT),
+                               rejected := CAST(sum(rejected) AS BIGINT), skipped := CAST(sum(skipped) AS BIGINT),
+                               wall_s := round(sum(wall_s), 3)) AS counts
+            FROM audit_stage_counts WHERE run_id NOT IN (SELECT run_id FROM audit_runs)
+            GROUP BY run_id, stage
+        ), unaudited AS (
+            SELECT run_id, NULL::VARCHAR AS flow, NULL::VARCHAR AS state, NULL::VARCHAR AS reason,
+                   min(started_at) AS started_at, max(finished_at) AS finished_at,
+                   NULL::VARCHAR[] AS requested_stages,
+                   list(stage ORDER BY list_position(['ingest', 'label', 'tasks', 'mine', 'datasets'], stage))
+                       AS stages,
+                   list(counts ORDER BY list_position(['ingest', 'label', 'tasks', 'mine', 'datasets'], stage))
+                       AS stage_counts
+            FROM per_stage GROUP BY run_id
+        ), runs AS (
+            SELECT * FROM audited UNION ALL BY NAME SELECT * FROM unaudited
+        )
+        SELECT r.run_id, r.flow, r.state, r.reason, r.started_at, r.finished_at, r.requested_stages, r.stages,
+               r.stage_counts,
+               CAST(list_sum([s.inputs FOR s IN r.stage_counts]) AS BIGINT) AS inputs,
+               CAST(list_sum([s.outputs FOR s IN r.stage_counts]) AS BIGINT) AS outputs,
+               CAST(list_sum([s.rejected FOR s IN r.stage_counts]) AS BIGINT) AS rejected,
+               CAST(list_sum([s.skipped FOR s IN r.stage_counts]) AS BIGINT) AS skipped,
+               round(list_sum([s.wall_s FOR s IN r.stage_counts]), 3) AS wall_s,
+               coalesce(sp.llm_calls, 0) AS llm_calls, coalesce(sp.llm_cost_usd, 0) AS llm_cost_usd,
+               coalesce(c.checks_passed, 0) AS checks_passed, coalesce(c.checks_failed, 0) AS checks_failed,
+               coalesce(c.checks_warned, 0) AS checks_warned, c.failed_checks
+        FROM runs r
+        LEFT JOIN spend sp USING (run_id)
+        LEFT JOIN checks c USING (run_id)
     """,
     "v_study_labels": """
         SELECT study_id,
@@ -102,7 +147,9 @@ VIEWS: dict[str, str] = {
 DESCRIPTIONS: dict[str, str] = {
     "v_stage_counts": "Per run and stage: inputs, outputs, rejected, skipped, wall time, and whether they balance.",
     "v_rejection_reasons": "Rejections counted by stage and reason code, with one example entity.",
-    "v_runs": "Per run (from audit_stage_counts): when its batches finished, which stages ran, rejections.",
+    "v_runs": "One row per pipeline run: state (Running/Completed/Failed) and why it failed, when it ran, each "
+              "stage's counts, LLM calls and spend, data checks passed/failed/warned (audit_runs, int_llm_calls, "
+              "fct_check_results).",
     "v_study_labels": "Per study: a map observation -> label value, and the list of positive observations.",
     "v_chain_steps": "An accepted chain step by step, with its sample (question, options, answer) and the "
                      "study's labels.",

@@ -57,6 +57,9 @@ def register(app: typer.Typer) -> None:
         prompt_version: str | None = typer.Option(None, "--prompt-version", help="LLM prompt version, e.g. "
                                                   "single-v3 (few-shot, a cacheable 1,280-token prefix); default: "
                                                   "the protocol's (single-v2, paper-v1)"),
+        min_acceptance: float | None = typer.Option(None, "--min-acceptance", help="quality gate: the run fails when "
+                                                    "mining accepts less than this share of the samples it decided "
+                                                    "(default RADCHAIN_CHECKS_MIN_ACCEPTANCE or 0.5)"),
         dry_run: bool = typer.Option(False, "--dry-run", help="run the local stages before mine, then print the "
                                      "cost estimate of mining (radchain estimate) instead of calling the model"),
     ) -> None:
@@ -93,6 +96,10 @@ def register(app: typer.Typer) -> None:
             options["llm_mode"] = llm_mode
         if protocol is not None:
             options["protocol"] = protocol
+        if min_acceptance is not None:
+            if not 0.0 <= min_acceptance <= 1.0:
+                raise UsageError("--min-acceptance must be between 0 and 1")
+            options["min_acceptance"] = min_acceptance
         if prompt_version is not None:
             options["prompt_version"] = prompt_version
         if runner != "default" or dask_address or dask_workers is not None:
@@ -122,12 +129,14 @@ def register(app: typer.Typer) -> None:
             print_estimate(settings, protocol=protocol, mode=llm_mode, budget=budget, prompt_version=prompt_version)
             return
         from flows.lifeline import start_reaper
+        from flows.checks import DataCheckFailed
         from flows.stages.mine import LLMEndpointDown
 
         start_reaper()  # Prefect's temporary server (and a local Dask cluster) die with this process, SIGKILL too
         try:
             results = pipeline_flow(source=spec, stages=chosen, options=options)
-        except LLMEndpointDown as e:  # the circuit breaker stopped the mine stage: one line, exit code 1
+        except (LLMEndpointDown, DataCheckFailed) as e:  # the breaker stopped mining, or a data check failed:
+            # one line, exit code 1 (`radchain check` and v_runs show every check of the run)
             from rich.markup import escape
 
             from flows.cli_support import one_line

@@ -87,7 +87,7 @@ def register(app: typer.Typer) -> None:
         format: str = typer.Option("table", "--format", "-f", help="table | csv | json"),
         markdown: bool = typer.Option(False, "--markdown", help="print the catalog as Markdown (the README's)"),
     ) -> None:
-        """List every table with its layer, row count and description."""
+        """List every table with its layer, row count and description, then every view."""
         import pyarrow as pa
 
         if markdown:
@@ -102,6 +102,11 @@ def register(app: typer.Typer) -> None:
                  grain=s.grain, description=s.description)
             for s in catalog()
         ]
+        from warehouse.views import DESCRIPTIONS, VIEWS
+
+        # Views have no stored rows (they are queries over the tables): rows is left empty.
+        rows += [dict(table=name, layer="view", rows=None, grain="", description=DESCRIPTIONS.get(name, ""))
+                 for name in VIEWS]
         print_arrow(pa.Table.from_pylist(rows), format)
 
 
