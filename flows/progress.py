@@ -12,8 +12,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 class StageProgress:
     """A thread-safe ``progress(n)`` callback; updates the UI artifact at most every ``every_s`` seconds."""
 
-    def __init__(self, stage: str, total: int, every_s: float = 2.0, show_bar: bool | None = None):
-        self.stage, self.total, self.done, self.every_s = stage, max(total, 0), 0, every_s
+    def __init__(self, stage: str, total: int, every_s: float = 2.0, show_bar: bool | None = None,
+                 unit: str = "samples"):
+        self.stage, self.total, self.done, self.every_s, self.unit = stage, max(total, 0), 0, every_s, unit
         self.spent_usd: float | None = None  # live LLM spend (add_spend), shown beside the bar and in the artifact
         self._lock = threading.Lock()
         self._last = 0.0
@@ -22,7 +23,7 @@ class StageProgress:
             from prefect.artifacts import create_progress_artifact
 
             self._artifact_id = create_progress_artifact(
-                progress=0.0, key=f"{stage}-progress", description=f"{stage}: samples processed"
+                progress=0.0, key=f"{stage}-progress", description=f"{stage}: {unit} processed"
             )
         except Exception:  # noqa: BLE001 - progress display must never fail a run (e.g. outside a flow)
             self._artifact_id = None
@@ -58,7 +59,7 @@ class StageProgress:
             from prefect.artifacts import update_progress_artifact
 
             pct = 100.0 * self.done / self.total if self.total else 100.0
-            description = f"{self.stage}: {self.done}/{self.total} samples processed"
+            description = f"{self.stage}: {self.done}/{self.total} {self.unit} processed"
             if self.spent_usd is not None:
                 description += f"; {self.spend_line()}"
             update_progress_artifact(self._artifact_id, progress=pct, description=description)
