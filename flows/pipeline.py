@@ -24,7 +24,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
 from prefect.runtime import flow_run
 from prefect.states import Failed
-from prefect.utilities.annotations import quote
+from prefect.utilities.annotations import opaque, quote
+from prefect.utilities.engine import get_state_for_result
 
 from extractors.sources import SourceError
 
@@ -75,6 +76,9 @@ def _rename_task_run(name: str) -> None:
         run_ctx = TaskRunContext.get()
         if run_ctx is None:
             return
+        # The engine reports the task run (name included) with its final state: name the run it holds, and
+        # tell the API now for servers that keep the name from the rename.
+        run_ctx.task_run.name = name
         with get_client(sync_client=True) as client:
             client.set_task_run_name(run_ctx.task_run.id, name)
     except Exception:  # noqa: BLE001 - a name is cosmetic
@@ -101,15 +105,32 @@ def batch_task_for(stage: Stage, batch: Any) -> Any:
     return run_batch_task.with_options(name=stage.name, task_run_name=f"{stage.name}[{stage.batch_id(batch)}]")
 
 
-def _prefect_batch(stage: Stage, batch: Any, wait_for: Any = None) -> BatchResult:
-    # Parameters are quoted: Prefect would otherwise draw an edge from any earlier task whose result holds an
-    # object passed here (an interned batch id such as "all"). The stage graph's edges come from wait_for.
-    return batch_task_for(stage, batch)(quote(stage), quote(batch), wait_for=list(wait_for or []) or None)
+def _handle(result: Any) -> Any:
+    """What a later task waits for: the state of the task run that returned ``result``, without its data.
+    Prefect reads the task run id from it; the result object itself would be searched for objects other task
+    runs returned too (an interned batch id such as "all", a stage name), each drawing a spurious edge."""
+    found = get_state_for_result(result)
+    if found is None:  # not tracked (outside a flow run): nothing to draw
+        return None
+    # Its data is a placeholder Prefect can resolve (the linked state holds none) and links to no task run;
+    # opaque: Prefect takes the state's task run id and looks no further.
+    return opaque(found[0].model_copy(update={"data": True}))
 
 
-def _prefect_finalize(stage: Stage, results: list[BatchResult], wait_for: Any) -> StageDone:
+def _prefect_batch(stage: Stage, batch: Any, wait_for: Any) -> tuple[BatchResult, Any]:
+    # Parameters are quoted (not searched for upstream results, for the same reason); the edges come from
+    # wait_for: the finalize of the stages this one reads from.
+    result = batch_task_for(stage, batch)(quote(stage), quote(batch), wait_for=_waits(wait_for))
+    return result, _handle(result)
+
+
+def _prefect_finalize(stage: Stage, results: list[BatchResult], wait_for: Any) -> Any:
     named = finalize_task.with_options(name=f"{stage.name}-finalize", task_run_name=f"{stage.name}[finalize]")
-    return named(quote(stage), quote(results), wait_for=list(wait_for or []) or None)
+    return _handle(named(quote(stage), quote(results), wait_for=_waits(wait_for)))
+
+
+def _waits(wait_for: Any) -> list[Any] | None:
+    return [w for w in wait_for or () if w is not None] or None
 
 
 def make_context(

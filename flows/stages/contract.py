@@ -204,3 +204,19 @@ def upstream(stage: type[Stage], pool: Sequence[type[Stage]]) -> list[type[Stage
     """The stages of ``pool`` that write a table ``stage`` reads."""
     wanted = {t.__table__ for t in stage.reads}
     return [s for s in pool if s is not stage and wanted & {t.__table__ for t in s.writes}]
+
+
+def direct_upstream(stage: type[Stage], pool: Sequence[type[Stage]]) -> list[type[Stage]]:
+    """``upstream`` less the stages another upstream stage already depends on (the DAG's transitive
+    reduction): mine reads what ingest, label and tasks write, but follows only tasks in the graph."""
+    ups = upstream(stage, pool)
+
+    def ancestors(s: type[Stage], seen: set) -> set:
+        for u in upstream(s, pool):
+            if u not in seen:
+                seen.add(u)
+                ancestors(u, seen)
+        return seen
+
+    implied = set().union(*(ancestors(u, set()) for u in ups)) if ups else set()
+    return [u for u in ups if u not in implied]

@@ -30,7 +30,7 @@ from typing import Any
 import polars as pl
 
 from flows.stages.common import BatchResult, RunContext
-from flows.stages.contract import BatchOutput, Stage, StageOptions, dag_order, discover, upstream
+from flows.stages.contract import BatchOutput, Stage, StageOptions, dag_order, direct_upstream, discover
 from radchain.runtime import gc_frozen
 from schemas.audit import Materialization, Rejection, StageCount
 from schemas.base import TableRecord
@@ -258,31 +258,35 @@ class _BatchTicks:
 # ---- running stages --------------------------------------------------------------------------------
 # (stage, batches, wait_for, progress) -> (results, what the stage's finalize waits for)
 BatchExecutor = Callable[[Stage, Sequence[Any], Sequence[Any], Any], tuple[list[BatchResult], list[Any]]]
-# (stage, results, wait_for) -> StageDone
-Finisher = Callable[[Stage, list[BatchResult], Sequence[Any]], StageDone]
+# (stage, results, wait_for) -> what the next stages wait for (a StageDone; a Prefect state in flows/pipeline.py)
+Finisher = Callable[[Stage, list[BatchResult], Sequence[Any]], Any]
 Hook = Callable[[RunContext, str, list[BatchResult]], None]
 
 
-def in_process(run_batch: Callable[..., BatchResult] | None = None) -> BatchExecutor:
-    """Batches one after another in this process; ``run_batch(stage, batch, wait_for=...)`` defaults to
-    ``execute_batch`` (a Prefect task in flows/pipeline.py)."""
-    def call(stage: Stage, batch: Any, wait_for: Sequence[Any]) -> BatchResult:
+def in_process(run_batch: Callable[..., tuple[BatchResult, Any]] | None = None) -> BatchExecutor:
+    """Batches one after another in this process. ``run_batch(stage, batch, wait_for)`` returns the result and
+    what the stage's finalize waits for (flows/pipeline.py: a Prefect task run and its state); by default
+    ``execute_batch`` and the result itself."""
+    def call(stage: Stage, batch: Any, wait_for: Sequence[Any]) -> tuple[BatchResult, Any]:
         if run_batch is None:
-            return execute_batch(stage, batch)
-        return run_batch(stage, batch, wait_for=wait_for)
+            result = execute_batch(stage, batch)
+            return result, result
+        return run_batch(stage, batch, wait_for)
 
     def run(stage: Stage, batches: Sequence[Any], wait_for: Sequence[Any], progress: Any):
-        results = []
+        results, handles = [], []
         for b in batches:
             ticks = _BatchTicks(progress) if progress is not None else None
             stage.progress = ticks
             try:
-                results.append(call(stage, b, wait_for))
+                result, handle = call(stage, b, wait_for)
             finally:
                 stage.progress = None
+            results.append(result)
+            handles.append(handle)
             if ticks is not None and ticks.n < stage.units(b):
                 progress(stage.units(b) - ticks.n)
-        return results, list(results)
+        return results, handles
 
     return run
 
@@ -307,10 +311,10 @@ class StageRunner:
             raise ValueError(f"unknown stages {unknown}; known: {', '.join(s.name for s in dag_order())}")
         chosen = [s for s in dag_order() if s.name in wanted]
         results: dict[str, list[BatchResult]] = {}
-        done: dict[str, StageDone] = {}
+        done: dict[str, Any] = {}  # stage name -> what its finalize handed on
         for cls in chosen:
             # A stage waits for the stages of this run that write what it reads: the edges of the run graph.
-            wait_for = [done[u.name] for u in upstream(cls, chosen) if u.name in done]
+            wait_for = [done[u.name] for u in direct_upstream(cls, chosen) if u.name in done]
             t0 = time.perf_counter()
             with gc_frozen():  # no 0.2 s full collections over the imported libraries mid-stage
                 out, done[cls.name] = self.run_stage(cls, wait_for)
@@ -318,7 +322,7 @@ class StageRunner:
             self.after_stage(cls.name, out, time.perf_counter() - t0)
         return results
 
-    def run_stage(self, cls: type[Stage], wait_for: Sequence[Any] = ()) -> tuple[list[BatchResult], StageDone]:
+    def run_stage(self, cls: type[Stage], wait_for: Sequence[Any] = ()) -> tuple[list[BatchResult], Any]:
         stage = cls(self.ctx)
         batches = stage.plan()
         if stage.input_hash is not Stage.input_hash:  # the stage can reuse batches: was its last run complete?
@@ -357,7 +361,11 @@ def run_stages(ctx: RunContext, stages: Iterable[str], *,
                hooks: Iterable[Hook] = ()) -> dict[str, list[BatchResult]]:
     """Run stages in DAG order without Prefect (benchmarks, tests). ``batch_runner(stage, batch)`` replaces
     ``execute_batch`` (a test wraps it); ``on_stage(name, results, wall_s)`` is told when a stage is done."""
-    executor = in_process(None if batch_runner is None else lambda s, b, wait_for: batch_runner(s, b))
+    def call(stage: Stage, batch: Any, wait_for: Sequence[Any]) -> tuple[BatchResult, Any]:
+        result = batch_runner(stage, batch)
+        return result, result
+
+    executor = in_process(None if batch_runner is None else call)
     runner = StageRunner(ctx, executor=executor, hooks=hooks)
     if on_stage is not None:
         runner.hooks.append(lambda c, name, out: on_stage(name, out, runner.walls[name]))
