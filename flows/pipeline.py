@@ -30,7 +30,7 @@ from prefect.utilities.engine import get_state_for_result
 from extractors.sources import SourceError
 
 from flows.locking import warehouse_lock
-from flows.runners import RunnerSpec, open_task_runner, submitting_executor
+from flows.runners import RunnerSpec, open_task_runner, submitting_executor, unseal
 from flows.stages.common import BatchResult, RunContext, SourceSpec
 from flows.stages.contract import Stage, stage_names
 from flows.stages.runner import (
@@ -88,7 +88,7 @@ def _rename_task_run(name: str) -> None:
 @task(name="batch", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2, persist_result=False,
       retry_condition_fn=_worth_retrying)
 def run_batch_task(stage: Stage, batch: Any) -> BatchResult:
-    result = execute_batch(stage, batch)
+    result = execute_batch(unseal(stage), unseal(batch))
     _rename_task_run(batch_run_name(result))
     return result
 

@@ -161,6 +161,29 @@ def worker_context(ctx: RunContext) -> RunContext:
     return shipped
 
 
+class Sealed:
+    """A task parameter Prefect neither searches for upstream results nor rebuilds (prefect's ``quote`` is a
+    tuple that does not survive the trip to a Dask worker as one). Unwrap with ``unseal``."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def __getstate__(self) -> Any:
+        return self.value
+
+    def __setstate__(self, value: Any) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+def unseal(value: Any) -> Any:
+    return value.value if isinstance(value, Sealed) else value
+
+
 def submitting_executor(task_runner: Any, task_for: Callable[[Any, Any], Any]) -> Callable:
     """A batch executor for flows/stages/runner.py: one task run per batch submitted to ``task_runner``,
     all gathered (``task_for(stage, batch)`` is the named batch task). Returns (results, futures); the stage's
@@ -171,7 +194,6 @@ def submitting_executor(task_runner: Any, task_for: Callable[[Any, Any], Any]) -
     Remote batches cannot call back into this process: progress moves as each batch finishes.
     """
     from prefect.futures import as_completed
-    from prefect.utilities.annotations import quote
     from prefect.utilities.engine import collect_task_run_inputs_sync
 
     from flows.stages.runner import shipped
@@ -183,7 +205,7 @@ def submitting_executor(task_runner: Any, task_for: Callable[[Any, Any], Any]) -
         remote = shipped(stage, worker_context(stage.ctx))
         # The upstream stages' edges, resolved here: their finalize results are linked in this process only.
         upstream = {"stage": collect_task_run_inputs_sync(list(wait_for))} if wait_for else None
-        futures = [task_runner.submit(task_for(stage, b), parameters=dict(stage=quote(remote), batch=quote(b)),
+        futures = [task_runner.submit(task_for(stage, b), parameters=dict(stage=Sealed(remote), batch=Sealed(b)),
                                       dependencies=upstream) for b in batches]
         units = {id(f): stage.units(b) for f, b in zip(futures, batches)}
         for f in as_completed(futures):

@@ -131,12 +131,13 @@ def test_a_flow_given_its_own_task_runner_fans_out_on_it(default_run, corpus, tm
     from prefect.task_runners import ThreadPoolTaskRunner
 
     from flows.pipeline import pipeline_flow
+    from flows.runners import unseal
 
     submitted: list[str] = []
 
     class FanOut(ThreadPoolTaskRunner):
         def submit(self, task, parameters, wait_for=None, dependencies=None):
-            submitted.append(parameters["stage"])
+            submitted.append(unseal(parameters["stage"]).name)  # the stage object, sealed from Prefect's search
             return super().submit(task, parameters, wait_for, dependencies)
 
     flow = pipeline_flow.with_options(task_runner=FanOut(max_workers=2))
