@@ -261,6 +261,8 @@ BatchExecutor = Callable[[Stage, Sequence[Any], Sequence[Any], Any], tuple[list[
 # (stage, results, wait_for) -> what the next stages wait for (a StageDone; a Prefect state in flows/pipeline.py)
 Finisher = Callable[[Stage, list[BatchResult], Sequence[Any]], Any]
 Hook = Callable[[RunContext, str, list[BatchResult]], None]
+# (stage, total units, unit name) -> a progress object: progress(n), optional add_spend(usd) and close()
+ProgressFactory = Callable[[str, int, str], Any]
 
 
 def in_process(run_batch: Callable[..., tuple[BatchResult, Any]] | None = None) -> BatchExecutor:
@@ -295,8 +297,10 @@ class StageRunner:
     """Runs stages in DAG order (see the module doc). ``hooks`` run after each complete stage."""
 
     def __init__(self, ctx: RunContext, *, executor: BatchExecutor | None = None,
-                 finisher: Finisher | None = None, hooks: Iterable[Hook] = ()):
+                 finisher: Finisher | None = None, hooks: Iterable[Hook] = (),
+                 progress: ProgressFactory | None = None):
         self.ctx = ctx
+        self.progress = progress
         self.executor = executor or in_process()
         self.finisher = finisher or (lambda stage, results, wait_for: finish_stage(stage, results))
         self.hooks: list[Hook] = list(hooks)
@@ -328,10 +332,14 @@ class StageRunner:
         if stage.input_hash is not Stage.input_hash:  # the stage can reuse batches: was its last run complete?
             stage.plan_complete = last_run_complete(stage, [stage.batch_id(b) for b in batches])
         progress = None
-        if stage.progress_unit and self.options.show_progress:
-            from flows.progress import StageProgress
+        if stage.progress_unit and (self.progress is not None or self.options.show_progress):
+            total = sum(stage.units(b) for b in batches)
+            if self.progress is not None:
+                progress = self.progress(stage.name, total, stage.progress_unit)
+            else:
+                from flows.progress import StageProgress
 
-            progress = StageProgress(stage.name, sum(stage.units(b) for b in batches), unit=stage.progress_unit)
+                progress = StageProgress(stage.name, total, unit=stage.progress_unit)
         try:
             out, handles = self.executor(stage, batches, wait_for, progress)
         finally:
@@ -358,15 +366,17 @@ def shipped(stage: Stage, ctx: RunContext) -> Stage:
 def run_stages(ctx: RunContext, stages: Iterable[str], *,
                batch_runner: Callable[[Stage, Any], BatchResult] | None = None,
                on_stage: Callable[[str, list[BatchResult], float], None] | None = None,
-               hooks: Iterable[Hook] = ()) -> dict[str, list[BatchResult]]:
+               hooks: Iterable[Hook] = (), progress: ProgressFactory | None = None) -> dict[str, list[BatchResult]]:
     """Run stages in DAG order without Prefect (benchmarks, tests). ``batch_runner(stage, batch)`` replaces
-    ``execute_batch`` (a test wraps it); ``on_stage(name, results, wall_s)`` is told when a stage is done."""
+    ``execute_batch`` (a test wraps it); ``on_stage(name, results, wall_s)`` is told when a stage is done;
+    ``progress`` makes the progress of stages that report it (default: a StageProgress unless the run option
+    ``show_progress`` is false)."""
     def call(stage: Stage, batch: Any, wait_for: Sequence[Any]) -> tuple[BatchResult, Any]:
         result = batch_runner(stage, batch)
         return result, result
 
     executor = in_process(None if batch_runner is None else call)
-    runner = StageRunner(ctx, executor=executor, hooks=hooks)
+    runner = StageRunner(ctx, executor=executor, hooks=hooks, progress=progress)
     if on_stage is not None:
         runner.hooks.append(lambda c, name, out: on_stage(name, out, runner.walls[name]))
     return runner.run(stages)
