@@ -193,6 +193,8 @@ def _run_pipeline(source: SourceSpec | None, stages: list[str], options: dict[st
                 LAST_STAGE_WALLS[name] = runner.walls[name]
                 logger.info("stage %s: %d batch results in %.2f s (%s)", name, len(out), runner.walls[name], where)
 
+            # Work after a complete stage (its batches and finalize done, views refreshed) goes here, as a hook:
+            # hook(ctx, stage name, batch results); StageRunner.after_stage runs them in order.
             runner.hooks.append(log_stage)
             results = runner.run(stages)
         from flows import artifacts

@@ -172,7 +172,7 @@ def _every_partition_is_recorded(wh) -> None:
             assert mats.get((folder.name, f.stem)) == pq.read_metadata(f).num_rows, (folder.name, f.stem)
 
 
-def test_options_are_typed_per_stage(tmp_path):
+def test_options_are_typed_per_stage(tmp_path, caplog):
     from pydantic import ValidationError
 
     from flows.stages.mine import MineOptions, MineStage
@@ -187,3 +187,9 @@ def test_options_are_typed_per_stage(tmp_path):
     with pytest.raises(ValidationError, match="extractor"):
         MineStage(make_context(Settings(home=tmp_path), extractor="gpt"))
     assert ctx.options == {"extractor": "rules", "budget_usd": "1.5", "show_progress": False}  # never written to
+    # A misspelt option is named, not silently dropped.
+    from flows.pipeline import run_stages
+
+    with caplog.at_level("WARNING", logger="radchain.runner"):
+        run_stages(make_context(Settings(home=tmp_path), budget=3, extractor="rules"), [])
+    assert "options no stage or runner declares (ignored): budget" in caplog.text

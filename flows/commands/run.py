@@ -122,12 +122,12 @@ def register(app: typer.Typer) -> None:
             print_estimate(settings, protocol=protocol, mode=llm_mode, budget=budget, prompt_version=prompt_version)
             return
         from flows.lifeline import start_reaper
-        from flows.stages.mine import LLMEndpointDown
+        from flows.stages.runner import final_errors
 
         start_reaper()  # Prefect's temporary server (and a local Dask cluster) die with this process, SIGKILL too
         try:
             results = pipeline_flow(source=spec, stages=chosen, options=options)
-        except LLMEndpointDown as e:  # the circuit breaker stopped the mine stage: one line, exit code 1
+        except final_errors() as e:  # a stage stopped for good (mine: the LLM endpoint is down): one line, exit 1
             from rich.markup import escape
 
             from flows.cli_support import one_line

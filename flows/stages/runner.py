@@ -22,7 +22,7 @@ import copy
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -37,10 +37,6 @@ from schemas.base import TableRecord
 
 log = logging.getLogger("radchain.runner")
 
-# Tables every stage writes through the runner, partitioned "<stage>-<batch>".
-RUNNER_TABLES = (Rejection, StageCount, Materialization)
-
-
 class RunOptions(StageOptions):
     """The runner's own options (read from the run's options like a stage's)."""
 
@@ -50,7 +46,7 @@ class RunOptions(StageOptions):
 
 @dataclass
 class StageDone:
-    """What a finished stage hands on: Prefect draws the stage graph's edges from it."""
+    """What ``finish_stage`` returns: the stage, its batch count and the partitions that stayed."""
 
     stage: str
     batches: int
@@ -314,6 +310,9 @@ class StageRunner:
         if unknown:
             raise ValueError(f"unknown stages {unknown}; known: {', '.join(s.name for s in dag_order())}")
         chosen = [s for s in dag_order() if s.name in wanted]
+        unknown_options = set(self.ctx.options) - known_options(registry.values())
+        if unknown_options:
+            log.warning("options no stage or runner declares (ignored): %s", ", ".join(sorted(unknown_options)))
         results: dict[str, list[BatchResult]] = {}
         done: dict[str, Any] = {}  # stage name -> what its finalize handed on
         for cls in chosen:
@@ -353,6 +352,18 @@ class StageRunner:
         self.walls[name] = wall
         for hook in self.hooks:
             hook(self.ctx, name, results)
+
+
+# Options of the flow's task runner (flows/runners.py), read before any stage runs.
+RUNNER_SPEC_OPTIONS = frozenset({"runner", "dask_address", "dask_workers"})
+
+
+def known_options(stages: Iterable[type[Stage]]) -> set[str]:
+    """Every option name a stage's Options, the runner's RunOptions or the task runner declares."""
+    names = set(RunOptions.model_fields) | RUNNER_SPEC_OPTIONS
+    for cls in stages:
+        names |= set(cls.Options.model_fields)
+    return names
 
 
 def shipped(stage: Stage, ctx: RunContext) -> Stage:
