@@ -98,7 +98,7 @@ def test_a_stage_added_in_one_module_runs_in_dag_order_with_cleanup_and_lineage(
     try:
         # Given in any order: the run follows the DAG.
         state = pipeline_flow(source=SourceSpec(path=corpus), stages=["toy", *reversed(BUILTIN)],
-                              options={"extractor": "rules", "show_progress": False}, return_state=True)
+                              options={"extractor": "rules"}, return_state=True)
         results = state.result()
         flow_run_id = str(state.state_details.flow_run_id)
         wh = Warehouse(tmp_path / "home" / "warehouse")
@@ -130,6 +130,16 @@ def test_a_stage_added_in_one_module_runs_in_dag_order_with_cleanup_and_lineage(
             assert name == f"toy[{r.batch_id}] {r.inputs} in, {r.outputs} out, {r.rejected} rejected" + (
                 f", {r.skipped} skipped" if r.skipped else "")
         assert "toy[finalize] 3 batches" in names.values()
+        # Progress is the runner's, for every stage that declares a unit: mine (samples) and the toy (batches).
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+        with get_client(sync_client=True) as client:
+            artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+        progress = {a.key: a for a in artifacts if a.type == "progress"}
+        assert set(progress) == {"mine-progress", "toy-progress"}
+        assert progress["toy-progress"].data == 100.0
+        assert progress["toy-progress"].description == "toy: 3/3 batches processed"
         for t in runs:
             stage, part = re.match(r"([a-z]+)\[([^\]]+)\]", t.name).groups()
             parents = {names[str(i.id)] for inputs in t.task_inputs.values() for i in inputs if str(i.id) in names}
@@ -146,7 +156,7 @@ def test_a_stage_added_in_one_module_runs_in_dag_order_with_cleanup_and_lineage(
         stale = Lineage(run_id="old", batch_id="b99999", code_version="test")
         wh.write_batch("toy", "b99999", stale, {toy.ToyPositives: [dict(study_id="x", positives=1)]})
         wh.write(importlib.import_module("schemas.audit").Rejection, "toy-b99999", [], stale)
-        ctx = make_context(source=SourceSpec(path=corpus), extractor="rules", toy_min_positives=2)
+        ctx = make_context(source=SourceSpec(path=corpus), extractor="rules", toy_min_positives=2, show_progress=False)
         again = run_stages(ctx, ["toy"])["toy"]
         assert wh.partitions("int_toy_positives") == ["b00000", "b00001", "b00002"]
         assert "toy-b99999" not in wh.partitions("int_rejections")

@@ -38,13 +38,10 @@ class ToyStage(Stage):
     reads = (Label,)
     writes = (ToyPositives,)
     Options = ToyOptions
-    progress_unit = "studies"
+    progress_unit = "batches"  # the runner shows progress (Stage.units: one per batch)
 
     def plan(self) -> list[str]:
         return self.wh.partitions(Label.__table__)  # one batch per label partition
-
-    def units(self, batch: str) -> int:
-        return 1
 
     def process(self, batch: str) -> BatchOutput:
         labels = pl.read_parquet(self.wh.table_dir(Label.__table__) / f"{batch}.parquet",
