@@ -70,17 +70,14 @@ def batch_run_name(result: BatchResult) -> str:
 def _rename_task_run(name: str) -> None:
     """Give the current task run a name known only once it finished (its counts); never fails the batch."""
     try:
-        from prefect.client.orchestration import get_client
         from prefect.context import TaskRunContext
 
         run_ctx = TaskRunContext.get()
         if run_ctx is None:
             return
-        # The engine reports the task run (name included) with its final state: name the run it holds, and
-        # tell the API now for servers that keep the name from the rename.
+        # The engine reports the task run, name included, with its final state (Completed): renaming the run
+        # it holds is enough, and costs no API call.
         run_ctx.task_run.name = name
-        with get_client(sync_client=True) as client:
-            client.set_task_run_name(run_ctx.task_run.id, name)
     except Exception:  # noqa: BLE001 - a name is cosmetic
         logging.getLogger("radchain.pipeline").debug("could not rename task run to %r", name, exc_info=True)
 

@@ -168,7 +168,8 @@ class StageOrderError(ValueError):
 def dag_order(stages: Iterable[type[Stage]] | None = None) -> list[type[Stage]]:
     """Stages in dependency order: a stage comes after every stage that writes a table it reads.
 
-    Ties (stages independent of each other) keep registration order, so the order is stable."""
+    Among stages ready at the same point (independent of each other) the first by name goes first, so the
+    order does not depend on the order modules were imported in."""
     pool = list(stages) if stages is not None else list(discover().values())
     writers: dict[str, list[type[Stage]]] = {}
     for s in pool:
@@ -178,7 +179,7 @@ def dag_order(stages: Iterable[type[Stage]] | None = None) -> list[type[Stage]]:
     order: list[type[Stage]] = []
     done: set[type[Stage]] = set()
     while len(order) < len(pool):
-        ready = [s for s in pool if s not in done and deps[s] <= done]
+        ready = sorted((s for s in pool if s not in done and deps[s] <= done), key=lambda s: s.name)
         if not ready:
             cycle = sorted(s.name for s in pool if s not in done)
             raise StageOrderError(f"the stages {cycle} read each other's tables in a cycle")
