@@ -41,11 +41,12 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 from radchain.runtime import prepare_environment  # noqa: E402
 from radchain.settings import Settings  # noqa: E402
+from flows.stages.contract import stage_names  # noqa: E402
 
 prepare_environment(Settings(home=_TMP))
 
 MIMIC_STUDIES = 227_835
-STAGES = ["ingest", "label", "tasks", "mine", "datasets"]
+STAGES = stage_names()  # every stage, in DAG order (flows/stages/contract.py)
 FLOOR_WALL_S = 8 * 60
 FLOOR_RSS_MB = 3 * 1024
 FLOOR_OVERHEAD = 0.10

@@ -207,9 +207,8 @@ def build_warehouse(home: Path, samples: int, seed: int) -> tuple[Path, dict[str
     corpus = home.parent / "corpus"
     generate_corpus(corpus, studies=studies, seed=seed, images=False)
     settings = Settings(home=home)
-    ctx = make_context(settings, SourceSpec(path=corpus), extractor="rules", show_progress=False)
     caps = dict(binary=10_000, single=10_000, multi=10_000, open=10_000, temporal=10_000)
-    ctx.options["caps"] = caps
+    ctx = make_context(settings, SourceSpec(path=corpus), extractor="rules", show_progress=False, caps=caps)
     run_stages(ctx, ["ingest", "label", "tasks"])
     wh = ctx.warehouse
     all_samples = wh.read("int_vqa_samples")

@@ -47,8 +47,6 @@ POOLS = {
 TIMEZONE = "UTC"
 COLLISIONS = ("enqueue", "cancel")
 
-PIPELINE_STAGES = ["ingest", "label", "tasks", "mine", "datasets"]
-
 
 @dataclass(frozen=True)
 class DeploymentSpec:
@@ -90,13 +88,14 @@ def deployment_specs(
 ) -> list[DeploymentSpec]:
     """The five deployments. ``source`` is the report source the nightly ``mine`` run ingests
     (a MIMIC-CXR tree or a report table); ``train_config`` names a configs/*.yaml recipe."""
+    from flows.stages.contract import stage_names
     from radchain.settings import get_settings
 
     src = Path(source) if source is not None else get_settings().demo_corpus_dir
     pipeline_params = {
         "source": {"path": str(Path(src).resolve()), "kind": "auto"},
-        "stages": list(stages or PIPELINE_STAGES),
-        # Progress on: a scheduled run has no terminal (no bar), but its `mine-progress` artifact is what an
+        "stages": list(stages or stage_names()),
+        # Progress on: a scheduled run has no terminal (no bar), but its progress artifacts are what an
         # operator watches in the UI while a long stage runs.
         "options": {"extractor": extractor, "show_progress": True},
     }

@@ -1,5 +1,10 @@
 """The radchain pipeline as a Prefect flow: each stage plans batches, each batch is a task run.
 
+The stages and their order come from flows/stages/ (one class per stage; flows/stages/contract.py);
+flows/stages/runner.py runs them. Here each batch becomes a task run named ``<stage>[<batch>]`` (renamed
+with its counts when it finishes), each stage's finalize a task run ``<stage>[finalize]``, and a
+stage's batches wait for the finalize of the stages it reads from, so the run graph draws the DAG.
+
 By default the batches of a stage run one after another in the flow's process. With
 ``options={"runner": "dask"}`` (``radchain run --runner dask``) they are submitted as task runs
 to a Dask cluster through prefect-dask and gathered before the stage's ``finalize``; a flow
@@ -9,11 +14,8 @@ fans out on that one. See flows/runners.py.
 
 from __future__ import annotations
 
-import importlib
 import logging
-import time
 import uuid
-from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from typing import Any
 
@@ -22,118 +24,111 @@ from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
 from prefect.runtime import flow_run
 from prefect.states import Failed
+from prefect.utilities.annotations import opaque, quote
+from prefect.utilities.engine import get_state_for_result
 
 from extractors.sources import SourceError
 
 from flows.checks import DataCheckFailed, RunAudit
 from flows.locking import warehouse_lock
-from flows.runners import (
-    RunnerSpec,
-    StageRunner,
-    open_task_runner,
-    submitting_stage_runner,
-)
+from flows.runners import RunnerSpec, open_task_runner, submitting_executor, unseal
 from flows.stages.common import BatchResult, RunContext, SourceSpec
-from radchain.runtime import gc_frozen
+from flows.stages.contract import Stage, stage_names
+from flows.stages.runner import (
+    StageDone,
+    StageRunner,
+    execute_batch,
+    final_errors,
+    finish_stage,
+    in_process,
+    run_stages,
+)
 from radchain.settings import Settings, get_settings
 from warehouse import Warehouse
 
-# Stage name -> module implementing the stage protocol (flows/stages/common.py), in DAG order.
-STAGE_MODULES = {
-    "ingest": "flows.stages.ingest",
-    "label": "flows.stages.label",
-    "tasks": "flows.stages.tasks",
-    "mine": "flows.stages.mine",
-    "datasets": "flows.stages.datasets",
-}
-ALL_STAGES = tuple(STAGE_MODULES)
+__all__ = ["ALL_STAGES", "make_context", "pipeline_flow", "run_stages"]
+
+# Every stage, in DAG order (from the tables each declares it reads and writes; flows/stages/contract.py).
+ALL_STAGES = tuple(stage_names())
 # Seconds per stage of the most recent pipeline flow run in this process (benchmarks read it).
 LAST_STAGE_WALLS: dict[str, float] = {}
 
 
-def stage_module(name: str) -> Any:
-    return importlib.import_module(STAGE_MODULES[name])
-
-
 def _worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
-    """A failed batch is retried once, unless the LLM endpoint is down (the mine stage's circuit breaker
-    opened): a retry would only fail again, later."""
-    from flows.stages.mine import LLMEndpointDown
+    """A failed batch is retried once, unless its stage declares the error final (the mine stage's
+    circuit breaker opened: a retry would only fail again, later)."""
+    return not isinstance(getattr(state, "data", None), final_errors())
 
-    return not isinstance(getattr(state, "data", None), LLMEndpointDown)
+
+def batch_run_name(result: BatchResult) -> str:
+    """What a finished batch's task run is called in the UI: ``stage[batch]`` and its counts."""
+    counts = f"{result.inputs} in, {result.outputs} out, {result.rejected} rejected"
+    if result.skipped:
+        counts += f", {result.skipped} skipped"
+    return f"{result.stage}[{result.batch_id}] {counts}"
+
+
+def _rename_task_run(name: str) -> None:
+    """Give the current task run a name known only once it finished (its counts); never fails the batch."""
+    try:
+        from prefect.context import TaskRunContext
+
+        run_ctx = TaskRunContext.get()
+        if run_ctx is None:
+            return
+        # The engine reports the task run, name included, with its final state (Completed): renaming the run
+        # it holds is enough, and costs no API call.
+        run_ctx.task_run.name = name
+    except Exception:  # noqa: BLE001 - a name is cosmetic
+        logging.getLogger("radchain.pipeline").debug("could not rename task run to %r", name, exc_info=True)
 
 
 @task(name="batch", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2, persist_result=False,
       retry_condition_fn=_worth_retrying)
-def run_batch_task(stage: str, ctx: RunContext, batch: Any) -> BatchResult:
-    return stage_module(stage).run_batch(ctx, batch)
+def run_batch_task(stage: Stage, batch: Any) -> BatchResult:
+    result = execute_batch(unseal(stage), unseal(batch))
+    _rename_task_run(batch_run_name(result))
+    return result
 
 
 @task(name="finalize", cache_policy=NO_CACHE, persist_result=False)
-def finalize_task(stage: str, ctx: RunContext) -> BatchResult | None:
-    return stage_module(stage).finalize(ctx)
+def finalize_task(stage: Stage, results: list[BatchResult]) -> StageDone:
+    done = finish_stage(stage, results)
+    _rename_task_run(f"{stage.name}[finalize] {done.batches} batches")
+    return done
 
 
-def run_stages(
-    ctx: RunContext,
-    stages: Sequence[str],
-    batch_runner: Callable[[str, RunContext, Any], BatchResult] | None = None,
-    finalizer: Callable[[str, RunContext], BatchResult | None] | None = None,
-    on_stage: Callable[[str, list[BatchResult], float], None] | None = None,
-    stage_runner: StageRunner | None = None,
-) -> dict[str, list[BatchResult]]:
-    """Run stages in DAG order. With no runners given, stage functions are called directly
-    (benchmarks use this to measure orchestration overhead).
-
-    ``batch_runner`` runs one batch at a time, in this process. ``stage_runner`` instead gets all
-    of a stage's batches at once (to fan them out) and returns their results; either way every
-    batch of a stage finishes before its ``finalize`` and before the next stage starts."""
-    batch_runner = batch_runner or (lambda s, c, b: stage_module(s).run_batch(c, b))
-    finalizer = finalizer or (lambda s, c: stage_module(s).finalize(c))
-    results: dict[str, list[BatchResult]] = {}
-    for name in ALL_STAGES:
-        if name not in stages:
-            continue
-        t0 = time.perf_counter()
-        with gc_frozen():  # no 0.2 s full collections over the imported libraries mid-stage
-            out = _run_stage(name, ctx, batch_runner, finalizer, stage_runner)
-        results[name] = out
-        if on_stage:
-            on_stage(name, out, time.perf_counter() - t0)
-    return results
+def batch_task_for(stage: Stage, batch: Any) -> Any:
+    """The batch task named for the UI: task ``<stage>``, task run ``<stage>[<batch>]``."""
+    return run_batch_task.with_options(name=stage.name, task_run_name=f"{stage.name}[{stage.batch_id(batch)}]")
 
 
-def _run_stage(
-    name: str,
-    ctx: RunContext,
-    batch_runner: Callable[[str, RunContext, Any], BatchResult],
-    finalizer: Callable[[str, RunContext], BatchResult | None],
-    stage_runner: StageRunner | None,
-) -> list[BatchResult]:
-    mod = stage_module(name)
-    batches = mod.plan(ctx)
-    progress = None
-    if name == "mine" and ctx.options.get("show_progress", True):
-        from flows.progress import StageProgress
+def _handle(result: Any) -> Any:
+    """What a later task waits for: the state of the task run that returned ``result``, without its data.
+    Prefect reads the task run id from it; the result object itself would be searched for objects other task
+    runs returned too (an interned batch id such as "all", a stage name), each drawing a spurious edge."""
+    found = get_state_for_result(result)
+    if found is None:  # not tracked (outside a flow run): nothing to draw
+        return None
+    # Its data is a placeholder Prefect can resolve (the linked state holds none) and links to no task run;
+    # opaque: Prefect takes the state's task run id and looks no further.
+    return opaque(found[0].model_copy(update={"data": True}))
 
-        progress = StageProgress(name, sum(len(b["sample_ids"]) for b in batches))
-    try:
-        if stage_runner is not None:
-            # Remote batches cannot call back into this process: the runner ticks per batch.
-            out = stage_runner(name, ctx, batches, progress)
-        else:
-            if progress is not None:
-                ctx.options["progress"] = progress
-            out = [batch_runner(name, ctx, b) for b in batches]
-    finally:
-        if progress is not None:
-            progress.close()
-            ctx.options.pop("progress", None)
-    final = finalizer(name, ctx)
-    if final is not None:
-        out.append(final)
-    ctx.warehouse.refresh_views()
-    return out
+
+def _prefect_batch(stage: Stage, batch: Any, wait_for: Any) -> tuple[BatchResult, Any]:
+    # Parameters are quoted (not searched for upstream results, for the same reason); the edges come from
+    # wait_for: the finalize of the stages this one reads from.
+    result = batch_task_for(stage, batch)(quote(stage), quote(batch), wait_for=_waits(wait_for))
+    return result, _handle(result)
+
+
+def _prefect_finalize(stage: Stage, results: list[BatchResult], wait_for: Any) -> Any:
+    named = finalize_task.with_options(name=f"{stage.name}-finalize", task_run_name=f"{stage.name}[finalize]")
+    return _handle(named(quote(stage), quote(results), wait_for=_waits(wait_for)))
+
+
+def _waits(wait_for: Any) -> list[Any] | None:
+    return [w for w in wait_for or () if w is not None] or None
 
 
 def make_context(
@@ -159,11 +154,12 @@ def pipeline_flow(
     stages: list[str] = list(ALL_STAGES),
     options: dict[str, Any] | None = None,
 ) -> dict[str, list[BatchResult]]:
-    """Run the stages; ``options`` are stage options plus the runner (``runner``: default | dask,
-    ``dask_address``, ``dask_workers``; see flows/runners.py)."""
-    unknown = [s for s in stages if s not in STAGE_MODULES]
+    """Run the stages; ``options`` are stage options plus the runner's (``show_progress``, ``force``,
+    ``runner``: default | dask, ``dask_address``, ``dask_workers``; see flows/runners.py)."""
+    known = stage_names()
+    unknown = [s for s in stages if s not in known]
     if unknown:
-        raise ValueError(f"unknown stages {unknown}; known: {', '.join(ALL_STAGES)}")
+        raise ValueError(f"unknown stages {unknown}; known: {', '.join(known)}")
     spec = RunnerSpec.from_options(options)
     run_id = str(flow_run.get_id() or uuid.uuid4())
     try:
@@ -184,25 +180,25 @@ def _run_pipeline(source: SourceSpec | None, stages: list[str], options: dict[st
         logger = _logger()
         LAST_STAGE_WALLS.clear()
         audit = RunAudit(ctx, [s for s in ALL_STAGES if s in stages])  # this run's audit_runs row
-        finalizer = lambda s, c: finalize_task.with_options(name=f"{s}-finalize")(s, c)
         with audit, ExitStack() as stack:
             task_runner = open_task_runner(spec, stack)
             where = spec.describe() if task_runner is None or spec.kind == "dask" else type(task_runner).__name__
-
-            def on_stage(name: str, out: list[BatchResult], wall: float) -> None:
-                LAST_STAGE_WALLS[name] = wall
-                logger.info("stage %s: %d batch results in %.2f s (%s)", name, len(out), wall, where)
-                audit.after_stage(name, out)  # the data checks of its tables; an error check stops the run
-
             if task_runner is None:
-                results = run_stages(
-                    ctx, stages,
-                    batch_runner=lambda s, c, b: run_batch_task.with_options(name=f"{s}-batch")(s, c, b),
-                    finalizer=finalizer, on_stage=on_stage,
-                )
+                executor = in_process(_prefect_batch)
             else:
-                results = run_stages(ctx, stages, stage_runner=submitting_stage_runner(task_runner, run_batch_task),
-                                     finalizer=finalizer, on_stage=on_stage)
+                executor = submitting_executor(task_runner, batch_task_for)
+            runner = StageRunner(ctx, executor=executor, finisher=_prefect_finalize)
+
+            def log_stage(c: RunContext, name: str, out: list[BatchResult]) -> None:
+                LAST_STAGE_WALLS[name] = runner.walls[name]
+                logger.info("stage %s: %d batch results in %.2f s (%s)", name, len(out), runner.walls[name], where)
+
+            # Work after a complete stage (its batches and finalize done, views refreshed) goes here, as a hook:
+            # hook(ctx, stage name, batch results); StageRunner.after_stage runs them in order.
+            runner.hooks.append(log_stage)
+            # The data checks of the stage's tables (flows/checks.py); an error check stops the run.
+            runner.hooks.append(lambda c, name, out: audit.after_stage(name, out))
+            results = runner.run(stages)
         from flows import artifacts
 
         artifacts.publish_run_artifacts(ctx, results)

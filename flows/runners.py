@@ -31,7 +31,7 @@ from flows.stages.common import BatchResult, RunContext
 
 RUNNERS = ("default", "dask")
 # Options that only make sense in the flow's process (callbacks, runner choice): never shipped.
-LOCAL_OPTIONS = frozenset({"progress", "runner", "dask_address", "dask_workers"})
+LOCAL_OPTIONS = frozenset({"progress", "runner", "dask_address", "dask_workers", "show_progress"})
 
 
 class RunnerError(ValueError):
@@ -161,32 +161,53 @@ def worker_context(ctx: RunContext) -> RunContext:
     return shipped
 
 
-def batch_units(stage: str, batch: Any) -> int:
-    """How far a finished batch moves the stage's progress bar (samples for mine, else 1)."""
-    if isinstance(batch, Mapping) and "sample_ids" in batch:
-        return len(batch["sample_ids"])
-    return 1
+class Sealed:
+    """A task parameter Prefect neither searches for upstream results nor rebuilds (prefect's ``quote`` is a
+    tuple that does not survive the trip to a Dask worker as one). Unwrap with ``unseal``."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def __getstate__(self) -> Any:
+        return self.value
+
+    def __setstate__(self, value: Any) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return repr(self.value)
 
 
-StageRunner = Callable[[str, RunContext, Sequence[Any], Callable[[int], None] | None], list[BatchResult]]
+def unseal(value: Any) -> Any:
+    return value.value if isinstance(value, Sealed) else value
 
 
-def submitting_stage_runner(task_runner: Any, batch_task: Any) -> StageRunner:
-    """Run a stage by submitting one task run per batch to ``task_runner`` and gathering them all.
+def submitting_executor(task_runner: Any, task_for: Callable[[Any, Any], Any]) -> Callable:
+    """A batch executor for flows/stages/runner.py: one task run per batch submitted to ``task_runner``,
+    all gathered (``task_for(stage, batch)`` is the named batch task). Returns (results, futures); the stage's
+    finalize waits for the futures, so the run graph has its batch -> finalize edges.
 
     Every batch is waited for before a failure is raised, so batches that succeeded keep their
     partitions (a re-run rewrites them anyway) and no task is left running behind the flow.
+    Remote batches cannot call back into this process: progress moves as each batch finishes.
     """
     from prefect.futures import as_completed
+    from prefect.utilities.engine import collect_task_run_inputs_sync
 
-    def run(stage: str, ctx: RunContext, batches: Sequence[Any],
-            progress: Callable[[int], None] | None = None) -> list[BatchResult]:
+    from flows.stages.runner import shipped
+
+    def run(stage: Any, batches: Sequence[Any], wait_for: Sequence[Any],
+            progress: Callable[[int], None] | None = None) -> tuple[list[BatchResult], list[Any]]:
         if not batches:
-            return []
-        shipped = worker_context(ctx)
-        named = batch_task.with_options(name=f"{stage}-batch")
-        futures = [task_runner.submit(named, parameters=dict(stage=stage, ctx=shipped, batch=b)) for b in batches]
-        units = {id(f): batch_units(stage, b) for f, b in zip(futures, batches)}
+            return [], []
+        remote = shipped(stage, worker_context(stage.ctx))
+        # The upstream stages' edges, resolved here: their finalize results are linked in this process only.
+        upstream = {"stage": collect_task_run_inputs_sync(list(wait_for))} if wait_for else None
+        futures = [task_runner.submit(task_for(stage, b), parameters=dict(stage=Sealed(remote), batch=Sealed(b)),
+                                      dependencies=upstream) for b in batches]
+        units = {id(f): stage.units(b) for f, b in zip(futures, batches)}
         for f in as_completed(futures):
             if progress is not None:
                 progress(units[id(f)])
@@ -198,6 +219,6 @@ def submitting_stage_runner(task_runner: Any, batch_task: Any) -> StageRunner:
                 errors.append(e)
         if errors:
             raise errors[0]
-        return results
+        return results, futures
 
     return run

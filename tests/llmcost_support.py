@@ -50,8 +50,10 @@ def llm_env(home: Path, base_url: str, **extra: str) -> dict[str, str]:
     return {**FAST_LLM_ENV, "RADCHAIN_HOME": str(home), "OPENAI_BASE_URL": base_url, **extra}
 
 
-def mine(monkeypatch: Any, home: Path, base_url: str, env: dict[str, str] | None = None, **options: Any):
-    """Run the mine stage (LLM extractor) with settings from the environment; returns (ctx, results)."""
+def mine(monkeypatch: Any, home: Path, base_url: str, env: dict[str, str] | None = None, progress: Any = None,
+         **options: Any):
+    """Run the mine stage (LLM extractor) with settings from the environment; returns (ctx, results).
+    ``progress`` (a StageProgress) is the stage's progress, handed to the runner (never through the options)."""
     from flows.pipeline import make_context, run_stages
     from radchain.settings import reset_settings_cache
 
@@ -59,7 +61,8 @@ def mine(monkeypatch: Any, home: Path, base_url: str, env: dict[str, str] | None
         monkeypatch.setenv(k, v)
     reset_settings_cache()
     ctx = make_context(extractor="llm", show_progress=False, **options)
-    results = run_stages(ctx, ["mine"])["mine"]
+    factory = None if progress is None else (lambda stage, total, unit: progress)
+    results = run_stages(ctx, ["mine"], progress=factory)["mine"]
     return ctx, results
 
 

@@ -1031,9 +1031,11 @@ def test_a_changed_report_is_caught_even_when_the_ingest_that_changed_it_was_kil
                   dict(study_id="S1", text=_report("Mild pulmonary edema"), image="img.jpg")]).write_csv(edited)
     killed = make_context(Settings(home=tmp_path / "home", batch_size=3), SourceSpec(path=edited, image_col="image"),
                           run_id="killed-run", extractor="rules", show_progress=False)
-    for batch in ingest.plan(killed):
-        ingest.run_batch(killed, batch)  # ... and the process dies here, before finalize
-    ingest._PLANNED.clear()
+    from flows.stages.runner import execute_batch
+
+    stage = ingest.IngestStage(killed)
+    for batch in stage.plan():
+        execute_batch(stage, batch)  # ... and the process dies here, before finalize
     wh, _ = run_table(tmp_path, edited, stages=["ingest"], image_col="image")
     assert set(wh.read("int_labels")["study_id"]) == {"S1"}  # S0's labels were made from its old text
     assert not list((tmp_path / "home").rglob(".baseline-*"))  # finished: no baseline left behind
@@ -1395,10 +1397,12 @@ def test_mine_stops_when_the_endpoint_dies_and_keeps_completed_batches(mined_tab
     ctx = make_context(settings, SourceSpec(path=mined_table / "reports.csv"), extractor="llm", show_progress=False)
     done = []
 
-    def batch_runner(stage, c, batch):
+    from flows.stages.runner import execute_batch
+
+    def batch_runner(stage, batch):
         if done:
             server.stop()  # the endpoint dies after the first batch
-        result = mine.run_batch(c, batch)
+        result = execute_batch(stage, batch)
         done.append(batch["batch_id"])
         return result
 

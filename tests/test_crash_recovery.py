@@ -28,10 +28,12 @@ import pyarrow.parquet as pq
 import polars as pl
 import pytest
 
+from flows.stages.contract import stage_names
+
 REPO = Path(__file__).resolve().parents[1]
 STUDIES = 80
 BATCH_SIZE = 20  # 4 batches in ingest, label and mine
-STAGES = ("ingest", "label", "tasks", "mine", "datasets")
+STAGES = tuple(stage_names())  # every stage, in DAG order
 SEED = 20240611
 MAX_DRAWS_PER_STAGE = 6
 RUN_TIMEOUT_S = 240

@@ -17,10 +17,11 @@ import polars as pl
 import pytest
 
 from flows.stages.common import SourceSpec
+from flows.stages.contract import stage_names
 
 STUDIES = 120
 BATCH_SIZE = 30  # 4 ingest batches, 4 label batches, 4 mine batches
-STAGES = ["ingest", "label", "tasks", "mine", "datasets"]
+STAGES = stage_names()  # every stage, in DAG order
 # Columns that name the run or the clock, never the data.
 VOLATILE = ("run_id", "wall_s", "finished_at", "written_at", "built_at", "created_at", "started_at", "scored_at")
 
@@ -106,6 +107,24 @@ def test_dask_local_cluster_gives_the_default_runners_tables(default_run, corpus
     assert hashes == want, {t for t in want if hashes.get(t) != want[t]}
     # No half-written partition anywhere.
     assert not list((wh.root / "parquet").rglob(".*.tmp-*"))
+    # The run graph of batches run on the workers: named stage[batch] with counts, each stage's batches
+    # waiting for the previous stage's finalize only.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    (run_id,) = set(wh.read("audit_stage_counts")["run_id"])
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+    names = {str(t.id): t.name for t in runs}
+    for t in runs:
+        parents = {names[str(i.id)] for inputs in t.task_inputs.values() for i in inputs if str(i.id) in names}
+        stage, part = t.name.split("[", 1)
+        if part.startswith("finalize"):
+            assert parents and {p.split("[")[0] for p in parents} == {stage}, (t.name, parents)
+        else:
+            before = STAGES[STAGES.index(stage) - 1] if STAGES.index(stage) else None
+            assert parents == ({n for n in names.values() if n.startswith(f"{before}[finalize]")} if before else set())
+            assert " in, " in part and " out, " in part, t.name
 
 
 def test_dask_address_runs_batches_on_the_clusters_worker_processes(default_run, corpus, tmp_path_factory):
@@ -138,12 +157,13 @@ def test_a_flow_given_its_own_task_runner_fans_out_on_it(default_run, corpus, tm
     from prefect.task_runners import ThreadPoolTaskRunner
 
     from flows.pipeline import pipeline_flow
+    from flows.runners import unseal
 
     submitted: list[str] = []
 
     class FanOut(ThreadPoolTaskRunner):
         def submit(self, task, parameters, wait_for=None, dependencies=None):
-            submitted.append(parameters["stage"])
+            submitted.append(unseal(parameters["stage"]).name)  # the stage object, sealed from Prefect's search
             return super().submit(task, parameters, wait_for, dependencies)
 
     flow = pipeline_flow.with_options(task_runner=FanOut(max_workers=2))

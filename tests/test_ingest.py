@@ -342,7 +342,7 @@ def test_unusable_sources_raise_clear_errors(tmp_path):
     with pytest.raises(SourceError, match="no reports found"):
         plan_batches(SourceSpec(path=tmp_path / "empty-tree"), 10)
     with pytest.raises(SourceError, match="needs a source"):
-        ingest.plan(context(tmp_path / "home", None))
+        ingest.IngestStage(context(tmp_path / "home", None)).plan()
     assert issubclass(SourceError, ValueError)  # the CLI turns ValueError into exit code 2
 
 

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from flows.stages import label
 from flows.stages.common import RunContext, SourceSpec
+from flows.stages.runner import execute_batch, finish_stage
 from radchain.settings import Settings
 from schemas.audit import Rejection
 from schemas.base import Lineage
@@ -86,8 +87,8 @@ def _labels(ctx: RunContext) -> pl.DataFrame:
 
 def test_stage_end_to_end(stage_ctx) -> None:
     ctx, texts = stage_ctx
-    assert label.plan(ctx) == [BATCH]
-    result = label.run_batch(ctx, BATCH)
+    assert label.LabelStage(ctx).plan() == [BATCH]
+    result = execute_batch(label.LabelStage(ctx), BATCH)
     assert (result.inputs, result.outputs, result.rejected) == (4, 3, 1)
 
     labels = _labels(ctx)
@@ -126,15 +127,17 @@ def test_stage_end_to_end(stage_ctx) -> None:
 
 def test_rerun_replaces_rows_and_finalize_drops_stale_partitions(stage_ctx) -> None:
     ctx, _ = stage_ctx
-    label.run_batch(ctx, BATCH)
-    label.run_batch(ctx, BATCH)
+    execute_batch(label.LabelStage(ctx), BATCH)
+    result = execute_batch(label.LabelStage(ctx), BATCH)
     assert _labels(ctx).height == 3 * 14
     # A partition left by an ingest batch that no longer exists.
     stale = Lineage(run_id="old", batch_id="b99999", code_version="test")
     ctx.warehouse.write(Label, "b99999", [dict(study_id="1", observation="Edema", value="positive", source="rules")],
                         stale)
     ctx.warehouse.write(Rejection, "label-b99999", [], stale)
-    assert label.finalize(ctx) is None
+    # The runner's cleanup after the batches: only what this run's batches wrote stays.
+    done = finish_stage(label.LabelStage(ctx), [result])
+    assert done.partitions == {Label.__table__: [BATCH]}
     assert ctx.warehouse.partitions(Label.__table__) == [BATCH]
     assert "label-b99999" not in ctx.warehouse.partitions("int_rejections")
     assert "label-" + BATCH in ctx.warehouse.partitions("int_rejections")
@@ -143,7 +146,7 @@ def test_rerun_replaces_rows_and_finalize_drops_stale_partitions(stage_ctx) -> N
 def test_without_a_source_csv_every_label_comes_from_the_rules(stage_ctx) -> None:
     ctx, _ = stage_ctx
     ctx.source = None
-    result = label.run_batch(ctx, BATCH)
+    result = execute_batch(label.LabelStage(ctx), BATCH)
     assert (result.outputs, result.rejected) == (2, 2)
     assert set(_labels(ctx)["source"]) == {"rules"}
 
@@ -153,7 +156,7 @@ def test_a_generic_table_source_with_label_columns(stage_ctx, tmp_path) -> None:
     table = tmp_path / "reports.csv"
     pl.DataFrame({"study_id": ["50000002"], "text": ["x"], "Edema": ["0.0"]}).write_csv(table)
     ctx.source = SourceSpec(path=table, kind="table")
-    label.run_batch(ctx, BATCH)
+    execute_batch(label.LabelStage(ctx), BATCH)
     rows = {(r["study_id"], r["observation"]): r for r in _labels(ctx).to_dicts()}
     assert (rows[("50000002", "Edema")]["value"], rows[("50000002", "Edema")]["source"]) == ("negative", "table")
     assert rows[("50000002", "Pneumonia")]["source"] == "rules"  # a column the table lacks
@@ -163,7 +166,7 @@ def test_missing_sections_partition_and_corrupt_csv(stage_ctx) -> None:
     ctx, _ = stage_ctx
     (ctx.source.path / "mimic-cxr-2.0.0-chexpert.csv").write_bytes(b"\xff\xfe\x00garbage")
     (ctx.warehouse.table_dir(Section.__table__) / f"{BATCH}.parquet").unlink()
-    result = label.run_batch(ctx, BATCH)  # no crash: everything is rejected (no text, no labels)
+    result = execute_batch(label.LabelStage(ctx), BATCH)  # no crash: everything is rejected (no text, no labels)
     assert (result.outputs, result.rejected) == (0, 4)
 
 

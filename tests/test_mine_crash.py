@@ -88,7 +88,7 @@ def test_killed_mine_run_resumes_without_duplicates_or_repeated_calls(tmp_path, 
     from extractors.synthetic import generate_corpus
     from flows.pipeline import make_context, run_stages
     from flows.stages.common import SourceSpec
-    from flows.stages.mine import plan
+    from flows.stages.mine import MineStage
     from radchain.settings import reset_settings_cache
     from radchain.testing import FakeOpenAIServer
     from flows.testing import chain_responder
@@ -103,7 +103,7 @@ def test_killed_mine_run_resumes_without_duplicates_or_repeated_calls(tmp_path, 
     run_stages(ctx, ["ingest", "label", "tasks"])
     wh = ctx.warehouse
     samples = wh.read("int_vqa_samples")
-    n_batches = len(plan(ctx))
+    n_batches = len(MineStage(ctx).plan())
     assert n_batches >= 4
 
     recording = Recording(chain_responder(wh).warm())

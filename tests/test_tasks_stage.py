@@ -10,6 +10,7 @@ import pytest
 
 from flows.stages import tasks as stage
 from flows.stages.common import RunContext, SourceSpec
+from flows.stages.runner import execute_batch, run_stages
 from radchain.settings import Settings
 from schemas.base import Lineage
 from schemas.ingest import Image, Study
@@ -70,10 +71,10 @@ def ctx(make_ctx):
 
 
 def test_stage_writes_samples_rejections_and_audit(ctx, caplog):
-    assert stage.plan(ctx) == ["all"]
+    assert stage.TasksStage(ctx).plan() == ["all"]
     with caplog.at_level(logging.INFO, logger="radchain.stages.tasks"):
-        result = stage.run_batch(ctx, "all")
-    assert stage.finalize(ctx) is None
+        result = execute_batch(stage.TasksStage(ctx), "all")
+    assert stage.TasksStage(ctx).finalize() is None
     wh = ctx.warehouse
     assert wh.partitions("int_vqa_samples") == sorted(TASKS)
     samples = wh.read(VqaSample)
@@ -104,12 +105,12 @@ def test_stage_writes_samples_rejections_and_audit(ctx, caplog):
 
 
 def test_rerun_replaces_rows_and_stale_partitions(ctx, make_ctx):
-    stage.run_batch(ctx, "all")
+    execute_batch(stage.TasksStage(ctx), "all")
     first = sorted(ctx.warehouse.read(VqaSample)["sample_id"].to_list())
     stale = ctx.warehouse.table_dir("int_vqa_samples") / "old-layout.parquet"
     stale.write_bytes((ctx.warehouse.table_dir("int_vqa_samples") / "binary.parquet").read_bytes())
     rerun = make_ctx(run_id="run2")
-    stage.run_batch(rerun, "all")
+    run_stages(rerun, ["tasks"])  # the runner removes the partition no batch of this run wrote
     samples = rerun.warehouse.read(VqaSample)
     assert sorted(samples["sample_id"].to_list()) == first
     assert set(samples["run_id"]) == {"run2"}
@@ -118,10 +119,10 @@ def test_rerun_replaces_rows_and_stale_partitions(ctx, make_ctx):
 
 
 def test_caps_seed_and_task_options(ctx, make_ctx):
-    stage.run_batch(ctx, "all")
+    execute_batch(stage.TasksStage(ctx), "all")
     default_ids = set(ctx.warehouse.read(VqaSample)["sample_id"])
     capped = make_ctx(run_id="r2", seed=99, caps={"binary": 2, "open": 1}, task_types=["binary", "open"])
-    result = stage.run_batch(capped, "all")
+    result = execute_batch(stage.TasksStage(capped), "all")
     samples = capped.warehouse.read(VqaSample)
     counts = dict(samples.group_by("task").len().iter_rows())
     assert set(counts) == {"binary", "open"}
@@ -130,10 +131,10 @@ def test_caps_seed_and_task_options(ctx, make_ctx):
     assert per_group["len"].max() <= 2
     assert result.inputs == result.outputs + result.rejected + result.skipped
     reseeded = make_ctx(run_id="r4", seed=99)
-    stage.run_batch(reseeded, "all")
+    execute_batch(stage.TasksStage(reseeded), "all")
     assert set(reseeded.warehouse.read(VqaSample)["sample_id"]) != default_ids
     with pytest.raises(ValueError):
-        stage.run_batch(make_ctx(run_id="r3", caps={"everything": 5}), "all")
+        execute_batch(stage.TasksStage(make_ctx(run_id="r3", caps={"everything": 5})), "all")
 
 
 def test_temporal_csv_beside_a_mimic_source(ctx, make_ctx, tmp_path):
@@ -148,7 +149,7 @@ def test_temporal_csv_beside_a_mimic_source(ctx, make_ctx, tmp_path):
     )
     with_csv = make_ctx(run_id="csv", source=SourceSpec(path=root, kind="mimic"))
     assert stage.temporal_csv_path(with_csv) == root / "ms-cxr-t_temporal-classification.csv"
-    stage.run_batch(with_csv, "all")
+    execute_batch(stage.TasksStage(with_csv), "all")
     temporal = with_csv.warehouse.read(VqaSample).filter(pl.col("task") == "temporal")
     assert temporal.height == 1
     row = temporal.row(0, named=True)
@@ -160,7 +161,7 @@ def test_temporal_csv_beside_a_mimic_source(ctx, make_ctx, tmp_path):
 
 def test_empty_warehouse_runs_cleanly(make_ctx):
     empty = make_ctx(run_id="empty")
-    result = stage.run_batch(empty, "all")
+    result = execute_batch(stage.TasksStage(empty), "all")
     assert (result.inputs, result.outputs, result.rejected, result.skipped) == (0, 0, 0, 0)
     assert empty.warehouse.count("int_vqa_samples") == 0
     assert empty.warehouse.partitions("int_vqa_samples") == sorted(TASKS)

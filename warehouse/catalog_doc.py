@@ -111,7 +111,8 @@ def catalog_markdown() -> str:
     layers = ", ".join(f"`{k}_*` {v}" for k, v in LAYER_MEANING.items())
     return "\n\n".join([
         f"Layers: {layers}. Every row carries the lineage columns `run_id` (the Prefect flow run that wrote "
-        "it), `batch_id` (its partition) and `code_version` (`radchain-<version>/<stage version>`); tables "
+        "it), `batch_id` (its partition) and `code_version` (`radchain-<version>[+g<git commit>]/<stage version>`); "
+        "tables "
         "with LLM output add `model` and the request hash(es) or `prompt_version`.",
         "### Tables\n\n" + tables_markdown(),
         "### Views\n\n" + views_markdown(),

@@ -33,7 +33,7 @@ def compute_estimates(settings: Any, *, protocols: list[str], sample: int | None
     # Not flows.pipeline.make_context: importing Prefect alone would take seconds of the estimate's budget.
     ctx = RunContext(settings=settings, warehouse=Warehouse(settings.warehouse_dir).ensure(), run_id="estimate",
                      options={"extractor": "llm"})
-    ids = [sid for b in mine.plan(ctx) for sid in b["sample_ids"]]
+    ids = [sid for b in mine.plan_batches(ctx) for sid in b["sample_ids"]]
     if not ids:
         raise UsageError("no samples to mine: run the stages before mine first (radchain run --stages "
                          "ingest,label,tasks), or radchain run --dry-run")

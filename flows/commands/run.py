@@ -130,13 +130,13 @@ def register(app: typer.Typer) -> None:
             return
         from flows.lifeline import start_reaper
         from flows.checks import DataCheckFailed
-        from flows.stages.mine import LLMEndpointDown
+        from flows.stages.runner import final_errors
 
         start_reaper()  # Prefect's temporary server (and a local Dask cluster) die with this process, SIGKILL too
         try:
             results = pipeline_flow(source=spec, stages=chosen, options=options)
-        except (LLMEndpointDown, DataCheckFailed) as e:  # the breaker stopped mining, or a data check failed:
-            # one line, exit code 1 (`radchain check` and v_runs show every check of the run)
+        except (*final_errors(), DataCheckFailed) as e:  # a stage stopped for good (mine: the LLM endpoint is
+            # down) or a data check failed: one line, exit code 1 (`radchain check` and v_runs show every check)
             from rich.markup import escape
 
             from flows.cli_support import one_line

@@ -1,28 +1,18 @@
-"""What every stage shares: the run context, batch results and the audit bookkeeping.
+"""What every stage shares: the run context, batch results and dead-letter rows.
 
-A stage module exposes three plain functions (no Prefect in them, so benchmarks can call
-them directly and compare against the orchestrated run):
-
-    plan(ctx) -> list[Any]              the units of work (batches), cheap to compute
-    run_batch(ctx, batch) -> BatchResult   process one batch and write its partitions
-    finalize(ctx) -> BatchResult | None    optional global step after all batches
-
-flows/pipeline.py turns each ``run_batch`` call into a Prefect task run.
+A stage is a class (flows/stages/contract.py) and the runner (flows/stages/runner.py) runs it;
+this module holds the plain data both hand around.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from radchain import __version__
+from radchain.build_info import code_version
 from radchain.settings import Settings
-from schemas.audit import Rejection, StageCount
-from schemas.base import Lineage, TableRecord, stable_id
+from schemas.base import Lineage, stable_id
 from warehouse import Warehouse
 
 
@@ -49,10 +39,14 @@ class RunContext:
     warehouse: Warehouse
     run_id: str
     source: SourceSpec | None = None
-    options: dict[str, Any] = field(default_factory=dict)  # stage options (extractor, caps, seed ...)
+    # The options the run was given (the flow's ``options`` parameter), as given; never written to. Each stage
+    # reads its own typed view of them (Stage.Options), the runner its own (RunOptions).
+    options: dict[str, Any] = field(default_factory=dict)
+    # radchain-<version>[+g<commit>]: read once where the context is made, so remote workers write the same.
+    code_version: str = field(default_factory=code_version)
 
     def lineage(self, batch_id: str, stage_version: str) -> Lineage:
-        return Lineage(run_id=self.run_id, batch_id=batch_id, code_version=f"radchain-{__version__}/{stage_version}")
+        return Lineage(run_id=self.run_id, batch_id=batch_id, code_version=f"{self.code_version}/{stage_version}")
 
 
 @dataclass
@@ -65,6 +59,8 @@ class BatchResult:
     skipped: int
     wall_s: float
     skip_reason: str | None = None
+    # table -> partitions this batch wrote (or kept, when reused): what the stage's stale-partition cleanup keeps.
+    partitions: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.inputs != self.outputs + self.rejected + self.skipped:
@@ -72,15 +68,6 @@ class BatchResult:
                 f"{self.stage}/{self.batch_id}: inputs {self.inputs} != outputs {self.outputs} "
                 f"+ rejected {self.rejected} + skipped {self.skipped}"
             )
-
-
-class Stage(Protocol):
-    NAME: str
-    VERSION: str
-
-    def plan(self, ctx: RunContext) -> list[Any]: ...
-    def run_batch(self, ctx: RunContext, batch: Any) -> BatchResult: ...
-    def finalize(self, ctx: RunContext) -> BatchResult | None: ...
 
 
 def rejection(stage: str, entity_id: str, reason_code: str, detail: str, raw_output: str | None = None) -> dict:
@@ -93,36 +80,3 @@ def rejection(stage: str, entity_id: str, reason_code: str, detail: str, raw_out
         detail=detail[:2000],
         raw_output=None if raw_output is None else raw_output[:20000],
     )
-
-
-def record_batch(
-    ctx: RunContext,
-    *,
-    stage: str,
-    stage_version: str,
-    batch_id: str,
-    started: float,
-    frames: Mapping[type[TableRecord], Any],
-    rejections: Sequence[dict],
-    inputs: int,
-    outputs: int,
-    skipped: int = 0,
-    skip_reason: str | None = None,
-) -> BatchResult:
-    """Write a batch's tables, its rejections and its audit row; check in = out + rejected + skipped."""
-    result = BatchResult(stage, batch_id, inputs, outputs, len(rejections), skipped, 0.0,
-                         skip_reason if skipped else None)
-    lineage = ctx.lineage(batch_id, stage_version)
-    partition = f"{stage}-{batch_id}"
-    if frames:
-        ctx.warehouse.write_batch(stage, batch_id, lineage, frames)
-    ctx.warehouse.write(Rejection, partition, list(rejections), lineage)
-    result.wall_s = time.perf_counter() - started
-    ctx.warehouse.write(
-        StageCount,
-        partition,
-        [dict(stage=stage, inputs=inputs, outputs=outputs, rejected=len(rejections), skipped=skipped,
-              wall_s=result.wall_s, finished_at=datetime.now(UTC), skip_reason=result.skip_reason)],
-        lineage,
-    )
-    return result

@@ -1,14 +1,16 @@
 """Stage 1, ingest: read a report source into raw_reports, stg_sections, stg_studies, stg_images.
 
 plan      lists deterministic batches of the source (file paths or row ranges, never text)
-run_batch reads one batch, parses sections, writes raw_reports + stg_sections partitions
-          named by the batch id, and the batch's rejections and audit row
-finalize  builds stg_studies and stg_images (partition "all") from what the batches wrote
-          plus the source's metadata, and removes partitions an earlier, larger run left
+process   reads one batch, parses sections: raw_reports + stg_sections rows and the batch's
+          rejections (the runner writes them as partitions named by the batch id)
+finalize  removes what later stages derived from studies that changed or are gone, then builds
+          stg_studies and stg_images (partition "all") from what the batches wrote plus the
+          source's metadata
 
-finalize returns None: its inputs are the studies the batches already counted, and an audit
-row for it would count every report twice in the per-stage sums. Its writes are recorded
-in fct_materializations.
+The runner removes partitions an earlier, larger run left before finalize reads the tables.
+finalize has no audit row: its inputs are the studies the batches already counted, and an audit
+row for it would count every report twice in the per-stage sums. Its writes are recorded in
+fct_materializations.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from __future__ import annotations
 import gc
 import logging
 import re
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -39,24 +40,16 @@ from extractors.sources import (
     source_kind,
     study_attributes,
 )
-from flows.stages.common import BatchResult, RunContext, SourceSpec, record_batch, rejection
-from schemas.audit import Materialization, Rejection, StageCount
+from flows.stages.common import RunContext, SourceSpec, rejection
+from flows.stages.contract import BatchOutput, Stage
 from schemas.base import stable_id
 from schemas.ingest import Image, RawReport, Section, Study
 
 NAME = "ingest"
 VERSION = "ingest-v1"
-FINAL_PARTITION = "all"
-_DATA_TABLES = (RawReport.__table__, Section.__table__)
-_FINAL_TABLES = (Study.__table__, Image.__table__)
-# Tables shared by all stages, whose partitions are named "<stage>-<batch>".
-_PREFIXED_TABLES = (Rejection.__table__, StageCount.__table__, Materialization.__table__)
 # A section body is "usable" when it holds at least one word (two letters in a row).
 _WORD_RE = re.compile(r"[A-Za-z]{2}")
 
-# Batch ids of the last plan per run, so finalize knows which partitions are current
-# without walking the source again (it re-plans when run in another process).
-_PLANNED: dict[str, list[str]] = {}
 # The warehouse's baseline (study_id, content_hash) of the reports held before an ingest started.
 _BASELINE = "ingest-reports"
 # What later stages derived from a study: (table, the columns that name a study).
@@ -71,12 +64,40 @@ def _source(ctx: RunContext) -> SourceSpec:
     return ctx.source
 
 
-def plan(ctx: RunContext) -> list[SourceBatch]:
-    batches = plan_batches(_source(ctx), ctx.settings.batch_size)
-    _PLANNED[ctx.run_id] = [b.batch_id for b in batches]
-    # Kept until finalize (a file, so a killed run's baseline is the one the next run compares with).
-    ctx.warehouse.keep_baseline(_BASELINE, _report_frame(ctx))
-    return batches
+class IngestStage(Stage):
+    name = NAME
+    version = VERSION
+    reads = ()
+    writes = (RawReport, Section, Study, Image)
+    final_tables = (Study, Image)
+
+    def plan(self) -> list[SourceBatch]:
+        batches = plan_batches(_source(self.ctx), self.ctx.settings.batch_size)
+        # Kept until finalize (a file, so a killed run's baseline is the one the next run compares with).
+        self.wh.keep_baseline(_BASELINE, _report_frame(self.ctx))
+        return batches
+
+    def process(self, batch: SourceBatch) -> BatchOutput:
+        with _gc_paused():
+            read = read_batch(_source(self.ctx), batch)
+            reports, sections, no_sections = _parse(read)
+        rejections = [_rejection_row(r.entity_id, r.source, r.reason_code, r.detail) for r in read.rejections]
+        rejections += no_sections
+        return BatchOutput(inputs=read.inputs, outputs=reports.num_rows, rejections=rejections,
+                           frames={RawReport: reports, Section: sections})
+
+    def finalize(self) -> dict:
+        ctx, wh = self.ctx, self.wh
+        spec = _source(ctx)
+        before = wh.baseline(_BASELINE)
+        clear_stale_downstream(ctx, None if before is None else dict(before.iter_rows()))
+        wh.drop_baseline(_BASELINE)
+
+        reports = wh.scan(RawReport).select("study_id", "patient_id", "source").collect()
+        images = image_rows(spec, reports)
+        _warn_about_images(spec, images)
+        studies = build_studies(reports, study_attributes(spec), _section_flags(ctx), images)
+        return {Study: studies, Image: images}
 
 
 def _report_frame(ctx: RunContext) -> pl.DataFrame:
@@ -85,20 +106,6 @@ def _report_frame(ctx: RunContext) -> pl.DataFrame:
 
 def _report_hashes(ctx: RunContext) -> dict[str, str]:
     return dict(_report_frame(ctx).iter_rows())
-
-
-def run_batch(ctx: RunContext, batch: SourceBatch) -> BatchResult:
-    started = time.perf_counter()
-    with _gc_paused():
-        read = read_batch(_source(ctx), batch)
-        reports, sections, no_sections = _parse(read)
-    rejections = [_rejection_row(r.entity_id, r.source, r.reason_code, r.detail) for r in read.rejections]
-    rejections += no_sections
-    return record_batch(
-        ctx, stage=NAME, stage_version=VERSION, batch_id=batch.batch_id, started=started,
-        frames={RawReport: reports, Section: sections}, rejections=rejections,
-        inputs=read.inputs, outputs=reports.num_rows,
-    )
 
 
 @contextmanager
@@ -180,26 +187,6 @@ def _parse(read: ReportBatch) -> tuple[pa.Table, pa.Table, list[dict]]:
         "inferred": pa.array(inferred, pa.bool_()),
     })
     return reports, sections, no_sections
-
-
-def finalize(ctx: RunContext) -> BatchResult | None:
-    spec = _source(ctx)
-    wh = ctx.warehouse
-    batch_ids = _PLANNED.pop(ctx.run_id, None)
-    if batch_ids is None:
-        batch_ids = [b.batch_id for b in plan_batches(spec, ctx.settings.batch_size)]
-    _remove_stale_partitions(ctx, batch_ids)
-    before = wh.baseline(_BASELINE)
-    clear_stale_downstream(ctx, None if before is None else dict(before.iter_rows()))
-    wh.drop_baseline(_BASELINE)
-
-    reports = wh.scan(RawReport).select("study_id", "patient_id", "source").collect()
-    images = image_rows(spec, reports)
-    _warn_about_images(spec, images)
-    studies = build_studies(reports, study_attributes(spec), _section_flags(ctx), images)
-    lineage = ctx.lineage(FINAL_PARTITION, VERSION)
-    wh.write_batch(NAME, FINAL_PARTITION, lineage, {Study: studies, Image: images})
-    return None
 
 
 def _warn_about_images(spec: SourceSpec, images: pl.DataFrame) -> None:
@@ -304,15 +291,3 @@ def clear_stale_downstream(ctx: RunContext, before: dict[str, str] | None) -> di
                     "stages; removed them (%s): run label, tasks, mine and datasets again",
                     changed.len(), ", ".join(f"{n} {t}" for t, n in removed.items() if n))
     return removed
-
-
-def _remove_stale_partitions(ctx: RunContext, batch_ids: list[str]) -> None:
-    """Partitions of this stage that the current plan did not produce (a smaller re-run)."""
-    wh = ctx.warehouse
-    for table in _DATA_TABLES:
-        wh.delete_partitions(table, keep=batch_ids)
-    for table in _FINAL_TABLES:
-        wh.delete_partitions(table, keep=[FINAL_PARTITION])
-    current = {f"{NAME}-{b}" for b in batch_ids} | {f"{NAME}-{FINAL_PARTITION}"}
-    for table in _PREFIXED_TABLES:
-        wh.delete_partitions(table, keep=current, prefix=f"{NAME}-")

@@ -1,19 +1,18 @@
 """Stage 2, label: one int_labels row per (study, observation) for every ingested report.
 
 plan      the ingest batches present in raw_reports (one label batch per ingest batch)
-run_batch reads that batch's raw_reports and stg_sections partitions, labels FINDINGS +
+process   reads that batch's raw_reports and stg_sections partitions, labels FINDINGS +
           IMPRESSION with the rule labeler, and takes the value from the source's chexpert
           CSV where it has the study (source "chexpert_csv"), or from label columns of a
           generic report table ("table"); the rule labeler's deciding sentence is kept as
           evidence whenever one of the report's sentences states the stored value.
           A study with no FINDINGS/IMPRESSION text and no CSV labels is rejected
           (NO_FINDINGS_TEXT).
-finalize  removes label partitions whose ingest batch no longer exists
+The runner removes label partitions (and their rejection/audit rows) whose ingest batch no longer exists.
 """
 
 from __future__ import annotations
 
-import time
 from functools import lru_cache
 from pathlib import Path
 
@@ -29,19 +28,28 @@ from extractors.chains.types import LabelEvidence
 from extractors.instructions import mask_instructions
 from extractors.labeler import LABELED_SECTIONS, label_reports_with_mentions, supporting_evidence
 from extractors.sources import ReportTable, SourceError
-from flows.stages.common import BatchResult, RunContext, SourceSpec, record_batch, rejection
+from flows.stages.common import RunContext, SourceSpec, rejection
+from flows.stages.contract import BatchOutput, Stage
 from schemas.ingest import RawReport, Section
 from schemas.labels import OBSERVATIONS, Label
 
 NAME = "label"
 VERSION = "label-v1"
 NO_FINDINGS_TEXT = "NO_FINDINGS_TEXT"
-_PREFIXED_TABLES = ("int_rejections", "audit_stage_counts", "fct_materializations")
 _TABLE_ID = "__radchain_study_id"
 
 
-def plan(ctx: RunContext) -> list[str]:
-    return ctx.warehouse.partitions(RawReport.__table__)
+class LabelStage(Stage):
+    name = NAME
+    version = VERSION
+    reads = (RawReport, Section)
+    writes = (Label,)
+
+    def plan(self) -> list[str]:
+        return self.wh.partitions(RawReport.__table__)
+
+    def process(self, batch: str) -> BatchOutput:
+        return label_batch(self.ctx, batch)
 
 
 def _partition(ctx: RunContext, table: str, batch: str, columns: list[str]) -> pl.DataFrame:
@@ -51,8 +59,7 @@ def _partition(ctx: RunContext, table: str, batch: str, columns: list[str]) -> p
     return pl.scan_parquet(path).select(columns).collect()
 
 
-def run_batch(ctx: RunContext, batch: str) -> BatchResult:
-    started = time.perf_counter()
+def label_batch(ctx: RunContext, batch: str) -> BatchOutput:
     reports = _partition(ctx, RawReport.__table__, batch, ["study_id", "text"])
     sections = _partition(ctx, Section.__table__, batch, ["study_id", "name", "start", "end"])
     spans_of: dict[str, list[tuple[str, int, int]]] = {}
@@ -94,10 +101,8 @@ def run_batch(ctx: RunContext, batch: str) -> BatchResult:
     frame = pl.DataFrame(columns, schema={"study_id": pl.String, "observation": pl.String, "value": pl.String,
                                           "source": pl.String, "section": pl.String, "sentence_start": pl.Int64,
                                           "sentence_end": pl.Int64, "sentence": pl.String})
-    return record_batch(
-        ctx, stage=NAME, stage_version=VERSION, batch_id=batch, started=started, frames={Label: frame},
-        rejections=rejections, inputs=len(ids), outputs=len(ids) - len(rejections),
-    )
+    return BatchOutput(inputs=len(ids), outputs=len(ids) - len(rejections), rejections=rejections,
+                       frames={Label: frame})
 
 
 def _suspect_spans(ctx: RunContext, batch: str, n: int) -> list[list[dict]]:
@@ -174,14 +179,3 @@ def _cached_long(path: str, mtime_ns: int, size: int, kind: str, id_col: str, tr
         return to_long(frame, id_col=_TABLE_ID, strict=False, normalize_ids=False, trim_ids=False)
     except (LabelTableError, SourceError, OSError):
         return empty  # an unreadable label file must not stop labeling: fall back to the rules
-
-
-def finalize(ctx: RunContext) -> BatchResult | None:
-    """Drop label partitions (and their rejection/audit rows) of ingest batches that are gone."""
-    current = set(plan(ctx))
-    wh = ctx.warehouse
-    wh.delete_partitions(Label.__table__, keep=current)
-    for table in _PREFIXED_TABLES:
-        if wh.table_dir(table).exists():
-            wh.delete_partitions(table, keep={f"{NAME}-{b}" for b in current}, prefix=f"{NAME}-")
-    return None

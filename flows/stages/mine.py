@@ -9,20 +9,21 @@ A batch whose inputs did not change is not mined again (LLM extractor): its *inp
 covers the rows ``load_inputs`` reads for it (samples, report texts, labels, prior reports),
 the extractor settings that shape the answers (protocol, prompt version and template text,
 model, temperature, refinement rounds, output schema, PHI guard settings) and the
-verifier (its module source: reason codes and bounds). It is kept in the batch's lineage
-(``code_version`` = ``radchain-<version>/mine-v1+in.<hash>``). A batch is reused when the
-last run of the stage wrote every batch of the current plan (a run resumed after a crash
-re-derives its batches, from the response cache), its audit row, chains and rejections carry
-this hash with matching counts, and none of its rejections is an LLM call failure (those
-were not cached, so a re-run asks again). A reused batch writes only a new audit row
-(outputs and rejections as stored, skipped 0); ``options["force"]`` turns reuse off.
+verifier (its module source: reason codes and bounds): ``MineStage.input_hash``. It is kept in
+the batch's lineage (``code_version`` = ``radchain-<version>[+g<commit>]/mine-v1+in.<hash>``). The
+runner (flows/stages/runner.py) reuses a batch when the last run of the stage wrote every batch of
+the current plan (a run resumed after a crash re-derives its batches, from the response cache), its
+audit row, chains and rejections carry this hash with the counts their records say; ``reuse`` adds
+that no sample was skipped and none of its rejections is an LLM call failure (those were not
+cached, so a re-run asks again). A reused batch writes only a new audit row (outputs and
+rejections as stored, skipped 0); the run option ``force`` turns reuse off.
 
-Cost controls (LLM extractor): with a budget (``options["budget_usd"]`` from ``radchain run
+Cost controls (LLM extractor): with a budget (option ``budget_usd`` from ``radchain run
 --budget``, else ``RADCHAIN_LLM_BUDGET_USD``), each sample's estimated cost
 (extractors.llm.estimate) is reserved before it starts and samples that do not fit are skipped
 (``skipped`` with ``skip_reason`` BUDGET in audit_stage_counts; such a batch is not reused, so a
 re-run with a higher cap mines them); ``finalize`` logs the closing budget line. With
-``options["llm_mode"]`` (or ``RADCHAIN_LLM_MODE``) ``batch``, calls go through the OpenAI Batch
+option ``llm_mode`` (or ``RADCHAIN_LLM_MODE``) ``batch``, calls go through the OpenAI Batch
 API (extractors.llm.batch; job state in warehouse/llm_batches.py).
 """
 
@@ -32,33 +33,95 @@ import asyncio
 import hashlib
 import inspect
 import json
-import time
 from collections.abc import Callable, Iterable
-from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import polars as pl
 
 from extractors.chains.types import LabelEvidence, MiningInput, MiningOutcome
 from extractors.instructions import mask_instructions
-from flows.stages.common import BatchResult, RunContext, record_batch, rejection
-from schemas.audit import StageCount
+from flows.stages.common import RunContext, rejection
+from flows.stages.contract import BatchOutput, Stage, StageOptions
 from schemas.base import Lineage, stable_id
 from schemas.chains import ChainRow, ChainStepRow
+from schemas.ingest import RawReport
+from schemas.labels import Label
 from schemas.llm import LlmCall
+from schemas.vqa import VqaSample
 
 NAME = "mine"
 VERSION = "mine-v1"
 
 
+class MineOptions(StageOptions):
+    extractor: Literal["auto", "rules", "llm"] = "auto"  # auto: llm when an endpoint is configured
+    budget_usd: float | None = None  # this run's LLM spend cap (default RADCHAIN_LLM_BUDGET_USD)
+    llm_mode: str | None = None  # sync | batch (default RADCHAIN_LLM_MODE)
+    protocol: str | None = None  # single | paper (default RADCHAIN_LLM_PROTOCOL)
+    prompt_version: str | None = None  # default: the protocol's
+
+
+def _opts(ctx: RunContext) -> MineOptions:
+    return MineOptions.of(ctx)
+
+
 def choose_extractor(ctx: RunContext) -> str:
-    wanted = ctx.options.get("extractor", "auto")
+    wanted = _opts(ctx).extractor
     if wanted == "auto":
         return "llm" if ctx.settings.llm.base_url else "rules"
     return wanted
 
 
-def plan(ctx: RunContext) -> list[dict[str, Any]]:
+class LLMEndpointDown(RuntimeError):
+    """The circuit breaker opened: the mine stage stops and the run fails with this one-line message."""
+
+
+class MineStage(Stage):
+    name = NAME
+    version = VERSION
+    reads = (VqaSample, RawReport, Label)
+    writes = (ChainRow, ChainStepRow, LlmCall)
+    history = (LlmCall,)  # the call ledger: one partition per batch and run, never replaced
+    Options = MineOptions
+    progress_unit = "samples"
+    final_errors = (LLMEndpointDown,)  # a retry would only fail again, later
+
+    def __init__(self, ctx: RunContext, options: MineOptions | None = None):
+        super().__init__(ctx, options)
+        self._loaded: dict[str, tuple[list[MiningInput], list[dict]]] = {}
+
+    def plan(self) -> list[dict[str, Any]]:
+        return plan_batches(self.ctx)
+
+    def units(self, batch: dict[str, Any]) -> int:
+        return len(batch["sample_ids"])
+
+    def input_hash(self, batch: dict[str, Any]) -> str | None:
+        if choose_extractor(self.ctx) != "llm":
+            return None  # the rules extractor is cheap and deterministic: always re-run
+        items, rejected = self._loaded[batch["batch_id"]] = load_inputs(self.ctx, batch["sample_ids"])
+        return batch_input_hash(items, rejected, llm_extractor_config(self.ctx))
+
+    def reuse(self, batch: dict[str, Any], stored: dict[str, Any]) -> bool:
+        audit = stored["audit"]
+        return (audit["inputs"] == len(batch["sample_ids"]) and audit["skipped"] == 0
+                and not any("LLM_" in c for c in stored["reason_codes"]))  # failed calls were not cached: ask again
+
+    def process(self, batch: dict[str, Any]) -> BatchOutput:
+        return mine_batch(self, batch)
+
+    def finalize(self) -> None:
+        line = budget_summary(self.ctx) if choose_extractor(self.ctx) == "llm" else None
+        if line is not None:
+            import logging
+
+            logging.getLogger("radchain.mine").warning(line)
+            print(line, flush=True)
+        return None
+
+
+def plan_batches(ctx: RunContext) -> list[dict[str, Any]]:
+    """Samples grouped by the ingest partition of their study (a batch reads one partition of reports)."""
     samples = ctx.warehouse.scan("int_vqa_samples").select("sample_id", "study_id")
     reports = ctx.warehouse.scan("raw_reports").select("study_id", pl.col("batch_id").alias("report_batch"))
     grouped = (
@@ -69,19 +132,7 @@ def plan(ctx: RunContext) -> list[dict[str, Any]]:
         .sort("report_batch")
         .collect()
     )
-    batches = [dict(batch_id=r["report_batch"], sample_ids=r["sample_id"]) for r in grouped.iter_rows(named=True)]
-    if batches and _last_run_complete(ctx, [b["batch_id"] for b in batches]):
-        for b in batches:
-            b["reusable"] = True
-    return batches
-
-
-def _last_run_complete(ctx: RunContext, batch_ids: list[str]) -> bool:
-    """Did one run of this stage write the audit row of every batch of the plan (it was not killed mid-way)?"""
-    audit = (ctx.warehouse.scan("audit_stage_counts").filter(pl.col("stage") == NAME)
-             .select("batch_id", "run_id").collect())
-    runs = dict(audit.iter_rows())
-    return all(b in runs for b in batch_ids) and len({runs[b] for b in batch_ids}) == 1
+    return [dict(batch_id=r["report_batch"], sample_ids=r["sample_id"]) for r in grouped.iter_rows(named=True)]
 
 
 def _labels_by_study(frame: pl.DataFrame) -> dict[str, dict[str, LabelEvidence]]:
@@ -157,14 +208,14 @@ def screen_phi(ctx: RunContext, items: list[MiningInput]) -> tuple[list[MiningIn
 
 def budget_cap(ctx: RunContext) -> float | None:
     """The run's LLM spend cap in USD: ``options["budget_usd"]`` (``--budget``), else RADCHAIN_LLM_BUDGET_USD."""
-    cap = ctx.options.get("budget_usd")
+    cap = _opts(ctx).budget_usd
     return ctx.settings.llm.budget_usd if cap is None else float(cap)
 
 
 def llm_mode(ctx: RunContext) -> str:
     from radchain.settings import LLM_MODES
 
-    mode = ctx.options.get("llm_mode") or ctx.settings.llm.mode
+    mode = _opts(ctx).llm_mode or ctx.settings.llm.mode
     if mode not in LLM_MODES:
         raise ValueError(f"unknown LLM mode {mode!r}; choose one of {LLM_MODES}")
     return mode
@@ -272,8 +323,9 @@ def _extract_llm(ctx: RunContext, items: list[MiningInput], done: Callable[[Mini
             breaker["client"] = client  # issue 14: circuit breaker + preflight (see LLMEndpointDown)
             if llm.preflight_min_samples and len(items) >= llm.preflight_min_samples:
                 await client.preflight()
-            extractor = LLMChainExtractor(client, protocol=ctx.options.get("protocol") or llm.protocol,
-                                          prompt_version=ctx.options.get("prompt_version"))
+            opts = _opts(ctx)
+            extractor = LLMChainExtractor(client, protocol=opts.protocol or llm.protocol,
+                                          prompt_version=opts.prompt_version)
             admit, settle = _budget_gate(ctx, extractor, client, items, mode)
 
             def after(o: MiningOutcome) -> None:
@@ -300,10 +352,6 @@ def _extract_llm(ctx: RunContext, items: list[MiningInput], done: Callable[[Mini
             f"the LLM endpoint {llm.base_url or 'api.openai.com'} is unreachable ({client.breaker_reason}; "
             f"llm.breaker_failures={llm.breaker_failures}): the mine stage stopped; completed batches and cached "
             "answers are kept, re-run when the endpoint is back")
-
-
-class LLMEndpointDown(RuntimeError):
-    """The circuit breaker opened: the mine stage stops and the run fails with this one-line message."""
 
 
 def _phi_outcome(outcome: MiningOutcome, guard: Any, base_url: str | None) -> MiningOutcome:
@@ -418,8 +466,8 @@ def llm_extractor_config(ctx: RunContext) -> dict[str, Any]:
     from schemas.chains import ReasoningChain
 
     llm = ctx.settings.llm
-    protocol = ctx.options.get("protocol") or llm.protocol
-    version = ctx.options.get("prompt_version") or DEFAULT_PROMPT_VERSIONS.get(protocol, "")
+    protocol = _opts(ctx).protocol or llm.protocol
+    version = _opts(ctx).prompt_version or DEFAULT_PROMPT_VERSIONS.get(protocol, "")
     templates = {p.name: p.read_text(encoding="utf-8") for p in sorted(PROMPTS_DIR.glob(f"{version}.*.txt"))}
     return dict(
         stage=VERSION, extractor="llm", protocol=protocol, prompt_version=version,
@@ -443,90 +491,60 @@ def batch_input_hash(items: list[MiningInput], rejected: list[dict], config: dic
     return h.hexdigest()
 
 
-def _reuse(ctx: RunContext, batch: dict[str, Any], stage_version: str, started: float) -> BatchResult | None:
-    """The batch's stored result when it was produced from the same inputs; else None (mine it)."""
-    wh, batch_id = ctx.warehouse, batch["batch_id"]
-    code_version = ctx.lineage(batch_id, stage_version).code_version
-    audit = (wh.scan("audit_stage_counts").filter((pl.col("stage") == NAME) & (pl.col("batch_id") == batch_id))
-             .collect())
-    if audit.height != 1 or audit["code_version"][0] != code_version:
-        return None
-    row = audit.row(0, named=True)
-    if row["inputs"] != len(batch["sample_ids"]) or row["skipped"] != 0:
-        return None
-    partition = f"{NAME}-{batch_id}"
-    if partition not in wh.partitions("int_rejections") or batch_id not in wh.partitions("int_chains"):
-        return None
-    rejections = (wh.scan("int_rejections").filter((pl.col("stage") == NAME) & (pl.col("batch_id") == batch_id))
-                  .select("code_version", "reason_code").collect())
-    chains = wh.scan("int_chains").filter(pl.col("batch_id") == batch_id).select("code_version", "chain_id").collect()
-    steps = wh.scan("int_chain_steps").filter(pl.col("batch_id") == batch_id).select("chain_id").unique().collect()
-    if (chains.height != row["outputs"] or rejections.height != row["rejected"]
-            or set(chains["code_version"].to_list()) - {code_version}
-            or set(rejections["code_version"].to_list()) - {code_version}
-            or steps.height != chains.height
-            or rejections["reason_code"].str.contains("LLM_").any()):  # failed calls were not cached: ask again
-        return None
-    result = BatchResult(NAME, batch_id, row["inputs"], row["outputs"], row["rejected"], 0, 0.0)
-    result.wall_s = time.perf_counter() - started
-    wh.write(StageCount, partition, [dict(stage=NAME, inputs=result.inputs, outputs=result.outputs,
-                                          rejected=result.rejected, skipped=0, wall_s=result.wall_s,
-                                          finished_at=datetime.now(UTC))],
-             ctx.lineage(batch_id, stage_version))
-    return result
-
-
-def run_batch(ctx: RunContext, batch: dict[str, Any], progress: Callable[[int], None] | None = None) -> BatchResult:
-    started = time.perf_counter()
-    progress = progress or ctx.options.get("progress") or (lambda n: None)
-    items, rejected = load_inputs(ctx, batch["sample_ids"])
-    stage_version = VERSION
+def mine_batch(stage: MineStage, batch: dict[str, Any]) -> BatchOutput:
+    """Mine one batch's samples: chains and steps, dead-letter rows, and (LLM) the batch's call ledger."""
+    ctx, batch_id = stage.ctx, batch["batch_id"]
+    loaded = stage._loaded.pop(batch_id, None)  # read by input_hash already
+    items, rejected = loaded if loaded is not None else load_inputs(ctx, batch["sample_ids"])
     extractor = choose_extractor(ctx)
     if extractor == "llm":
-        stage_version = f"{VERSION}+in.{batch_input_hash(items, rejected, llm_extractor_config(ctx))[:20]}"
-        if batch.get("reusable") and not ctx.options.get("force"):
-            reused = _reuse(ctx, batch, stage_version, started)
-            if reused is not None:
-                progress(len(batch["sample_ids"]))
-                return reused
         items, flagged = screen_phi(ctx, items)
         rejected += flagged
-        progress(len(flagged))
+        stage.tick(len(flagged))
     rows = OutcomeRows(items)
-
-    spend = getattr(progress, "add_spend", None)
+    spend = getattr(stage.progress, "add_spend", None)
 
     def done(outcome: MiningOutcome) -> None:
         rows.add(outcome)
         if spend is not None and outcome.llm_calls:
             spend(sum(c["cost_usd"] for c in outcome.llm_calls))
-        progress(1)
+        stage.tick(1)
 
+    partitions: dict = {}
+    committed = None
     if extractor == "llm":
         from warehouse.llm_journal import SQLiteCallJournal
 
-        batch_id = batch["batch_id"]
         journal = SQLiteCallJournal.from_settings(ctx.settings)
         try:
             recover_journaled_calls(ctx, batch_id, journal)
             _extract_llm(ctx, items, done, call_log=lambda row: journal.append(ctx.run_id, batch_id, row))
-            calls = rows.calls
-            if calls:
-                # The call ledger is per run (cache hits included), so a re-run never erases the record of spend.
-                ctx.warehouse.write(LlmCall, f"{batch_id}--{ctx.run_id}", calls, ctx.lineage(batch_id, VERSION))
-            journal.discard(ctx.run_id, batch_id)  # the rows are in the ledger now
         finally:
             journal.close()
+        calls = rows.calls
+        if calls:
+            # The call ledger is per run (cache hits included), so a re-run never erases the record of spend.
+            partitions[LlmCall] = {f"{batch_id}--{ctx.run_id}": calls}
+        committed = lambda: _discard_journal(ctx, batch_id)  # noqa: E731 - once the ledger rows are written
     else:
         _extract_rules(items, done)
     chains = rows.chains
     reasons = sorted(set(rows.skipped.values()))
-    return record_batch(
-        ctx, stage=NAME, stage_version=stage_version, batch_id=batch["batch_id"], started=started,
-        frames={ChainRow: chains, ChainStepRow: rows.steps},
-        rejections=rejected + rows.rejected, inputs=len(batch["sample_ids"]), outputs=len(chains),
-        skipped=len(rows.skipped), skip_reason="+".join(reasons) or None,
+    return BatchOutput(
+        inputs=len(batch["sample_ids"]), outputs=len(chains), rejections=rejected + rows.rejected,
+        frames={ChainRow: chains, ChainStepRow: rows.steps}, partitions=partitions,
+        skipped=len(rows.skipped), skip_reason="+".join(reasons) or None, committed=committed,
     )
+
+
+def _discard_journal(ctx: RunContext, batch_id: str) -> None:
+    from warehouse.llm_journal import SQLiteCallJournal
+
+    journal = SQLiteCallJournal.from_settings(ctx.settings)
+    try:
+        journal.discard(ctx.run_id, batch_id)  # the rows are in the ledger now
+    finally:
+        journal.close()
 
 
 def recover_journaled_calls(ctx: RunContext, batch_id: str, journal: Any) -> int:
@@ -535,7 +553,9 @@ def recover_journaled_calls(ctx: RunContext, batch_id: str, journal: Any) -> int
     recovered = 0
     for dead_run, rows in journal.left_by_other_runs(batch_id, ctx.run_id).items():
         lineage = Lineage(run_id=dead_run, batch_id=batch_id, code_version=ctx.lineage(batch_id, VERSION).code_version)
-        recovered += ctx.warehouse.write(LlmCall, f"{batch_id}--{dead_run}", rows, lineage)
+        # Recorded as the runner records a batch's ledger partition (fct_materializations "mine-<partition>").
+        written = ctx.warehouse.write_batch(NAME, f"{batch_id}--{dead_run}", lineage, {LlmCall: rows})
+        recovered += written[LlmCall.__table__]
         journal.discard(dead_run, batch_id)
     return recovered
 
@@ -553,19 +573,3 @@ def budget_summary(ctx: RunContext) -> str | None:
         return (f"budget reached: LLM spend ${spent:.4f} of the ${cap:.4f} budget; {skipped} samples not mined "
                 f"(skipped, reason BUDGET); raise --budget / RADCHAIN_LLM_BUDGET_USD and re-run to mine them")
     return f"budget: LLM spend ${spent:.4f} of the ${cap:.4f} budget; every sample was mined"
-
-
-def finalize(ctx: RunContext) -> BatchResult | None:
-    line = budget_summary(ctx) if choose_extractor(ctx) == "llm" else None
-    if line is not None:
-        import logging
-
-        logging.getLogger("radchain.mine").warning(line)
-        print(line, flush=True)
-    # Partitions of batches that no longer exist (the sample set changed) would be stale.
-    keep = [b["batch_id"] for b in plan(ctx)]
-    for table in ("int_chains", "int_chain_steps"):
-        ctx.warehouse.delete_partitions(table, keep=keep)
-    ctx.warehouse.delete_partitions("int_rejections", keep=[f"{NAME}-{k}" for k in keep], prefix=f"{NAME}-")
-    ctx.warehouse.delete_partitions("audit_stage_counts", keep=[f"{NAME}-{k}" for k in keep], prefix=f"{NAME}-")
-    return None

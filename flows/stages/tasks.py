@@ -6,22 +6,23 @@ extractors/tasks; this module reads the three tables, finds the optional MS-CXR-
 writes int_vqa_samples as one partition per task (``binary`` ... ``temporal``), each replaced
 on a re-run, plus study-level rejections and one audit row.
 
-Options (ctx.options): ``seed`` (default settings.seed), ``caps`` (task -> int, see
+Options (TasksOptions): ``seed`` (default settings.seed), ``caps`` (task -> int, see
 extractors.tasks.common.TaskCaps), ``temporal_source`` (auto|csv|language|both),
-``temporal_csv`` (explicit CSV path), ``task_types`` (subset of the five tasks).
+``temporal_csv`` (explicit CSV path), ``task_types`` (subset of the five tasks), ``require_images``.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 
 from extractors.tasks import CSV_NAME, TaskConfig, build_tasks, label_sources, read_temporal_csv
-from flows.stages.common import BatchResult, RunContext, record_batch, rejection
+from flows.stages.common import RunContext, rejection
+from flows.stages.contract import BatchOutput, Stage, StageOptions
 from schemas.ingest import Image, Study
 from schemas.labels import Label
 from schemas.vqa import TASKS, VqaSample
@@ -32,13 +33,33 @@ BATCH = "all"
 log = logging.getLogger("radchain.stages.tasks")
 
 
-def plan(ctx: RunContext) -> list[str]:
-    return [BATCH]
+class TasksOptions(StageOptions):
+    # Checked by extractors.tasks.TaskConfig.from_options (one clear message per wrong value), so typed loosely.
+    seed: Any = None
+    caps: Any = None
+    temporal_source: Any = "auto"
+    temporal_csv: str | None = None
+    task_types: Any = None
+    require_images: Any = None
 
 
-def temporal_csv_path(ctx: RunContext) -> Path | None:
+class TasksStage(Stage):
+    name = NAME
+    version = VERSION
+    reads = (Label, Study, Image)
+    writes = (VqaSample,)
+    Options = TasksOptions
+
+    def plan(self) -> list[str]:
+        return [BATCH]
+
+    def process(self, batch: str) -> BatchOutput:
+        return build_samples(self.ctx, self.options)
+
+
+def temporal_csv_path(ctx: RunContext, options: TasksOptions | None = None) -> Path | None:
     """An explicit ``temporal_csv`` option, else the CSV beside a MIMIC source tree, if present."""
-    explicit = ctx.options.get("temporal_csv")
+    explicit = (options or TasksOptions.of(ctx)).temporal_csv
     if explicit:
         return Path(explicit)
     if ctx.source is None:
@@ -65,15 +86,14 @@ def read_inputs(ctx: RunContext) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFra
     return labels, studies, images
 
 
-def run_batch(ctx: RunContext, batch: str) -> BatchResult:
-    started = time.perf_counter()
-    config = TaskConfig.from_options(ctx.options, default_seed=ctx.settings.seed)
+def build_samples(ctx: RunContext, options: TasksOptions) -> BatchOutput:
+    config = TaskConfig.from_options(options.model_dump(exclude_none=True), default_seed=ctx.settings.seed)
     if config.require_images is None and ctx.source is not None and Path(ctx.source.path).is_file():
         # A report table names its images explicitly (--image-col): a path that is not there is an error
         # of that row, never a reports-only corpus.
         config = replace(config, require_images=True)
     labels, studies, images = read_inputs(ctx)
-    csv_path = temporal_csv_path(ctx)
+    csv_path = temporal_csv_path(ctx, options)
     csv = read_temporal_csv(csv_path) if csv_path is not None else None
     if csv_path is not None and csv is None:
         log.warning("tasks: temporal CSV %s is missing or unreadable; using comparison language", csv_path)
@@ -82,12 +102,6 @@ def run_batch(ctx: RunContext, batch: str) -> BatchResult:
             and not (images["status"] == "ok").any():
         log.warning("tasks: none of the source's %d image files exists or is readable (a reports-only source): "
                     "samples keep image paths that are not on disk, and training skips them", images.height)
-
-    lineage = ctx.lineage(batch, VERSION)
-    for task in TASKS:
-        # Every task's partition is written, empty when not built, so a re-run never leaves stale rows.
-        ctx.warehouse.write_batch(NAME, task, lineage, {VqaSample: result.samples.get(task, [])})
-    ctx.warehouse.delete_partitions(VqaSample.__table__, keep=TASKS)
 
     rejections = [rejection(NAME, r.study_id, r.reason_code, r.detail) for r in result.rejections]
     summary = result.summary()
@@ -98,11 +112,6 @@ def run_batch(ctx: RunContext, batch: str) -> BatchResult:
         summary["rejections"], summary["skip_reasons"],
         "+".join(label_sources(config.temporal_source, csv is not None)) or "none",
     )
-    return record_batch(
-        ctx, stage=NAME, stage_version=VERSION, batch_id=batch, started=started, frames={},
-        rejections=rejections, inputs=result.inputs, outputs=result.outputs, skipped=result.skipped,
-    )
-
-
-def finalize(ctx: RunContext) -> BatchResult | None:
-    return None
+    # One partition per task, every one written (empty when not built), so a re-run never leaves stale rows.
+    return BatchOutput(inputs=result.inputs, outputs=result.outputs, skipped=result.skipped, rejections=rejections,
+                       partitions={VqaSample: {task: result.samples.get(task, []) for task in TASKS}})
