@@ -30,16 +30,8 @@ from warehouse.checks import CheckOutcome, all_checks, run_checks, write_results
 log = logging.getLogger("radchain.checks")
 
 CHECKS_KEY = "data-checks"
-# Tables every stage writes (record_batch): their checks run after every stage.
+# Tables the runner writes for every stage (rejections, audit, materializations): checked after every stage.
 SHARED_TABLES = ("int_rejections", "audit_stage_counts", "fct_materializations")
-# What each stage writes, until the stage contract declares it (a stage module's WRITES, when present, wins).
-STAGE_WRITES: dict[str, tuple[str, ...]] = {
-    "ingest": ("raw_reports", "stg_sections", "stg_studies", "stg_images"),
-    "label": ("int_labels",),
-    "tasks": ("int_vqa_samples",),
-    "mine": ("int_chains", "int_chain_steps", "int_llm_calls"),
-    "datasets": ("mart_sft_examples", "mart_rl_prompts", "mart_benchmark", "fct_dataset_versions"),
-}
 DATASET_TABLES = ("mart_sft_examples", "mart_rl_prompts", "mart_benchmark", "fct_dataset_versions")
 THRESHOLD_HINT = {
     "min_acceptance": "RADCHAIN_CHECKS_MIN_ACCEPTANCE or `radchain run --min-acceptance`",
@@ -71,12 +63,11 @@ def _rebuild_failure(message: str, stage: str, failed: list[CheckOutcome]) -> Da
 
 
 def stage_writes(stage: str) -> tuple[str, ...]:
-    """The tables whose checks run after ``stage``: what it writes, plus the tables every stage writes."""
-    from flows.pipeline import stage_module
+    """The tables whose checks run after ``stage``: what its class declares it writes, plus the tables
+    the runner writes for every stage."""
+    from flows.stages.contract import stage_class
 
-    declared = getattr(stage_module(stage), "WRITES", None)
-    tables = [getattr(t, "__table__", t) for t in declared] if declared else list(STAGE_WRITES.get(stage, ()))
-    return tuple(dict.fromkeys([*tables, *SHARED_TABLES]))
+    return tuple(dict.fromkeys([*(t.__table__ for t in stage_class(stage).writes), *SHARED_TABLES]))
 
 
 def stage_checks(stage: str, last: bool = True) -> list[Any]:
@@ -99,9 +90,9 @@ def check_params(ctx: RunContext) -> dict[str, float]:
 
 
 def _code_version() -> str:
-    from radchain import __version__
+    from radchain.build_info import code_version
 
-    return f"radchain-{__version__}/checks-v1"
+    return f"{code_version()}/checks-v1"
 
 
 def run_stage_checks(ctx: RunContext, stage: str, last: bool = True, con: Any = None) -> list[CheckOutcome]:

@@ -133,7 +133,7 @@ def _write(wh: Warehouse, scored: Any, llm_calls: list[dict[str, Any]], baseline
            baseline_of: str | None) -> None:
     from datetime import UTC, datetime
 
-    from radchain import __version__
+    from radchain.build_info import code_version
     from schemas.base import Lineage
     from schemas.llm import LlmCall
     from warehouse.eval_store import write_eval
@@ -142,7 +142,7 @@ def _write(wh: Warehouse, scored: Any, llm_calls: list[dict[str, Any]], baseline
 
     # The Prefect flow run that scored (evaluate_flow); `radchain score` outside a flow keeps score-<eval_id>.
     lineage = Lineage(run_id=str(flow_run.get_id() or f"score-{scored.eval_id}"), batch_id=scored.eval_id,
-                      code_version=f"radchain-{__version__}/{SCORE_VERSION}")
+                      code_version=f"{code_version()}/{SCORE_VERSION}")
     write_eval(wh, scored.eval_id, scored.result_rows(datetime.now(UTC), baseline, baseline_of),
                scored.prediction_rows(), lineage)
     if llm_calls:

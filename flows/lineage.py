@@ -1,8 +1,7 @@
 """Table-level lineage: which job reads which tables and writes which (the `radchain docs` graph).
 
-Until the stage contract declares reads and writes on each stage (a stage module's ``READS`` /
-``WRITES``, when present, win over this table), the pipeline stages' inputs and outputs are listed
-here, with the training and evaluation jobs. Views depend on the tables their SQL names.
+The pipeline stages declare what they read and write (flows/stages/contract.py); the training and
+evaluation jobs are listed here. Views depend on the tables their SQL names.
 """
 
 from __future__ import annotations
@@ -10,14 +9,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-# job -> (tables read, tables written). Bookkeeping tables every stage writes are in BOOKKEEPING.
+# The jobs outside the pipeline -> (tables read, tables written); the pipeline stages declare their own
+# (flows/stages/contract.py). Bookkeeping tables every stage writes are in BOOKKEEPING.
 JOB_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "ingest": ((), ("raw_reports", "stg_sections", "stg_studies", "stg_images")),
-    "label": (("raw_reports", "stg_sections"), ("int_labels",)),
-    "tasks": (("stg_studies", "stg_images", "int_labels"), ("int_vqa_samples",)),
-    "mine": (("int_vqa_samples", "raw_reports", "int_labels"), ("int_chains", "int_chain_steps", "int_llm_calls")),
-    "datasets": (("int_vqa_samples", "int_labels", "int_chains", "int_chain_steps"),
-                 ("mart_sft_examples", "mart_rl_prompts", "mart_benchmark", "fct_dataset_versions")),
     "train (sft, grpo)": (("fct_dataset_versions", "fct_check_results", "mart_sft_examples", "mart_rl_prompts"),
                           ("fct_training_runs",)),
     "evaluate": (("mart_benchmark", "mart_rl_prompts"), ("fct_eval_results", "fct_predictions")),
@@ -39,16 +33,13 @@ class Edge:
 
 
 def job_io() -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
-    """JOB_IO, with the pipeline stages' own declarations where a stage module has them."""
-    from flows.pipeline import ALL_STAGES, stage_module
+    """Every job's (tables read, tables written): the pipeline stages in DAG order, as their classes
+    declare them, then the training and evaluation jobs."""
+    from flows.stages.contract import dag_order
 
-    out = dict(JOB_IO)
-    for stage in ALL_STAGES:
-        mod = stage_module(stage)
-        reads, writes = getattr(mod, "READS", None), getattr(mod, "WRITES", None)
-        if reads is not None and writes is not None:
-            out[stage] = (tuple(getattr(t, "__table__", t) for t in reads),
-                          tuple(getattr(t, "__table__", t) for t in writes))
+    out = {cls.name: (tuple(t.__table__ for t in cls.reads), tuple(t.__table__ for t in cls.writes))
+           for cls in dag_order()}
+    out.update(JOB_IO)
     return out
 
 

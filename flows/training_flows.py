@@ -127,13 +127,13 @@ def mart_rows(wh: Warehouse, table: str, version: str, splits: tuple[str, ...] |
 
 
 def _record_run(wh: Warehouse, row: dict[str, Any]) -> None:
-    from radchain import __version__
+    from radchain.build_info import code_version
     from schemas.base import Lineage
 
     from flows.locking import warehouse_lock
 
     lineage = Lineage(run_id=_flow_run_id(row["training_run_id"]), batch_id=row["training_run_id"],
-                      code_version=f"radchain-{__version__}/{VERSION}")
+                      code_version=f"{code_version()}/{VERSION}")
     with warehouse_lock(wh.root, purpose=f"{row['kind']} job {row['training_run_id']}"):  # held for the write only
         wh.write(TrainingRun, row["training_run_id"], [row], lineage)
         wh.refresh_views()
