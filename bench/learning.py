@@ -15,13 +15,24 @@ Consolidation and Pneumonia are answerable from the image alone. This script:
 Every score sits beside three baselines from the same scorer (training/baselines.py): majority answer per
 task, random answer, gold chain (oracle). Generation length is the config's grpo.max_completion_length.
 
+Does GRPO raise its reward? The per-step training reward is printed, but it is not the test: each step
+samples other prompts, and their difficulty swings the step mean by more than ten steps of learning move
+it (a first-half/second-half comparison passed or failed by chance). Instead the SFT and the GRPO
+checkpoints answer the same held-out RL prompts (the validate split of mart_rl_prompts, greedy), each
+answer is scored with GRPO's own reward (training.rewards.weighted_rewards: the config's functions and
+weights), and the paired rise over prompts must exceed twice its standard error. The same comparison on
+the benchmark samples and per task is printed beside it.
+
 Floors (exit 1 below any): after SFT, format compliance >= 0.95 and binary accuracy on the encoded
-findings >= majority + 0.15; GRPO's mean reward over its second half above its first half; the whole run
-within --time-limit seconds. ``--short`` is the ~3 minute version the test suite runs: fewer studies and
-steps, and its floors are that the SFT loss falls and format compliance rises.
+findings >= majority + 0.15; GRPO raises the held-out reward (paired t >= 2); the whole run within
+--time-limit seconds. ``--short`` is the <= 90 s version the test suite runs (binary questions only,
+120 SFT steps, 1 GRPO step, 4 benchmark samples per task); its floors are that the SFT loss falls and
+format compliance rises.
 
     python bench/learning.py                  # full run (README figures)
     python bench/learning.py --short --json out.json
+    python bench/learning.py --home H --reuse --sft-from H/learning/sft/final --set grpo.learning_rate=1e-4
+                                              # GRPO experiments from an earlier run's SFT checkpoint
 """
 
 from __future__ import annotations
@@ -47,13 +58,27 @@ ENCODED_FINDINGS = ("cardiomegaly", "pleural effusion", "lung opacity", "consoli
 _BINARY_FINDING = re.compile(r"Does this chest X-ray show (.+?)\?", re.IGNORECASE)
 
 
+# The short version (tests/test_learning.py, <= 90 s): the same model, trained on the binary questions only.
+# Their chains are the shortest (66 tokens on average, at most 99, against 112-157 for the other tasks),
+# so at a higher learning rate 120 SFT steps of 8 teach the <think>/<answer> layout (format compliance on
+# the binary questions 0 -> 0.75, overall 0 -> 0.19), where all tasks at lr 2e-3 needed 300 steps
+# (161 s). One GRPO step of 2 prompts x 4 rollouts checks that path runs from the SFT checkpoint.
+SHORT_STUDIES = 150
+SHORT_SFT_STEPS = 120
+SHORT_OVERRIDES = [
+    "sft.task_weights={binary: 1.0}", "sft.learning_rate=3e-3", "sft.warmup_ratio=0.1",
+    "grpo.task_weights={binary: 1.0}", "grpo.max_completion_length=128", "grpo.prompts_per_step=2",
+    "grpo.per_device_train_batch_size=8",
+]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="small-cpu")
-    parser.add_argument("--short", action="store_true", help="the ~3 minute version (test suite)")
+    parser.add_argument("--short", action="store_true", help="the <= 90 s version (test suite)")
     parser.add_argument("--studies", type=int, default=None, help="demo corpus size (default 600; short: 150)")
-    parser.add_argument("--sft-steps", type=int, default=None, help="default: the config's (short: 300)")
-    parser.add_argument("--grpo-steps", type=int, default=None, help="default: the config's (short: 2)")
+    parser.add_argument("--sft-steps", type=int, default=None, help="default: the config's (short: 80)")
+    parser.add_argument("--grpo-steps", type=int, default=None, help="default: the config's (short: 1)")
     parser.add_argument("--eval-per-task", type=int, default=None, help="cap benchmark samples per task "
                                                                          "(default: all; short: 4)")
     parser.add_argument("--home", type=Path, default=None, help="radchain home to build in (default: a temp dir)")
@@ -63,16 +88,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--time-limit", type=float, default=None, help="seconds (default 600; short: 90)")
     parser.add_argument("--json", type=Path, default=None, help="write all figures to this file")
+    parser.add_argument("--sft-from", type=Path, default=None,
+                        help="an SFT checkpoint folder (<home>/learning/sft/final of an earlier run): skip SFT "
+                             "and run GRPO from it (GRPO experiments; the SFT floors are not checked)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config value, e.g. --set grpo.learning_rate=1e-3 (YAML value syntax)")
     args = parser.parse_args(argv)
     short = args.short
-    args.studies = args.studies or (150 if short else 600)
-    args.time_limit = args.time_limit or (240.0 if short else 600.0)
+    args.studies = args.studies or (SHORT_STUDIES if short else 600)
+    args.time_limit = args.time_limit or (90.0 if short else 600.0)
     if short:
-        # 300: below it the small model has not yet learned the <think>/<answer> layout (120 steps left
-        # format compliance at 0 with the final config); the issue's 90 s is not met with it (~160 s idle).
-        args.sft_steps = args.sft_steps or 300
-        args.grpo_steps = args.grpo_steps or 2
+        args.sft_steps = args.sft_steps or SHORT_SFT_STEPS
+        args.grpo_steps = args.grpo_steps or 1
         args.eval_per_task = args.eval_per_task or 4
+        args.set = SHORT_OVERRIDES + args.set
     return args
 
 
@@ -111,15 +140,17 @@ class Evaluator:
     """Generate with the model in memory and score it (and the baselines) with the evaluation job's scorer."""
 
     def __init__(self, wh: Any, rows: list[dict[str, Any]], majority: dict[str, str], budget: int,
-                 out_dir: Path) -> None:
+                 out_dir: Path, reward_funcs: list[Any], reward_weights: list[float]) -> None:
         from training.baselines import BASELINES, baseline_outputs
 
         self.wh, self.rows, self.majority, self.budget, self.out_dir = wh, rows, majority, budget, out_dir
+        self.reward_funcs, self.reward_weights = reward_funcs, reward_weights
         self.baseline_outputs = {k: baseline_outputs(k, rows, majority) for k in BASELINES}
 
     def __call__(self, phase: str, loaded: Any) -> dict[str, Any]:
         from flows.evaluation import score_with_baselines
         from training.generate import generate
+        from training.rewards import weighted_rewards
 
         started = time.perf_counter()
         outputs = generate(loaded, self.rows, max_new_tokens=self.budget, batch_size=32)
@@ -132,8 +163,22 @@ class Evaluator:
         encoded = {"model": encoded_binary_accuracy(self.rows, outputs)}
         for kind, outs in self.baseline_outputs.items():
             encoded[kind] = encoded_binary_accuracy(self.rows, outs)
+        # GRPO's own reward (the config's functions and weights) on these held-out prompts, one value per
+        # prompt: the same numbers for every phase make a paired before/after of what GRPO optimises.
+        reward = weighted_rewards(self.reward_funcs, self.reward_weights, self.rows, outputs)
         return {"phase": phase, "generate_s": gen_s, "scored": scored, "encoded_binary": encoded, "chart": str(chart),
-                "example_output": outputs[0] if outputs else ""}
+                "heldout_reward": sum(reward) / len(reward), "rewards": reward, "outputs": outputs}
+
+
+def reward_on(rows: list[dict[str, Any]], loaded: Any, budget: int, funcs: list[Any], weights: list[float]
+              ) -> tuple[list[float], float]:
+    """GRPO's reward (the config's functions and weights) of the model's greedy answer to each prompt."""
+    from training.generate import generate
+    from training.rewards import weighted_rewards
+
+    started = time.perf_counter()
+    outputs = generate(loaded, rows, max_new_tokens=budget, batch_size=32)
+    return weighted_rewards(funcs, weights, rows, outputs), time.perf_counter() - started
 
 
 def print_scores(result: dict[str, Any]) -> None:
@@ -150,6 +195,8 @@ def print_scores(result: dict[str, Any]) -> None:
     n = enc["model"][1]
     print(f"binary accuracy on encoded findings (n={n}): " +
           "  ".join(f"{k} {f(v[0]).strip()}" for k, v in enc.items()), flush=True)
+    print(f"GRPO reward on these {len(result['rewards'])} benchmark samples (greedy): {result['heldout_reward']:.3f}",
+          flush=True)
     print(f"chart: {result['chart']}", flush=True)
 
 
@@ -183,6 +230,34 @@ def halves_rise(values: list[float]) -> tuple[float | None, float | None]:
     return sum(values[:half]) / half, sum(values[half:]) / (len(values) - half)
 
 
+def apply_overrides(cfg: Any, assignments: list[str]) -> None:
+    """``section.key=value`` (the value read as YAML) onto the loaded config, validated like the file."""
+    import yaml
+
+    for assignment in assignments:
+        target, _, value = assignment.partition("=")
+        section, _, key = target.partition(".")
+        if not key or not hasattr(cfg, section) or key not in type(getattr(cfg, section)).model_fields:
+            raise SystemExit(f"--set {assignment!r}: expected SECTION.KEY=VALUE with a key of the config")
+        settings = getattr(cfg, section)
+        setattr(cfg, section, type(settings).model_validate({**settings.model_dump(), key: yaml.safe_load(value)}))
+
+
+def paired_rise(before: list[float], after: list[float]) -> dict[str, float]:
+    """Mean of after - before over the same prompts, its standard error and t = mean / se."""
+    import statistics
+
+    diffs = [a - b for a, b in zip(after, before, strict=True)]
+    if not diffs:
+        return {"before": 0.0, "after": 0.0, "rise": 0.0, "se": float("inf"), "t": 0.0, "n": 0, "better": 0,
+                "worse": 0}
+    mean = statistics.fmean(diffs)
+    se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("inf")
+    return {"before": statistics.fmean(before), "after": statistics.fmean(after), "rise": mean, "se": se,
+            "t": mean / se if se > 0 else (float("inf") if mean > 0 else 0.0), "n": len(diffs),
+            "better": sum(d > 1e-9 for d in diffs), "worse": sum(d < -1e-9 for d in diffs)}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t0 = time.perf_counter()
@@ -213,58 +288,94 @@ def main(argv: list[str] | None = None) -> int:
                            columns=("sample_id", "task", "prompt_json", "images", "solution", "gold_steps",
                                     "gold_labels", "weight"))
     bench_rows, _ = mart_rows(wh, "mart_benchmark", version, splits=None, per_task=args.eval_per_task)
+    # GRPO's held-out prompts: the validate split of mart_rl_prompts, drawn like its training prompts
+    # (the benchmark's answers are distributed differently: 11% "No Finding" among open questions
+    # against 22% in the RL prompts).
+    val_rows, _ = mart_rows(wh, "mart_rl_prompts", version, splits=("validate",), per_task=args.eval_per_task,
+                            columns=("sample_id", "task", "prompt_json", "images", "solution", "gold_steps",
+                                     "gold_labels"))
     majority = majority_answers(rl_rows)
 
     if args.sft_steps:
         cfg.sft.max_steps = args.sft_steps
     if args.grpo_steps:
         cfg.grpo.max_steps = args.grpo_steps
+    apply_overrides(cfg, args.set)
     budget = cfg.grpo.max_completion_length
     print(f"data: {len(sft_rows)} SFT chains, {len(rl_rows)} RL prompts, {len(bench_rows)} benchmark samples "
           f"({args.studies} studies, pipeline {pipeline_s:.1f} s); generation budget {budget} tokens", flush=True)
 
     work = home / "learning"
-    evaluate = Evaluator(wh, bench_rows, majority, budget, work / "eval")
-    loaded = load_model(cfg.model, corpus=conversation_texts(sft_rows, "messages"))
-    print(f"model: {loaded.num_parameters / 1e6:.2f}M parameters "
-          f"(vision {sum(p.numel() for p in loaded.model.model.visual.parameters()) / 1e6:.2f}M)", flush=True)
-    phases = [evaluate("before", loaded)]
-    print_scores(phases[-1])
-
-    sft = run_sft(cfg, sft_rows, out_dir=work / "sft", loaded=loaded, callbacks=[step_printer("sft")])
-    phases.append(evaluate("after_sft", loaded))
-    print_scores(phases[-1])
-
     funcs, weights = [], []
     for name, weight in cfg.rewards.items():
         funcs.append(getattr(rewards, f"{name}_reward"))
         weights.append(weight)
-    policy = load_model(cfg.model, init_checkpoint=sft.checkpoint)
+    evaluate = Evaluator(wh, bench_rows, majority, budget, work / "eval", funcs, weights)
+    if args.sft_from is None:
+        loaded = load_model(cfg.model, corpus=conversation_texts(sft_rows, "messages"))
+        print(f"model: {loaded.num_parameters / 1e6:.2f}M parameters "
+              f"(vision {sum(p.numel() for p in loaded.model.model.visual.parameters()) / 1e6:.2f}M)", flush=True)
+        phases = [evaluate("before", loaded)]
+        print_scores(phases[-1])
+        sft = run_sft(cfg, sft_rows, out_dir=work / "sft", loaded=loaded, callbacks=[step_printer("sft")])
+        sft_checkpoint, sft_metrics = sft.checkpoint, sft.metrics
+    else:
+        loaded = load_trained(args.sft_from)
+        print(f"SFT from {args.sft_from} ({loaded.num_parameters / 1e6:.2f}M parameters); not trained here",
+              flush=True)
+        sft_checkpoint, sft_metrics, phases = args.sft_from, {"curve": [], "steps": 0, "wall_time_s": 0.0}, []
+    phases.append(evaluate("after_sft", loaded))
+    print_scores(phases[-1])
+    val_sft, val_sft_s = reward_on(val_rows, loaded, budget, funcs, weights)
+    print(f"GRPO reward on the {len(val_rows)} held-out RL prompts (validate split, greedy), SFT checkpoint: "
+          f"{sum(val_sft) / len(val_sft):.3f} ({val_sft_s:.1f} s)", flush=True)
+
+    policy = load_model(cfg.model, init_checkpoint=sft_checkpoint)
     grpo = run_grpo(cfg, rl_rows, funcs, weights, out_dir=work / "grpo", loaded=policy,
                     callbacks=[step_printer("grpo")])
-    phases.append(evaluate("after_grpo", load_trained(grpo.checkpoint)))
+    policy = load_trained(grpo.checkpoint)
+    phases.append(evaluate("after_grpo", policy))
     print_scores(phases[-1])
+    val_grpo, _ = reward_on(val_rows, policy, budget, funcs, weights)
     total_s = time.perf_counter() - t0
 
-    sft_losses = [e["loss"] for e in sft.metrics["curve"] if "loss" in e]
+    sft_losses = [e["loss"] for e in sft_metrics["curve"] if "loss" in e]
     grpo_rewards = [e["reward"] for e in grpo.metrics["curve"] if "reward" in e]
     first_half, second_half = halves_rise(grpo_rewards)
-    before, after_sft = all_row(phases[0]), all_row(phases[1])
-    enc_model, n_enc = phases[1]["encoded_binary"]["model"]
-    enc_majority = phases[1]["encoded_binary"]["majority"][0]
+    by_phase = {p["phase"]: p for p in phases}
+    before = all_row(by_phase["before"]) if "before" in by_phase else {"format_compliance": None}
+    after_sft, after_grpo = all_row(by_phase["after_sft"]), all_row(by_phase["after_grpo"])
+    enc_model, n_enc = by_phase["after_sft"]["encoded_binary"]["model"]
+    enc_majority = by_phase["after_sft"]["encoded_binary"]["majority"][0]
+    # The floor's prompts: the held-out prompts of the tasks GRPO trained on (all tasks unless
+    # grpo.task_weights leaves some out); every task's rise is printed beside it.
+    trained_tasks = sorted(t for t, n in grpo.metrics["prompts_per_task"].items() if n)
+    def rise_on(rows: list[dict[str, Any]], before_r: list[float], after_r: list[float], tasks: Any
+                ) -> dict[str, float]:
+        idx = [i for i, r in enumerate(rows) if r["task"] in tasks]
+        return paired_rise([before_r[i] for i in idx], [after_r[i] for i in idx])
+
+    all_tasks = sorted({r["task"] for r in val_rows})
+    rise = rise_on(val_rows, val_sft, val_grpo, set(trained_tasks))
+    rise_per_task = {t: rise_on(val_rows, val_sft, val_grpo, {t}) for t in all_tasks}
+    rise_all = rise_on(val_rows, val_sft, val_grpo, set(all_tasks))
+    rise_benchmark = rise_on(bench_rows, by_phase["after_sft"]["rewards"], by_phase["after_grpo"]["rewards"],
+                             {r["task"] for r in bench_rows})
     figures = dict(
         config=cfg.name, short=args.short, studies=args.studies, parameters_m=loaded.num_parameters / 1e6,
-        sft_steps=sft.metrics["steps"], sft_loss_first=sft_losses[0] if sft_losses else None,
-        sft_loss_last=sft_losses[-1] if sft_losses else None, sft_s=sft.metrics["wall_time_s"],
+        sft_steps=sft_metrics["steps"], sft_loss_first=sft_losses[0] if sft_losses else None,
+        sft_loss_last=sft_losses[-1] if sft_losses else None, sft_s=sft_metrics["wall_time_s"],
         grpo_steps=grpo.metrics["steps"], grpo_rewards=grpo_rewards, grpo_reward_first_half=first_half,
         grpo_reward_second_half=second_half, grpo_s=grpo.metrics["wall_time_s"],
+        grpo_heldout_reward=rise, grpo_heldout_reward_all_tasks=rise_all, grpo_trained_tasks=trained_tasks,
+        grpo_heldout_reward_per_task=rise_per_task, grpo_benchmark_reward=rise_benchmark, grpo_settings=cfg.grpo.model_dump(), overrides=args.set,
         format_before=before["format_compliance"], format_after_sft=after_sft["format_compliance"],
-        format_after_grpo=all_row(phases[2])["format_compliance"],
+        format_after_grpo=after_grpo["format_compliance"],
         encoded_binary_after_sft=enc_model, encoded_binary_majority=enc_majority, encoded_binary_n=n_enc,
-        encoded_binary_after_grpo=phases[2]["encoded_binary"]["model"][0],
-        accuracy_after_sft=after_sft["accuracy"], accuracy_after_grpo=all_row(phases[2])["accuracy"],
+        encoded_binary_after_grpo=by_phase["after_grpo"]["encoded_binary"]["model"][0],
+        accuracy_after_sft=after_sft["accuracy"], accuracy_after_grpo=after_grpo["accuracy"],
         pipeline_s=pipeline_s, total_s=total_s, threads=args.threads,
-        phases=[{k: v for k, v in p.items() if k != "example_output"} for p in phases],
+        phases=[{k: v for k, v in p.items() if k not in ("outputs", "rewards")} for p in phases],
     )
 
     failures = []
@@ -275,24 +386,46 @@ def main(argv: list[str] | None = None) -> int:
             failures.append(f"format compliance did not rise: {before['format_compliance']} -> "
                             f"{after_sft['format_compliance']}")
     else:
-        if (after_sft["format_compliance"] or 0) < 0.95:
-            failures.append(f"format compliance after SFT {after_sft['format_compliance']:.3f} < 0.95")
-        if enc_model is None or enc_majority is None or enc_model < enc_majority + 0.15:
-            failures.append(f"binary accuracy on encoded findings after SFT {enc_model} < majority "
-                            f"{enc_majority} + 0.15")
-        if first_half is None or second_half <= first_half:
-            failures.append(f"GRPO mean reward did not rise: first half {first_half}, second half {second_half}")
+        if args.sft_from is None:
+            if (after_sft["format_compliance"] or 0) < 0.95:
+                failures.append(f"format compliance after SFT {after_sft['format_compliance']:.3f} < 0.95")
+            if enc_model is None or enc_majority is None or enc_model < enc_majority + 0.15:
+                failures.append(f"binary accuracy on encoded findings after SFT {enc_model} < majority "
+                                f"{enc_majority} + 0.15")
+        # GRPO raises its reward: on the same held-out prompts, scored by the training reward, the GRPO
+        # checkpoint beats the SFT checkpoint by more than twice the standard error of the paired mean.
+        # (The per-step training reward is printed but not the floor: each step samples different
+        # prompts, whose difficulty swings the step mean by more than ten steps of learning move it.)
+        if not (rise["rise"] > 0 and rise["t"] >= 2.0):
+            failures.append(f"GRPO did not raise the held-out reward: {rise['before']:.3f} -> {rise['after']:.3f} "
+                            f"(paired rise {rise['rise']:+.3f}, se {rise['se']:.3f}, t {rise['t']:.2f} < 2)")
     if total_s > args.time_limit:
         failures.append(f"took {total_s:.0f} s > {args.time_limit:.0f} s")
 
+    def r3(v: Any) -> Any:
+        return v if v is None else round(v, 3)
+
+    print(f"\nGRPO reward per step: {', '.join(f'{r:.3f}' for r in grpo_rewards)}; halves {r3(first_half)} -> "
+          f"{r3(second_half)}")
+    def rise_text(r: dict[str, float]) -> str:
+        return (f"{r['before']:.3f} -> {r['after']:.3f}, paired rise {r['rise']:+.3f} (se {r['se']:.3f}, "
+                f"t {r['t']:.2f}; {r['better']} prompts better, {r['worse']} worse)")
+
+    print("GRPO reward, SFT -> GRPO checkpoint, greedy answers to held-out RL prompts (validate split):")
+    for task, r in rise_per_task.items():
+        print(f"  {task:8} (n={r['n']:3d}): {rise_text(r)}")
+    print(f"  all      (n={rise_all['n']:3d}): {rise_text(rise_all)}")
+    print(f"  on the benchmark (n={rise_benchmark['n']}): {rise_text(rise_benchmark)}")
+    print(f"GRPO reward on the {rise['n']} held-out RL prompts of its tasks ({', '.join(trained_tasks)}), "
+          f"SFT -> GRPO checkpoint: {rise_text(rise)}", flush=True)
     print(f"\nRESULT config={cfg.name} params_m={figures['parameters_m']:.2f} sft_steps={figures['sft_steps']} "
-          f"sft_loss={figures['sft_loss_first']:.3f}->{figures['sft_loss_last']:.3f} "
-          f"format={figures['format_before']:.3f}->{figures['format_after_sft']:.3f}->"
-          f"{figures['format_after_grpo']:.3f} "
-          f"encoded_binary_acc={enc_model if enc_model is None else round(enc_model, 3)} "
-          f"(majority {enc_majority if enc_majority is None else round(enc_majority, 3)}, n={n_enc}) "
-          f"grpo_reward_halves={first_half if first_half is None else round(first_half, 3)}->"
-          f"{second_half if second_half is None else round(second_half, 3)} total_s={total_s:.0f}", flush=True)
+          f"sft_loss={r3(figures['sft_loss_first'])}->{r3(figures['sft_loss_last'])} "
+          f"format={r3(figures['format_before'])}->{r3(figures['format_after_sft'])}->"
+          f"{r3(figures['format_after_grpo'])} "
+          f"encoded_binary_acc={r3(enc_model)}->{r3(figures['encoded_binary_after_grpo'])} "
+          f"(majority {r3(enc_majority)}, n={n_enc}) "
+          f"grpo_heldout_reward={rise['before']:.3f}->{rise['after']:.3f} (t={rise['t']:.2f}) "
+          f"grpo_s={grpo.metrics['wall_time_s']:.0f} total_s={total_s:.0f}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2, default=str))
     for failure in failures:

@@ -514,3 +514,37 @@ def test_memory_estimate_shards_with_zero_and_bounds_the_rollout_kv_cache():
     assert one.zero_stage == 0
     assert one.weights_gb + one.gradients_gb + one.optimizer_gb == pytest.approx(16 * params / GIB)
     assert one.total_gb > 80  # does not fit one 80 GB card
+
+
+def test_weighted_rewards_is_grpos_weighted_sum_per_completion():
+    from training.rewards import format_reward as radchain_format, outcome_reward, weighted_rewards
+
+    rows = [{"task": "binary", "solution": "B"}] * 3
+    outputs = ["<think>No effusion.</think>\n<answer>B</answer>",  # well formed, right: 1 + 0.5
+               "<answer>B</answer>",                              # right, not well formed: 1
+               "<think>x</think><answer>A</answer>"]              # well formed, wrong: 0.5
+    assert weighted_rewards([outcome_reward, radchain_format], [1.0, 0.5], rows, outputs) == [1.5, 1.0, 0.5]
+
+    def not_applicable(completions, **kwargs):  # TRL's None: the function does not score this one
+        return [None] * len(completions)
+
+    assert weighted_rewards([not_applicable, outcome_reward], [2.0, 1.0], rows, outputs) == [1.0, 1.0, 0.0]
+    with pytest.raises(ValueError):
+        weighted_rewards([outcome_reward], [1.0], rows, outputs[:2])
+
+
+def test_grpo_raises_a_reward_the_policy_can_move(cfg, image_path, tmp_path):
+    # The training path learns, not only runs: a reward the tiny random policy can move (the share of
+    # characters that are the letter "e") rises over a few GRPO steps, the gradient's sign is right.
+    def e_share(completions, **kwargs):
+        texts = [c[0]["content"] for c in completions]
+        return [t.count("e") / max(len(t), 1) for t in texts]
+
+    grpo = cfg.grpo.model_copy(update=dict(learning_rate=5e-2, max_steps=10, num_generations=8, prompts_per_step=2,
+                                           per_device_train_batch_size=16, beta=0.0, scale_rewards="none",
+                                           task_mixture=False))
+    small = cfg.model_copy(update=dict(grpo=grpo))
+    result = run_grpo(small, [grpo_row(0, image_path), grpo_row(2, image_path)], [e_share], out_dir=tmp_path)
+    rewards = [e["reward"] for e in result.metrics["curve"] if "reward" in e]
+    assert len(rewards) == 10
+    assert sum(rewards[-3:]) / 3 > 2 * sum(rewards[:3]) / 3, rewards

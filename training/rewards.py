@@ -63,7 +63,7 @@ from training.radrscore import (
 __all__ = [
     "DEFAULT_REWARD_FUNCS", "DEFAULT_REWARD_WEIGHTS", "encode_gold_labels", "encode_gold_steps",
     "format_reward", "outcome_reward", "process_gated_reward", "process_reward", "process_reward_gated",
-    "reward_components",
+    "reward_components", "weighted_rewards",
 ]
 
 
@@ -165,6 +165,27 @@ def reward_components(completions: Sequence[Any], **kwargs: Any) -> list[dict[st
         rows.append(dict(format=fmt[i], outcome=outcome[i], completeness=r.completeness, factuality=r.factuality,
                          effectiveness=r.effectiveness, process=r.radrscore))
     return rows
+
+
+REWARD_COLUMNS = ("solution", "task", "options", "gold_steps", "gold_labels")
+
+
+def weighted_rewards(
+    funcs: Sequence[Any], weights: Sequence[float], rows: Sequence[Mapping[str, Any]], completions: Sequence[Any]
+) -> list[float]:
+    """The reward GRPO trains on, for one completion per row: sum of weight x fn, each fn called as TRL
+    calls it (the rows' reward columns as keyword lists). Scores outputs of any model on fixed prompts
+    with exactly the training reward (bench/learning.py: the SFT and GRPO checkpoints on held-out prompts)."""
+    if len(funcs) != len(weights):
+        raise ValueError(f"{len(weights)} reward weights for {len(funcs)} reward functions")
+    if len(rows) != len(completions):
+        raise ValueError(f"{len(completions)} completions for {len(rows)} rows")
+    columns = {c: [r.get(c) for r in rows] for c in REWARD_COLUMNS if any(c in r for r in rows)}
+    total = [0.0] * len(rows)
+    for fn, weight in zip(funcs, weights):
+        for i, value in enumerate(fn(list(completions), **columns)):
+            total[i] += weight * (value or 0.0)  # None (not applicable) counts 0, as TRL's nansum does
+    return total
 
 
 # Config name "process_gated" -> training.rewards.process_gated_reward (configs name rewards as
