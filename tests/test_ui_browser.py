@@ -3,7 +3,8 @@
 Starts the serve machinery (Prefect server on 127.0.0.1, the pools, a cpu worker, the
 deployments), runs the pipeline through the `mine` deployment on a 40-study demo corpus,
 then renders the flow-run page and the stage-count artifact's page in headless Chromium and
-checks the rendered DOM: the run completed, and the artifact shows the per-stage table. The
+checks the rendered DOM: the run completed, its run graph (the data the UI draws) has the stage DAG's
+edges, and the artifact shows the per-stage table. The
 deployment run also left its `mine-progress` artifact (progress is on in deployments). Then the
 `train` deployment runs as it is scheduled (it waits on the cpu pool while the `sft`, `grpo` and
 `evaluate` deployments run on the gpu pool's worker; tiny config) and the SFT curve artifact and
@@ -182,6 +183,26 @@ def test_flow_run_page_shows_the_completed_run(stack, mine_run):
     assert "Can't connect to Server API" not in text
     shot = output_dir() / "ui-flow-run.png"
     chromium(url, screenshot=shot)
+    assert shot.stat().st_size > 10_000
+
+
+def test_the_run_graph_draws_the_stage_dag(stack, mine_run):
+    """The graph the UI draws for the deployment run (its run page reads /flow_runs/{id}/graph-v2, fetched here
+    by the browser): task runs named stage[batch] with their counts, and edges stage to stage only, one per
+    dependency: ingest -> label -> tasks -> mine -> datasets."""
+    import json
+
+    run, _ = mine_run
+    dom = chromium(f"{stack.api_url}/flow_runs/{run.id}/graph-v2")
+    graph = json.loads(html.unescape(re.search(r"<pre[^>]*>(.*)</pre>", dom, re.S).group(1)))
+    labels = {node_id: node["label"] for node_id, node in graph["nodes"]}
+    stage_of = {i: re.match(r"([a-z]+)\[", label).group(1) for i, label in labels.items()}
+    assert any(re.fullmatch(r"label\[b\d+\] \d+ in, \d+ out, \d+ rejected", lab) for lab in labels.values()), labels
+    edges = {(stage_of[p["id"]], stage_of[node_id]) for node_id, node in graph["nodes"] for p in node["parents"]}
+    assert {e for e in edges if e[0] != e[1]} == {("ingest", "label"), ("label", "tasks"), ("tasks", "mine"),
+                                                  ("mine", "datasets")}
+    shot = output_dir() / "ui-run-graph.png"
+    chromium(f"{stack.ui_url}/runs/flow-run/{run.id}", screenshot=shot)
     assert shot.stat().st_size > 10_000
 
 
