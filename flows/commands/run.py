@@ -17,7 +17,8 @@ def register(app: typer.Typer) -> None:
     def run(
         source: Path | None = typer.Option(None, help="MIMIC-CXR tree or a CSV/Parquet/JSONL table of reports; "
                                                        "default: the bundled synthetic demo corpus"),
-        stages: str = typer.Option("all", help="comma-separated stages (ingest,label,tasks,mine,datasets) or 'all'"),
+        stages: str = typer.Option("all", help="comma-separated stage names or 'all' (the stages in DAG order: "
+                                                  "`radchain run --stages x` lists them)"),
         extractor: str = typer.Option("auto", help="chain extractor: rules | llm | auto (llm when an endpoint is set)"),
         id_col: str = typer.Option("study_id", "--id-col", help="table sources: study id column"),
         text_col: str | None = typer.Option("text", "--text-col", help="table sources: full report text column"),
