@@ -1509,3 +1509,16 @@ def test_a_batch_is_not_retried_when_the_endpoint_is_down():
     assert run_batch_task.retry_condition_fn is _worth_retrying and run_batch_task.retries == 1
     assert not _worth_retrying(None, None, Failed(data=LLMEndpointDown("down")))
     assert _worth_retrying(None, None, Failed(data=OSError("disk hiccup")))
+
+
+def test_a_path_with_brackets_prints_as_written(tmp_path):
+    """A folder named like Rich markup ("[red]x[/red]", "[/tmp]") is printed as the path it is: paths in the
+    CLI's messages are escaped, not parsed as styles (and a "[/...]" cannot end a style that was never opened)."""
+    from flows.cli import app
+
+    out = tmp_path / "[red]corpus[/red]" / "[/tmp]"
+    result = CliRunner().invoke(app, ["demo-data", "--out", str(out), "--studies", "3", "--no-images"])
+    assert result.exit_code == 0, result.output
+    flat = "".join(result.output.split())  # the console may wrap a long path
+    assert "".join(f"wrote {out}".split()) in flat
+    assert (out / "mimic-cxr-2.0.0-metadata.csv").exists() or any(out.iterdir())

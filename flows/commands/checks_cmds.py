@@ -6,6 +6,7 @@ import uuid
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from flows.cli_support import UsageError, clear_errors, console, err_console, print_arrow
 
@@ -72,7 +73,6 @@ def register(app: typer.Typer) -> None:
                           f"{len(errors)} errors, {len(warns)} warnings (fct_check_results, run_id {run_id})",
                           highlight=False)
         if errors:
-            from rich.markup import escape
 
             from flows.cli_support import one_line
 
@@ -93,5 +93,5 @@ def register(app: typer.Typer) -> None:
 
         wh = Warehouse(get_settings().warehouse_dir)
         path = write_html(out, lineage_edges(), wh if wh.duckdb_path.exists() else None)
-        console.print(f"catalog: {path} (open it in a browser; it needs no network)", highlight=False,
+        console.print(f"catalog: {escape(str(path))} (open it in a browser; it needs no network)", highlight=False,
                       soft_wrap=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from flows.cli_support import UsageError, clear_errors, console
 
@@ -59,7 +60,7 @@ def _generate(out: Path, studies: int, seed: int, images: bool, image_size: int)
 def _print_summary(summary) -> None:
     from rich.table import Table
 
-    overview = Table(title=f"synthetic corpus in {summary.out}", show_header=False)
+    overview = Table(title=f"synthetic corpus in {escape(str(summary.out))}", show_header=False)
     overview.add_column("what")
     overview.add_column("value", justify="right")
     for name, value in (
@@ -82,4 +83,4 @@ def _print_summary(summary) -> None:
         labels.add_row(column, *(f"{counts[k]:,}" for k in ("1.0", "-1.0", "0.0")))
     console.print(labels)
     for path in (summary.metadata_csv, summary.split_csv, summary.chexpert_csv, summary.temporal_csv):
-        console.print(f"wrote {path}", highlight=False, soft_wrap=True)
+        console.print(f"wrote {escape(str(path))}", highlight=False, soft_wrap=True)

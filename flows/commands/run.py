@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from flows.cli_support import UsageError, clear_errors, console, err_console, print_arrow
 
@@ -138,7 +139,6 @@ def register(app: typer.Typer) -> None:
             results = pipeline_flow(source=spec, stages=chosen, options=options)
         except (*final_errors(), DataCheckFailed) as e:  # a stage stopped for good (mine: the LLM endpoint is
             # down) or a data check failed: one line, exit code 1 (`radchain check` and v_runs show every check)
-            from rich.markup import escape
 
             from flows.cli_support import one_line
 
@@ -148,7 +148,6 @@ def register(app: typer.Typer) -> None:
 
         import pyarrow as pa
 
-        from rich.markup import escape
 
         from flows.artifacts import image_counts, run_notes, stage_count_rows
         from warehouse import Warehouse
@@ -162,7 +161,7 @@ def register(app: typer.Typer) -> None:
         notes = run_notes(wh, spec, results)
         for note in notes:
             err_console.print(f"[bold yellow]warning:[/] {escape(note)}", highlight=False, soft_wrap=True)
-        console.print(f"warehouse: {settings.duckdb_path}")
+        console.print(f"warehouse: {escape(str(settings.duckdb_path))}")
         line = budget_line(settings, results)
         if line:
             console.print(line)

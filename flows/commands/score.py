@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from flows.cli_support import UsageError, cell, clear_errors, console, err_console, table_console
@@ -43,7 +44,7 @@ def register(app: typer.Typer) -> None:
 
         eval_id, report = score_file(predictions, model=model, checkpoint=checkpoint, judge=judge,
                                      semantic=semantic, write=write)
-        _print_report(report, title=f"radchain score: {report.model} ({judge} judge)")
+        _print_report(report, title=f"radchain score: {escape(str(report.model))} ({judge} judge)")
         if report.unknown_ids:
             shown = ", ".join(report.unknown_ids[:_MAX_LISTED])
             more = f" and {len(report.unknown_ids) - _MAX_LISTED} more" if len(report.unknown_ids) > _MAX_LISTED else ""
@@ -137,7 +138,8 @@ def _score_release(path: Path, *, semantic: bool) -> None:
     if not items:
         raise UsageError(f"{path} holds no release items (a JSON list of objects with reason_steps and pred)")
     scores = score_release_batch(items, semantic=semantic)
-    t = Table(title=f"radchain score: {path} (rules judge, {'semantic' if semantic else 'lexical'} matching)")
+    matching = "semantic" if semantic else "lexical"
+    t = Table(title=f"radchain score: {escape(str(path))} (rules judge, {matching} matching)")
     for col in ("model", "task", "n", "complete", "factual", "effective", "RadRScore", "unparsed", "tagless"):
         t.add_column(col, justify="left" if col in ("model", "task") else "right")
     groups: dict[tuple[str, str], list[Any]] = {}

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.markup import escape
 
 from flows.cli_support import UsageError, clear_errors, console, err_console, print_arrow
 from flows.supervisor import DEFAULT_HOST, DEFAULT_PORT, ServeError, ServeStack, check_loopback, read_state
@@ -191,7 +192,7 @@ def register(app: typer.Typer) -> None:
 
         old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            console.print(f"starting the Prefect server on {stack.ui_url} (logs: {stack.log_dir}) ...")
+            console.print(f"starting the Prefect server on {stack.ui_url} (logs: {escape(str(stack.log_dir))}) ...")
             try:
                 stack.start(specs, code_source=code_source, schedules_active=schedules, collision=collision,
                             workers=bool(pools))
@@ -202,7 +203,7 @@ def register(app: typer.Typer) -> None:
             print_arrow(pa.Table.from_pylist(schedule_rows(specs)), "table", title="deployments")
             name, slots = stack.setup_result["llm_limit"]
             console.print(f"global concurrency limit [bold]{name}[/]: {slots} slots")
-            console.print(f"workers: {', '.join(pools) or 'none'}  ·  warehouse: {settings.warehouse_dir}")
+            console.print(f"workers: {', '.join(pools) or 'none'}  ·  warehouse: {escape(str(settings.warehouse_dir))}")
             console.print(f"\n[bold green]Prefect UI:[/] {stack.ui_url}\n"
                           f"API: {stack.api_url}  (export PREFECT_API_URL={stack.api_url} to use it from a shell)\n"
                           f"Run the pipeline now: PREFECT_API_URL={stack.api_url} prefect deployment run "

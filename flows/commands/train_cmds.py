@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from flows.cli_support import UsageError, clear_errors, console
 
@@ -75,7 +76,7 @@ def register(app: typer.Typer) -> None:
 
         version = dataset_version or latest_dataset_version(wh)
         counts = export_dataset(wh, version, format, out)
-        console.print(f"exported {version} as {format} to {out / version / format}: {counts}")
+        console.print(f"exported {version} as {format} to {escape(str(out / version / format))}: {counts}")
 
 
 def print_evaluation(out: dict) -> None:
@@ -94,5 +95,5 @@ def print_evaluation(out: dict) -> None:
                           fmt(r["radrscore"]), fmt(r.get("format_compliance")))
         table.add_section()
     console.print(table)
-    console.print(f"chart: {out['chart']}", soft_wrap=True, highlight=False)  # a path must not wrap
+    console.print(f"chart: {escape(str(out['chart']))}", soft_wrap=True, highlight=False)  # a path must not wrap
     console.print(EXPLANATION, highlight=False)
