@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import polars as pl
@@ -16,6 +17,18 @@ STAGE_COUNTS_KEY = "stage-counts"
 REJECTIONS_KEY = "rejection-reasons"
 LLM_SPEND_KEY = "llm-spend"
 DATASET_VERSIONS_KEY = "dataset-versions"
+
+
+def save_figure(fig: Any, title: str, path: Path) -> Path:
+    """Title, lay out and write a matplotlib figure as a PNG at ``path`` (its folder made), then free it."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def stage_count_rows(results: Mapping[str, Sequence[BatchResult]]) -> list[dict]:

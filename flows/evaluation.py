@@ -193,6 +193,8 @@ def render_chart(scored: Mapping[str, list[dict[str, Any]]], path: Path, title: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from flows.artifacts import save_figure
+
     series = list(scored)
     tasks = [r["task"] for r in scored[series[0]]]
     colors = {"model": "#1f77b4", "majority": "#ff7f0e", "random": "#7f7f7f", "oracle": "#2ca02c"}
@@ -222,12 +224,7 @@ def render_chart(scored: Mapping[str, list[dict[str, Any]]], path: Path, title: 
     if unparseable_warning(scored):
         title += f"\nall {by_task.get('all', {}).get('n')} model outputs unparseable (nothing to score)"
     axes[0].legend(fontsize=7, ncols=len(series), loc="upper center")
-    fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, title, path)
 
 
 def results_table(scored: Mapping[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:

@@ -72,6 +72,8 @@ def render_curves(kind: str, curve: Sequence[Mapping[str, Any]], path: Path, tit
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from flows.artifacts import save_figure
     from matplotlib.ticker import MaxNLocator
 
     panels = curve_series(kind, curve)
@@ -90,12 +92,7 @@ def render_curves(kind: str, curve: Sequence[Mapping[str, Any]], path: Path, tit
         ax.grid(alpha=0.3)
         if len(series) > 1:
             ax.legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, title, path)
 
 
 def metric_rows(row: Mapping[str, Any]) -> list[dict[str, Any]]:

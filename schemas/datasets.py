@@ -9,6 +9,22 @@ from schemas.base import TableRecord
 from schemas.checks import relationship, sql_check
 
 
+def training_mart_checks(table: str) -> tuple:
+    """What every training mart (SFT examples, RL prompts) must hold: its samples and its version exist,
+    and no patient with a test-split study is in it (no leakage into the benchmark)."""
+    return (
+        # Run scope: older versions are kept as history, and their samples may since have left the warehouse.
+        relationship(table, "sample_id", "int_vqa_samples", "sample_id", scope="run"),
+        relationship(table, "dataset_version", "fct_dataset_versions", "dataset_version"),
+        sql_check(table, "no_test_patient",
+                  "SELECT m.example_id AS id, format('patient {{}} of sample {{}} has a test-split study', s.patient_id, "
+                  "m.sample_id) AS detail FROM {table} m JOIN int_vqa_samples s USING (sample_id) "
+                  "WHERE s.patient_id IN (SELECT patient_id FROM stg_studies WHERE split = 'test')",
+                  "no patient with a test-split study is in a training mart (no leakage into the benchmark)",
+                  scope="run", reads=("int_vqa_samples", "stg_studies")),
+    )
+
+
 class SftExample(TableRecord):
     __table__ = "mart_sft_examples"
     __description__ = "SFT conversations (user: images + question; assistant: <think>chain</think><answer>X</answer>)."
@@ -25,17 +41,7 @@ class SftExample(TableRecord):
     images: list[str]
     weight: float  # mixture weight of the task (the release: 0.1 per task file, temporal 0.05)
 
-    __checks__ = (
-        # Run scope: older versions are kept as history, and their samples may since have left the warehouse.
-        relationship("mart_sft_examples", "sample_id", "int_vqa_samples", "sample_id", scope="run"),
-        relationship("mart_sft_examples", "dataset_version", "fct_dataset_versions", "dataset_version"),
-        sql_check("mart_sft_examples", "no_test_patient",
-                  "SELECT m.example_id AS id, format('patient {{}} of sample {{}} has a test-split study', s.patient_id, "
-                  "m.sample_id) AS detail FROM {table} m JOIN int_vqa_samples s USING (sample_id) "
-                  "WHERE s.patient_id IN (SELECT patient_id FROM stg_studies WHERE split = 'test')",
-                  "no patient with a test-split study is in a training mart (no leakage into the benchmark)",
-                  scope="run", reads=("int_vqa_samples", "stg_studies")),
-    )
+    __checks__ = training_mart_checks("mart_sft_examples")
 
 
 class RlPrompt(TableRecord):
@@ -56,17 +62,7 @@ class RlPrompt(TableRecord):
     gold_labels: str  # JSON: {observation: positive|negative|uncertain|not_mentioned}
     weight: float
 
-    __checks__ = (
-        # Run scope: older versions are kept as history, and their samples may since have left the warehouse.
-        relationship("mart_rl_prompts", "sample_id", "int_vqa_samples", "sample_id", scope="run"),
-        relationship("mart_rl_prompts", "dataset_version", "fct_dataset_versions", "dataset_version"),
-        sql_check("mart_rl_prompts", "no_test_patient",
-                  "SELECT m.example_id AS id, format('patient {{}} of sample {{}} has a test-split study', s.patient_id, "
-                  "m.sample_id) AS detail FROM {table} m JOIN int_vqa_samples s USING (sample_id) "
-                  "WHERE s.patient_id IN (SELECT patient_id FROM stg_studies WHERE split = 'test')",
-                  "no patient with a test-split study is in a training mart (no leakage into the benchmark)",
-                  scope="run", reads=("int_vqa_samples", "stg_studies")),
-    )
+    __checks__ = training_mart_checks("mart_rl_prompts")
 
 
 class BenchmarkItem(TableRecord):

@@ -13,7 +13,6 @@ started here, so a run does not pay for starting a temporary API.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -25,10 +24,11 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import polars as pl
 import pytest
 
 from flows.stages.contract import stage_names
+from warehouse import Warehouse
+from warehouse_support import table_hashes
 
 REPO = Path(__file__).resolve().parents[1]
 STUDIES = 80
@@ -37,7 +37,6 @@ STAGES = tuple(stage_names())  # every stage, in DAG order
 SEED = 20240611
 MAX_DRAWS_PER_STAGE = 6
 RUN_TIMEOUT_S = 240
-VOLATILE = ("run_id", "wall_s", "finished_at", "written_at", "built_at", "created_at", "started_at", "scored_at")
 # Tables a stage writes (besides the shared ones, whose partitions are named "<stage>-<batch>").
 STAGE_TABLES = {
     "raw_reports": "ingest", "stg_sections": "ingest", "stg_studies": "ingest", "stg_images": "ingest",
@@ -46,9 +45,6 @@ STAGE_TABLES = {
     "mart_benchmark": "datasets", "fct_dataset_versions": "datasets",
 }
 SHARED_TABLES = ("audit_stage_counts", "int_rejections", "fct_materializations")
-# Run history: one row per run (audit_runs) and per run's checks (fct_check_results); a killed run and its re-run
-# add their own rows by design, so these are not compared with the uninterrupted reference.
-HISTORY_TABLES = ("audit_runs", "fct_check_results")
 WAREHOUSE_READY = "<warehouse>"  # pseudo-file: the run created its warehouse folders (it is under way)
 
 
@@ -81,25 +77,6 @@ def parquet_files(home: Path) -> set[str]:
 
 def tmp_files(home: Path) -> list[Path]:
     return sorted((home / "warehouse").rglob(".*.tmp-*"))
-
-
-def table_hashes(home: Path) -> dict[str, tuple[int, str]]:
-    from warehouse import Warehouse
-    from warehouse.catalog import catalog
-
-    wh = Warehouse(home / "warehouse")
-    root = str(wh.root)
-    out = {}
-    for spec in catalog():
-        if spec.name in HISTORY_TABLES:
-            continue
-        df = wh.read(spec.name)
-        if spec.name == "fct_materializations":
-            df = df.filter(~pl.col("table_name").is_in(list(HISTORY_TABLES)))
-        df = df.drop(*VOLATILE, strict=False)
-        rows = sorted(json.dumps(r, sort_keys=True, default=str).replace(root, "<WH>") for r in df.to_dicts())
-        out[spec.name] = (len(rows), hashlib.sha256("\n".join(rows).encode()).hexdigest())
-    return out
 
 
 def assert_all_parquet_readable(home: Path) -> int:
@@ -218,7 +195,8 @@ def setup(tmp_path_factory):
         pipe = Pipeline(corpus, dict(base, PREFECT_API_URL=api), logs)
         ref_home = root / "reference"
         seen = pipe.run(ref_home, watch=True)
-        yield dict(root=root, pipe=pipe, ref_home=ref_home, seen=seen, ref_hashes=table_hashes(ref_home))
+        yield dict(root=root, pipe=pipe, ref_home=ref_home, seen=seen,
+                   ref_hashes=table_hashes(Warehouse(ref_home / "warehouse")))
     finally:
         try:
             os.killpg(server.pid, signal.SIGTERM)
@@ -284,10 +262,9 @@ def test_sigkill_in_every_stage_then_rerun_gives_the_uninterrupted_tables(setup)
             pipe.run(home)  # the re-run, to completion
             assert not tmp_files(home), f"temporary files left after the re-run: {tmp_files(home)}"
             assert_all_parquet_readable(home)
-            hashes = table_hashes(home)
+            hashes = table_hashes(Warehouse(home / "warehouse"))
             diff = {t for t in hashes if hashes[t] != setup["ref_hashes"][t]}
             assert not diff, f"killed in {stage} ({trials[-1]}), re-run differs from the reference in {diff}"
-            from warehouse import Warehouse
 
             # The DuckDB views work after the re-run (the file was rewritten, not left half-built).
             n = Warehouse(home / "warehouse").sql("select count(*) n from int_chains").to_pylist()[0]["n"]

@@ -7,45 +7,19 @@ starts, 2 worker processes) and `dask_address=` (a cluster started here, which t
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import pickle
 from pathlib import Path
 
-import polars as pl
 import pytest
 
 from flows.stages.common import SourceSpec
 from flows.stages.contract import stage_names
+from warehouse_support import table_hashes
 
 STUDIES = 120
 BATCH_SIZE = 30  # 4 ingest batches, 4 label batches, 4 mine batches
 STAGES = stage_names()  # every stage, in DAG order
-# Columns that name the run or the clock, never the data.
-VOLATILE = ("run_id", "wall_s", "finished_at", "written_at", "built_at", "created_at", "started_at", "scored_at")
-
-
-def table_hashes(warehouse) -> dict[str, tuple[int, str]]:
-    """(rows, order-independent row-set hash) of every catalog table; the warehouse's own folder is
-    written as <WH> so two warehouses compare equal when their rows are."""
-    from warehouse.catalog import catalog
-
-    root = str(warehouse.root)
-    out = {}
-    history = ("audit_runs", "fct_check_results")  # one row per run (and its checks): named by the run, timed
-    for spec in catalog():
-        if spec.name in history:
-            continue
-        df = warehouse.read(spec.name)
-        if spec.name == "fct_materializations":
-            df = df.filter(~pl.col("table_name").is_in(list(history)))
-        df = df.drop(*VOLATILE, strict=False)
-        rows = sorted(json.dumps(r, sort_keys=True, default=str).replace(root, "<WH>") for r in df.to_dicts())
-        out[spec.name] = (len(rows), hashlib.sha256("\n".join(rows).encode()).hexdigest())
-    return out
-
-
 def _run(home: Path, corpus: Path, stages: list[str], flow=None, **options):
     from flows.pipeline import pipeline_flow
     from radchain.settings import reset_settings_cache
