@@ -294,9 +294,34 @@ def test_a_wrong_answer_makes_the_steps_that_argue_for_it_ineffective():
     # is B." is the gold's own conclusion; effusion and pneumothorax are what the gold examines) and
     # cardiomegaly is supported; the effusion and the consolidation contradict the gold: 3 of 5.
     assert blind.effectiveness == pytest.approx(3 / 5)
-    # Knowing the answer (B) is wrong, only the supported finding step is left: 1 of 5.
-    assert judged.effectiveness == pytest.approx(1 / 5)
+    # Knowing the answer (B) is wrong: the effusion step argues for B and the closing line names B, so
+    # they fail; the plan line examines what the gold examines (a reasoning laid out in lines is read
+    # line by line, as the paper's judge reads sections): the plan and cardiomegaly, 2 of 5.
+    assert judged.effectiveness == pytest.approx(2 / 5)
     assert judged.completeness == blind.completeness and judged.factuality == blind.factuality
+    # The same steps as one paragraph of prose: a step that states no finding led to the wrong answer
+    # on no evidence, so only the supported finding step is left: 1 of 5.
+    prose = " ".join(reasoning.splitlines())
+    assert score_reasoning(prose, GOLD, LABELS, wrong=wrong).effectiveness == pytest.approx(1 / 5)
+    assert score_reasoning(prose, GOLD, LABELS).effectiveness == pytest.approx(3 / 5)
+
+
+@pytest.mark.parametrize("step, names_b", [
+    ("Therefore, the answer is B.", True),
+    ("The correct answer is **B) Large pleural effusion**.", True),
+    ("These findings point towards option (B).", True),
+    ("Option B is the most likely.", True),
+    ("B) Large pleural effusion: look for blunting of the costophrenic angles.", False),  # examines B
+    ("Option B may not be the finding.", False),
+    ("The answer is A.", False),
+    ("B-lines are not a radiograph finding.", False),
+])
+def test_a_line_that_names_the_wrong_pick_argues_for_it(step, names_b):
+    from training.radrscore import wrong_answer
+
+    wrong = wrong_answer("B", "single", "A", OPTIONS, outcome=0.0)
+    assert wrong is not None and wrong.letters == ("B",)
+    assert wrong.named_by(step) is names_b
 
 
 def test_a_right_answer_or_no_answer_changes_nothing():
@@ -332,7 +357,8 @@ def test_score_predictions_reads_the_answer_with_the_reasoning():
     right = f"<think>{_option_chain('Therefore, the answer is A.')}</think><answer>A</answer>"
     wrong = f"<think>{_option_chain('Therefore, the answer is B.')}</think><answer>B</answer>"
     report = score_predictions([{"sample_id": "s1", "output": wrong}], {"s1": ref})
-    assert report.per_sample[0].reasoning.effectiveness == pytest.approx(1 / 5)
+    # As in test_a_wrong_answer_makes_the_steps_that_argue_for_it_ineffective: the plan and cardiomegaly.
+    assert report.per_sample[0].reasoning.effectiveness == pytest.approx(2 / 5)
     report = score_predictions([{"sample_id": "s1", "output": right}], {"s1": ref})
     assert report.per_sample[0].reasoning.effectiveness == pytest.approx(3 / 5)
 

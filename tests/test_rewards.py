@@ -106,7 +106,8 @@ def test_rewards_on_strings_and_conversations_agree():
 
 
 def test_each_reward_responds_to_its_own_defect():
-    wrong_answer = GOOD.replace("<answer>A", "<answer>B")
+    wrong_answer = GOOD.replace("<answer>A", "<answer>B").replace("the answer is A.", "the answer is B.")
+    assert wrong_answer.count("the answer is B.") == 1
     bad_format = GOOD + " extra words"
     false_reasoning = GOOD.replace("There is no pleural effusion.", "There is a large pleural effusion.")
     cs = [GOOD, wrong_answer, bad_format, false_reasoning, "", "A"]
@@ -116,7 +117,7 @@ def test_each_reward_responds_to_its_own_defect():
     process = process_reward(cs, **kw)
     assert process[0] == process[2] == 1.0
     # A wrong answer costs the reasoning the steps that argued for it on no evidence: of the three
-    # steps, the findingless "Therefore, the answer is A." is ineffective -> (1 + 1 + 2/3) / 3.
+    # steps, the findingless "Therefore, the answer is B." is ineffective -> (1 + 1 + 2/3) / 3.
     assert process[1] == pytest.approx((1 + 1 + 2 / 3) / 3)
     assert 0.0 < process[3] < 1.0 and process[4] == process[5] == 0.0
     gated = process_reward_gated(cs, **kw)

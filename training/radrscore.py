@@ -401,14 +401,26 @@ class WrongAnswer:
     ``chosen``: the texts the answer named that the gold answer does not hold (option texts, or
     open-task items); ``expected``: the gold answer's texts. An option that names no finding ("Yes",
     "B) No") gives the finding rule nothing to read.
+
+    The no-finding rule holds for prose only (see :func:`_laid_out`). The judge reads a reasoning
+    laid out in lines (headings, one option per item) section by section: a section examining an
+    option the gold reasoning also examines is supported whatever the answer (GPT-4o's wrong
+    single-choice answers: .50 from the judge, .25 with the rule on its lines). Prose it reads as
+    one argument for its answer, and a third of ChestX-Reasoner's wrong answers it scored as a
+    single ineffective step.
     """
 
     chosen: tuple[str, ...]
     expected: tuple[str, ...]
+    letters: tuple[str, ...] = ()  # the wrongly chosen options' letters ("B"), when the task has options
 
     @property
     def keys(self) -> tuple[tuple[KeyFinding, ...], tuple[KeyFinding, ...]]:
         return _answer_keys(self.chosen, self.expected)
+
+    def named_by(self, step: str) -> bool:
+        """``step`` names a wrongly chosen option by its letter."""
+        return bool(self.letters) and not _named_letters(step).isdisjoint(self.letters)
 
     def argued_by(self, stated: KeyFinding) -> bool:
         """``stated`` asserts a wrongly chosen option's finding, or denies the right answer's."""
@@ -417,6 +429,25 @@ class WrongAnswer:
             return True
         return any(same_finding(g, stated) and _opposed(g.status, stated.status) and qualifiers_agree(g, stated)
                    for g in expected)
+
+
+def _laid_out(think: str) -> bool:
+    """The reasoning is written in lines (headings, lists, one step per line), not one paragraph."""
+    return sum(1 for line in think.splitlines() if line.strip()) > 1
+
+
+@lru_cache(maxsize=1 << 15)
+def _named_letters(text: str) -> frozenset[str]:
+    """Option letters a step names as its pick ("the answer is B", "points towards option (B)").
+    An option's own title line ("B) Large effusion: ...") examines it and is not a pick."""
+    return frozenset(m.group(1) or m.group(2) for m in _NAMED_LETTER.finditer(text))
+
+
+_NAMED_LETTER = re.compile(
+    r"(?i:\banswer|\bchoice|(?:towards?|select|choose|pick|supporting|is)\s+(?:the\s+)?option)"
+    r"(?i:\s+(?:is|would\s+be|must\s+be))?[\s:*(]*\b([A-H])\b(?![-'])"
+    r"|(?i:\boption)[\s*(]*\b([A-H])\b[)*]*(?i:\s+(?:is|seems|appears)\s+(?:to\s+be\s+)?(?:the\s+)?"
+    r"(?:correct|right|best|most))")
 
 
 def _option_keys(texts: Iterable[str]) -> tuple[KeyFinding, ...]:
@@ -463,7 +494,9 @@ def wrong_answer(answer: str | None, task: str, solution: Any, options: Sequence
         return (_OPTION_LETTER.sub("", str(opts[letters.index(letter)])),)
 
     chosen, gold = parse_letter(answer, opts or None), parse_letter(str(solution or ""), None)
-    return WrongAnswer(option_text(chosen) if chosen != gold else (), option_text(gold))
+    if chosen == gold:
+        return WrongAnswer((), option_text(gold))
+    return WrongAnswer(option_text(chosen), option_text(gold), (chosen,) if chosen else ())
 
 
 _OPTION_LETTER = re.compile(r"^\s*\(?[A-H][).:]\s*")
@@ -557,6 +590,7 @@ def score_reasoning(
     if not gold.empty:
         if steps:
             said = matcher.supported([s.text for s in steps], gold)
+            laid_out = wrong is not None and _laid_out(think)
             supported = 0
             for s, ok in zip(steps, said):
                 if s.key_findings:
@@ -564,9 +598,11 @@ def score_reasoning(
                         continue
                     if wrong is not None and any(wrong.argued_by(k) for k in s.key_findings):
                         continue
-                elif wrong is not None:
-                    continue  # a step that states no finding led to the wrong answer on no evidence
                     ok = ok or any(gold.supports(k, names) for k in s.key_findings)
+                elif wrong is not None and (not laid_out or wrong.named_by(s.text)):
+                    # Prose that states no finding led to the wrong answer on no evidence; a line
+                    # that names the wrong pick ("so the answer is B") argues for it however laid out.
+                    continue
                 supported += ok
             effectiveness = supported / len(steps)
         else:
