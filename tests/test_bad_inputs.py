@@ -827,11 +827,28 @@ def test_a_copied_home_reads_its_own_files_not_the_original(sql_home, tmp_path, 
     shutil.copytree(original, again)
     monkeypatch.setattr(Warehouse, "refresh_views", lambda self, force=False: (_ for _ in ()).throw(
         PermissionError(13, "Permission denied", str(self.duckdb_path))))
-    with pytest.raises(WarehouseError, match="built for another folder"):
+    with pytest.raises(WarehouseError, match="out of date .*cannot be rebuilt here"):
         Warehouse(again / "warehouse").sql("select count(*) from raw_reports")
     monkeypatch.setattr(Warehouse, "_views_here", lambda self: None)  # even skipping the check entirely:
     with pytest.raises(WarehouseError, match="reads only the warehouse's tables"):
         Warehouse(again / "warehouse").sql("select count(*) from raw_reports")
+
+
+def test_a_warehouse_an_older_radchain_wrote_answers_queries_on_tables_added_since(sql_home, tmp_path):
+    """A table added by a newer radchain has no folder in an older warehouse: queries rebuild its views
+    (creating the missing folder) instead of failing on every query, the new table reading empty."""
+    older = tmp_path / "older-home"
+    shutil.copytree(sql_home["home"], older)
+    parquet = older / "warehouse" / "parquet"
+    shutil.rmtree(parquet / "fct_check_results")  # as if written before the data checks existed
+    (older / "warehouse" / ".warehouse.duckdb.views").write_text("stamp of an older radchain\n")
+
+    got = _cli(older, "sql", "select count(*) as n from fct_check_results", "-f", "json")
+    assert got.exit_code == 0, got.stderr
+    assert json.loads(got.stdout) == [{"n": 0}]
+    assert (parquet / "fct_check_results" / "_schema.parquet").exists()
+    got = _cli(older, "sql", "select count(*) as n from raw_reports", "-f", "json")
+    assert got.exit_code == 0 and json.loads(got.stdout)[0]["n"] > 0
 
 
 # ---- issue 14 item 11: generic tables ----------------------------------------------------------------------------

@@ -423,17 +423,20 @@ class Warehouse:
         """Views hold absolute paths: a copied or moved warehouse has views that read the original.
 
         Its stamp then names another folder (or the file changed), so the views are rebuilt for
-        this folder first. Should that fail (a read-only copy), the locked connection still
-        refuses to read outside this warehouse: such a query fails, it never reads the original.
+        this folder first. So are the views of a warehouse an older radchain wrote: a table added
+        since has no folder there yet, which :meth:`ensure` creates (with its empty schema file)
+        before the views that read it. Should that fail (a read-only copy), the locked connection
+        still refuses to read outside this warehouse: such a query fails, it never reads the original.
         """
         if self._views_stamp() == self._stamp_for(self._views_fingerprint()):
             return
         try:
-            self.refresh_views()
+            self.ensure()
         except (OSError, duckdb.Error) as e:
             raise WarehouseError(
-                f"the views in {self.duckdb_path} were built for another folder and cannot be rebuilt "
-                f"here ({e}); make the folder writable and run the query again") from e
+                f"the views in {self.duckdb_path} are out of date (the warehouse was copied or moved, or "
+                f"written by another radchain version) and cannot be rebuilt here ({e}); make the folder "
+                f"writable and run the query again") from e
 
 
 class SqlResult(NamedTuple):
