@@ -9,7 +9,8 @@ datasets stage's checks (no empty split, no test patient in a training mart ...)
 that fails them is removed again, so it is never registered and ``train`` cannot pick it.
 
 ``RunAudit`` keeps one ``audit_runs`` row per flow run (Running, then Completed or Failed with the
-reason, with each finished stage's totals): run history that survives later runs, read by ``v_runs``.
+reason, with each finished stage's totals; Crashed when a later run finds it killed): run history that
+survives later runs, read by ``v_runs``.
 """
 
 from __future__ import annotations
@@ -161,9 +162,29 @@ class RunAudit:
         self.requested = list(stages)
         self.started_at = datetime.now(UTC)
         self.stages: list[dict[str, Any]] = []
+        self._close_killed_runs()
         self._write("Running")
         self._reader = ExitStack()  # one read-only connection for the run's checks (views read the live files)
         self._con: Any = None
+
+    def _close_killed_runs(self) -> None:
+        """Mark Crashed the runs that were killed before they could end.
+
+        A pipeline run holds the warehouse lock from before its first audit row to after its last,
+        so another run's row still Running, seen by a run that holds the lock, belongs to a process
+        that is gone (SIGKILL, a lost machine): it would otherwise read Running forever.
+        """
+        wh = self.ctx.warehouse
+        if not wh.partitions(RunRecord.__table__):
+            return
+        stale = wh.read(RunRecord).filter((pl.col("state") == "Running") & (pl.col("run_id") != self.ctx.run_id))
+        for row in stale.iter_rows(named=True):
+            closed = stale.filter(pl.col("run_id") == row["run_id"]).with_columns(
+                state=pl.lit("Crashed"),
+                reason=pl.lit(f"ended without finishing (its process was killed); found by run {self.ctx.run_id}"))
+            lineage = Lineage(run_id=row["run_id"], batch_id=row["batch_id"], code_version=row["code_version"])
+            wh.write_batch("runs", row["run_id"], lineage, {RunRecord: closed})
+            log.warning("run %s never finished (killed?): audit_runs now says Crashed", row["run_id"])
 
     def _write(self, state: str, reason: str | None = None) -> None:
         row = dict(flow=self.flow, state=state, reason=reason, requested_stages=self.requested, stages=self.stages,

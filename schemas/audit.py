@@ -102,8 +102,8 @@ class RunRecord(TableRecord):
     )
 
     flow: str = Field(description="the flow that ran (radchain-pipeline)")
-    state: Literal["Running", "Completed", "Failed"] = Field(
-        description="Running until the run ends (a run killed mid-way stays Running)")
+    state: Literal["Running", "Completed", "Failed", "Crashed"] = Field(
+        description="Running until the run ends; Crashed when the next run finds it was killed mid-way")
     reason: str | None = Field(default=None, description="why the run failed: the failing check or error, one line")
     requested_stages: list[str] = Field(description="the stages the run was asked to run, in DAG order")
     stages: list[StageTotals] = Field(description="per stage that finished: batches, inputs, outputs, rejected, "

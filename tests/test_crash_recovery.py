@@ -229,6 +229,7 @@ def test_sigkill_in_every_stage_then_rerun_gives_the_uninterrupted_tables(setup)
     done_at = {s: timeline[s][-1][0] for s in STAGES}
 
     trials = []
+    crashed_found = 0
     for stage in STAGES:
         prev = STAGES[STAGES.index(stage) - 1] if stage != "ingest" else None
         # A kill time drawn uniformly over the stage's span in the reference run, replayed relative to
@@ -269,9 +270,18 @@ def test_sigkill_in_every_stage_then_rerun_gives_the_uninterrupted_tables(setup)
             # The DuckDB views work after the re-run (the file was rewritten, not left half-built).
             n = Warehouse(home / "warehouse").sql("select count(*) n from int_chains").to_pylist()[0]["n"]
             assert n == setup["ref_hashes"]["int_chains"][0]
+            # Run history: the re-run Completed; the killed run (if it got as far as its first audit row)
+            # no longer reads Running: the re-run found it and marked it Crashed, naming itself.
+            runs = Warehouse(home / "warehouse").sql(
+                "select run_id, state, reason from audit_runs order by started_at").to_pylist()
+            assert runs[-1]["state"] == "Completed" and len(runs) <= 2, runs
+            for killed in runs[:-1]:
+                assert killed["state"] == "Crashed" and runs[-1]["run_id"] in killed["reason"], runs
+            crashed_found += len(runs) - 1
             break
         else:
             pytest.fail(f"no kill landed inside stage {stage} in {MAX_DRAWS_PER_STAGE} draws: {trials}")
     counted = [t for t in trials if t["cut"] == t["stage"]]
     print("crash trials:", json.dumps(trials, indent=None))
     assert [t["stage"] for t in counted] == list(STAGES)
+    assert crashed_found >= len(STAGES) - 1  # every kill after ingest leaves a Running row to close

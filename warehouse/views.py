@@ -147,7 +147,7 @@ VIEWS: dict[str, str] = {
 DESCRIPTIONS: dict[str, str] = {
     "v_stage_counts": "Per run and stage: inputs, outputs, rejected, skipped, wall time, and whether they balance.",
     "v_rejection_reasons": "Rejections counted by stage and reason code, with one example entity.",
-    "v_runs": "One row per pipeline run: state (Running/Completed/Failed) and why it failed, when it ran, each "
+    "v_runs": "One row per pipeline run: state (Running/Completed/Failed/Crashed) and why it failed, when it ran, each "
               "stage's counts, LLM calls and spend, data checks passed/failed/warned (audit_runs, int_llm_calls, "
               "fct_check_results).",
     "v_study_labels": "Per study: a map observation -> label value, and the list of positive observations.",
