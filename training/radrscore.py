@@ -28,8 +28,10 @@ likewise one per finding, the status it ends on.
   shares two topic stems with one gold step, or states one of its findings compatibly; and none
   of the step's findings contradicts the gold's conclusion on that finding. When the final answer
   is known to be wrong (``wrong``, see :class:`WrongAnswer`), the steps that argue for it are
-  ineffective too, as the paper's judge, which reads the answer with the reasoning, counts them. With an embedding matcher (``EmbeddingStepMatcher``)
-  what wording leaves open is decided by MiniLM cosine. Embeddings are off by default so the
+  ineffective too, as the paper's judge, which reads the answer with the reasoning, counts them
+  (a finding of the wrong pick, a line naming it, and in prose any step without a finding).
+  With an embedding matcher (``EmbeddingStepMatcher``) what wording leaves open is decided by
+  MiniLM cosine. Embeddings are off by default so the
   reward path stays fast and deterministic.
 
 RadRScore of a sample = mean of its defined components; the overall score of a set is the
