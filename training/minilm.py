@@ -48,7 +48,8 @@ class WordEncoder:
     layout this encoder reproduces; callers fall back to ``model.encode`` otherwise.
     """
 
-    def __init__(self, model: Any, device: str = "cpu", precision: str = "auto", batch_size: int = 256) -> None:
+    def __init__(self, model: Any, device: str = "cpu", precision: str = "auto", batch_size: int = 1024,
+                 max_batch_tokens: int = 8192) -> None:
         import torch
 
         if precision not in PRECISIONS:
@@ -58,11 +59,15 @@ class WordEncoder:
         self.precision = precision
         self.device = device
         self.batch_size = batch_size
+        self.max_batch_tokens = max_batch_tokens
         self.tokenizer = model.tokenizer
         self.max_length = int(getattr(model, "max_seq_length", None) or 256)
-        transformer = model[0].auto_model
+        # A copy: its precision and attention kernel are this encoder's own, the model stays as loaded.
+        # Eager attention: over sequences of a few tokens without a mask it is faster than SDPA.
+        transformer = copy.deepcopy(model[0].auto_model)
+        transformer.set_attn_implementation("eager")
         if precision == "bfloat16":
-            transformer = copy.deepcopy(transformer).to(torch.bfloat16)
+            transformer = transformer.to(torch.bfloat16)
         self.transformer = transformer.to(device).eval()
         self.dim = int(model[1].get_config_dict()["embedding_dimension"])
 
@@ -91,9 +96,10 @@ class WordEncoder:
         for i, row in enumerate(ids):
             by_length.setdefault(len(row), []).append(i)
         with torch.inference_mode():
-            for _, rows in sorted(by_length.items()):
-                for start in range(0, len(rows), self.batch_size):
-                    part = rows[start:start + self.batch_size]
+            for length, rows in sorted(by_length.items()):
+                step = max(1, min(self.batch_size, self.max_batch_tokens // length))
+                for start in range(0, len(rows), step):
+                    part = rows[start:start + step]
                     batch = torch.tensor([ids[i] for i in part], dtype=torch.long, device=self.device)
                     # equal lengths: no padding, so every position is a token and no mask is needed
                     hidden = self.transformer(input_ids=batch).last_hidden_state.float().mean(dim=1)

@@ -634,7 +634,8 @@ class EmbeddingStepMatcher:
         self._precision = precision  # word pooling's forward passes (training/minilm.py)
         self._fast: Any | None = None  # training.minilm.WordEncoder, built with the model
         self._cache: dict[str, Any] = {}
-        self._words: dict[str, Any] = {}
+        self._words: dict[str, int] = {}  # word pooling's vocabulary: word -> its row of _vocab
+        self._vocab: Any | None = None  # (words x dimensions) unit vectors
         self._lexical = LexicalStepMatcher()
 
     def _encoder(self) -> Any:
@@ -671,22 +672,31 @@ class EmbeddingStepMatcher:
         text is the normalised mean of its content words' vectors; a text without content words
         falls back to its own embedding."""
         import numpy as np
+        from scipy.sparse import csr_matrix
 
-        bags = [sorted(content_words(t)) for t in texts]
+        bags = [content_words(t) for t in texts]
         new_words = [w for w in dict.fromkeys(w for bag in bags for w in bag) if w not in self._words]
         bare = [t for t, bag in zip(texts, bags) if not bag]
+        own: dict[str, Any] = {}
         if new_words or bare:
             # one batched forward pass for the new words and the texts without content words
-            vectors = self._encode(new_words + bare)
-            self._words.update(zip(new_words, vectors[:len(new_words)]))
+            vectors = np.asarray(self._encode(new_words + bare), dtype=np.float32)
+            if new_words:
+                base = len(self._words)
+                self._words.update((w, base + i) for i, w in enumerate(new_words))
+                self._vocab = vectors[:len(new_words)] if self._vocab is None else np.concatenate(
+                    (self._vocab, vectors[:len(new_words)]))
             own = dict(zip(bare, vectors[len(new_words):]))
         out: list[Any] = [None] * len(texts)
         pooled = [i for i, bag in enumerate(bags) if bag]
         if pooled:
-            # every text's mean in one pass: the bags' word vectors end to end, summed per bag
-            rows = np.stack([self._words[w] for i in pooled for w in bags[i]])
-            sizes = np.array([len(bags[i]) for i in pooled])
-            means = np.add.reduceat(rows, np.concatenate(([0], np.cumsum(sizes)[:-1])), axis=0) / sizes[:, None]
+            # every text's mean at once: a (texts x vocabulary) matrix of 1/len(bag) times the vocabulary
+            words = self._words
+            sizes = np.fromiter((len(bags[i]) for i in pooled), dtype=np.int64, count=len(pooled))
+            columns = np.fromiter((words[w] for i in pooled for w in bags[i]), dtype=np.int64, count=int(sizes.sum()))
+            weights = np.repeat(1.0 / sizes, sizes).astype(np.float32)
+            pointers = np.concatenate(([0], np.cumsum(sizes)))
+            means = csr_matrix((weights, columns, pointers), shape=(len(pooled), len(words))) @ self._vocab
             norms = np.linalg.norm(means, axis=1, keepdims=True)
             means /= np.where(norms > 0, norms, 1.0)
             for i, v in zip(pooled, means):
