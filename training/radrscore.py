@@ -948,8 +948,11 @@ def score_release_batch(items: Sequence[Any], *, semantic: bool = False, matcher
     from training.answers import parse_output
 
     parsed = [parse_output(release_output(it.pred)) for it in items]
-    prefetch([p.think for p in parsed] + ["\n".join(it.gold_steps) for it in items]
-             + [it.report for it in items])
+    wrongs = [release_wrong_answer(it, p.answer) for it, p in zip(items, parsed)]
+    # every text the batch reads, in one chunked pass: reasonings, gold steps, reports, and the
+    # option texts of wrong answers (their findings tell which steps argue for them)
+    prefetch([p.think for p in parsed] + ["\n".join(it.gold_steps) for it in items] + [it.report for it in items],
+             steps=[t for w in wrongs if w is not None for t in w.chosen + w.expected])
     names: NameMatcher = EXACT_NAMES
     if semantic:
         if matcher is None:
@@ -979,10 +982,10 @@ def score_release_batch(items: Sequence[Any], *, semantic: bool = False, matcher
                 texts += _other_names(report_reference(it.report))
         matcher.prefetch(texts)
     out = []
-    for it, p in zip(items, parsed):
+    for it, p, wrong in zip(items, parsed, wrongs):
         gold = _release_gold(tuple(it.gold_steps))
         out.append(score_reasoning(p.think, gold, None, step_matcher=matcher, report=report_reference(it.report),
-                                   names=names, tagless=p.tagless, wrong=release_wrong_answer(it, p.answer)))
+                                   names=names, tagless=p.tagless, wrong=wrong))
     return out
 
 
