@@ -886,11 +886,12 @@ def _anatomy(low: str, left: int, right: int, start: int, end: int,
     mention ("mediastinum" in "normal heart size and unremarkable mediastinum") do not count."""
     best: tuple[int, str] | None = None
     for m in _anatomy_regex().finditer(low, left, right):
-        if any(m.start() < q and m.end() > p for p, q in mentions) or (m.start() < end and m.end() > start):
+        a, b = m.span()
+        if (a < end and b > start) or any(a < q and b > p for p, q in mentions):
             continue
-        if m.start() >= end and not _PREPOSITION.search(low, end, m.start()):
+        if a >= end and not _PREPOSITION.search(low, end, a):
             continue  # after the mention only as a prepositional phrase: "opacity in the left lobe"
-        distance = start - m.end() if m.end() <= start else m.start() - end
+        distance = start - b if b <= start else a - end
         candidate = (distance, re.sub(r"\s+", " ", m.group()).strip())
         # Prefer a location ("left lower lobe") over a bare side ("left") at similar distance.
         if best is None or candidate[0] < best[0] or (" " in candidate[1] and " " not in best[1]
