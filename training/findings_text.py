@@ -304,7 +304,10 @@ def clear_caches() -> None:
     _is_plan.cache_clear()
     _knowledge_limits.cache_clear()
     _reasoning_steps_cached.cache_clear()
-    from training import radrscore  # the judge's caches built on these readings
+    from training import key_findings, radrscore  # the caches built on these readings
+
+    key_findings.qualifiers.cache_clear()
+    key_findings.finding_name.cache_clear()
 
     radrscore._reasoning_keys.cache_clear()
     radrscore._reasoning_words.cache_clear()

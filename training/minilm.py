@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import copy
 import functools
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
 PRECISIONS = ("auto", "float32", "bfloat16")
+# model -> {(device, precision): WordEncoder}: a model is prepared once however many matchers use it
+_PREPARED: "weakref.WeakKeyDictionary[Any, dict[tuple[str, str], WordEncoder]]" = weakref.WeakKeyDictionary()
 
 
 @functools.lru_cache(maxsize=1)
@@ -70,6 +73,15 @@ class WordEncoder:
             transformer = transformer.to(torch.bfloat16)
         self.transformer = transformer.to(device).eval()
         self.dim = int(model[1].get_config_dict()["embedding_dimension"])
+
+    @classmethod
+    def for_model(cls, model: Any, device: str = "cpu", precision: str = "auto") -> "WordEncoder":
+        """The encoder of ``model`` (built on first use, then shared while the model lives)."""
+        by_setting = _PREPARED.setdefault(model, {})
+        key = (str(device), precision)
+        if key not in by_setting:
+            by_setting[key] = cls(model, device, precision)
+        return by_setting[key]
 
     @staticmethod
     def supported(model: Any) -> bool:

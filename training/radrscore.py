@@ -648,7 +648,7 @@ class EmbeddingStepMatcher:
         if self._fast is None and self.pooling == "words":
             from training.minilm import WordEncoder
 
-            self._fast = (WordEncoder(self._model, self._device, self._precision)
+            self._fast = (WordEncoder.for_model(self._model, self._device, self._precision)
                           if WordEncoder.supported(self._model) else False)
         return self._model
 
