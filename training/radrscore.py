@@ -637,6 +637,7 @@ class EmbeddingStepMatcher:
         self._words: dict[str, int] = {}  # word pooling's vocabulary: word -> its row of _vocab
         self._vocab: Any | None = None  # (words x dimensions) unit vectors
         self._lexical = LexicalStepMatcher()
+        self._decided: dict[tuple, tuple[bool, ...]] = {}
 
     def _encoder(self) -> Any:
         """The MiniLM model (loaded on first use) and, for word pooling, its length-grouped encoder:
@@ -728,12 +729,33 @@ class EmbeddingStepMatcher:
                 decided[i] = x >= self.threshold
         return decided
 
+    # What wording decides, kept for the batch: score_release_batch asks it once to know what to
+    # embed, scoring asks it again. Keyed by the texts the lexical rules read (the gold chain's steps,
+    # the reasoning's words); dropped when it grows large (a long RL run).
+    _DECIDED_LIMIT = 1 << 15
+
+    def _decided_by_wording(self, key: tuple, decide: Any) -> list[bool]:
+        hit = self._decided.get(key)
+        if hit is None:
+            if len(self._decided) >= self._DECIDED_LIMIT:
+                self._decided.clear()
+            hit = self._decided[key] = tuple(decide())
+        return list(hit)
+
+    def lexically_supported(self, step_texts: Sequence[str], gold: GoldChain) -> list[bool]:
+        return self._decided_by_wording(("s", tuple(step_texts), gold.step_texts),
+                                        lambda: self._lexical.supported(step_texts, gold))
+
+    def lexically_covered(self, statements: Sequence[str], step_texts: Sequence[str], reasoning: str) -> list[bool]:
+        return self._decided_by_wording(("c", tuple(statements), reasoning or ""),
+                                        lambda: self._lexical.covered(statements, step_texts, reasoning))
+
     def supported(self, step_texts: Sequence[str], gold: GoldChain) -> list[bool]:
-        return self._by_meaning(self._lexical.supported(step_texts, gold), step_texts,
+        return self._by_meaning(self.lexically_supported(step_texts, gold), step_texts,
                                 [t for t in gold.step_texts if t.strip()])
 
     def covered(self, statements: Sequence[str], step_texts: Sequence[str], reasoning: str) -> list[bool]:
-        return self._by_meaning(self._lexical.covered(statements, step_texts, reasoning), statements,
+        return self._by_meaning(self.lexically_covered(statements, step_texts, reasoning), statements,
                                 [t for t in step_texts if t.strip()])
 
 
@@ -962,15 +984,18 @@ def score_release_batch(items: Sequence[Any], *, semantic: bool = False, matcher
         # One batched encode of everything wording leaves open: steps the gold's words do not
         # cover, and the model steps and gold statements of samples with any such statement;
         # and of the finding names outside the CheXpert labels, which names.same compares.
+        memo = isinstance(matcher, EmbeddingStepMatcher)  # which keeps these decisions for the scoring below
         lexical = LexicalStepMatcher()
+        supported = matcher.lexically_supported if memo else lexical.supported
+        covered = matcher.lexically_covered if memo else lexical.covered
         texts: list[str] = []
         for it, p in zip(items, parsed):
             gold = _release_gold(tuple(it.gold_steps))
             read = reasoning_steps(p.think)
             step_texts = [s.text for s in read]
-            open_steps = [t for t, ok in zip(step_texts, lexical.supported(step_texts, gold)) if not ok]
+            open_steps = [t for t, ok in zip(step_texts, supported(step_texts, gold)) if not ok]
             statements = [t for t, w in zip(gold.step_texts, gold.step_words) if w]
-            open_statements = [t for t, ok in zip(statements, lexical.covered(statements, step_texts, p.think or ""))
+            open_statements = [t for t, ok in zip(statements, covered(statements, step_texts, p.think or ""))
                                if not ok]
             if open_steps:
                 texts += open_steps + list(gold.step_texts)
