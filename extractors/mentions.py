@@ -457,12 +457,17 @@ def report_breaks(doc: Doc) -> Doc:
                 j += 1
             if j < n and (arr[j, 4] or upper[j]):  # the next word starts a new sentence
                 cut_after.append(i)
+    if not cut_after:
+        return doc
+    # Written as one array: Token.is_sent_start's setter scans the whole document per call.
+    starts = doc.to_array([SENT_START])
     for i in cut_after:
         j = i + 1
         while j < n and space_at[j]:
             j += 1
         if j < n:
-            doc[j].is_sent_start = True
+            starts[j] = 1
+    doc.from_array([SENT_START], starts)
     return doc
 
 
