@@ -619,7 +619,9 @@ class EmbeddingStepMatcher:
     ``pooling``: "sentence" embeds each text with MiniLM (the most faithful, and the costliest:
     one transformer pass per distinct step); "words" embeds each distinct content word once and
     pools a text's word vectors (cached vocabulary, so the cost per sample falls to nearly
-    nothing once the vocabulary is seen; for RL-speed semantic matching).
+    nothing once the vocabulary is seen; for RL-speed semantic matching). Word pooling runs its
+    forward passes through training/minilm.py (``precision``: "auto" is bfloat16 on CPUs that do it
+    natively, else float32).
     """
 
     def __init__(self, threshold: float | None = None, model: Any | None = None, device: str = "cpu",
@@ -952,10 +954,11 @@ def release_output(pred: str | None) -> str:
     return text[turns[-1].end():] if turns else text
 
 
-def semantic_judge(model: Any | None = None, pooling: str = "words",
-                   threshold: float | None = None) -> tuple["EmbeddingStepMatcher", NameMatcher]:
-    """The step matcher and the finding-name matcher of semantic mode, sharing one MiniLM and its cache."""
-    matcher = EmbeddingStepMatcher(model=model, pooling=pooling, threshold=threshold)
+def semantic_judge(model: Any | None = None, pooling: str = "words", threshold: float | None = None,
+                   precision: str = "auto") -> tuple["EmbeddingStepMatcher", NameMatcher]:
+    """The step matcher and the finding-name matcher of semantic mode, sharing one MiniLM and its cache
+    (``precision``: of the word encoder, training/minilm.py)."""
+    matcher = EmbeddingStepMatcher(model=model, pooling=pooling, threshold=threshold, precision=precision)
     return matcher, NameMatcher(embed=matcher._embed)
 
 
