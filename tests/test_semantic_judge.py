@@ -66,6 +66,22 @@ def test_word_encoder_is_prepared_once_per_model(minilm):
     assert a._words is not b._words
 
 
+def test_preparing_the_encoder_freezes_what_loading_left_out_of_later_collections(minilm):
+    import gc
+
+    from training.minilm import _PREPARED, WordEncoder
+
+    _PREPARED.pop(minilm, None)  # earlier tests prepared it already
+    gc.unfreeze()
+    assert gc.get_freeze_count() == 0
+    WordEncoder(minilm)  # a plain instance: no side effect on the collector
+    assert gc.get_freeze_count() == 0
+    WordEncoder.for_model(minilm, precision="float32")  # prepared for the judge: the heap is settled
+    frozen = gc.get_freeze_count()
+    assert frozen > 10_000  # torch, transformers and the model's objects at least
+    assert WordEncoder.for_model(minilm, precision="float32") is not None and gc.get_freeze_count() == frozen
+
+
 def test_word_pooling_is_the_mean_of_the_word_vectors(minilm):
     matcher, _ = semantic_judge(model=minilm, threshold=0.9)
     texts = ["The lungs are clear.", "No pleural effusion or pneumothorax.", "Hence B.", "It is."]

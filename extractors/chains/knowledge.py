@@ -96,6 +96,9 @@ class KnowledgeMap:
     progression_cues: Mapping[str, tuple[str, ...]]
     # One compiled regex per progression (all its cues), built at load time.
     cue_patterns: Mapping[str, re.Pattern[str]] = field(default_factory=dict, repr=False, compare=False)
+    # Every cue of every progression: most texts hold none, and one search says so (the judge asks
+    # this of every clause it reads).
+    any_cue: re.Pattern[str] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.cue_patterns and self.progression_cues:
@@ -105,6 +108,9 @@ class KnowledgeMap:
                 if cues
             }
             object.__setattr__(self, "cue_patterns", patterns)
+        if self.any_cue is None and self.cue_patterns:
+            every = "|".join(f"(?:{p.pattern})" for p in self.cue_patterns.values())
+            object.__setattr__(self, "any_cue", re.compile(every))
 
     def get(self, observation: str) -> ObservationKnowledge | None:
         name = canonical_observation(observation) or observation
@@ -147,6 +153,8 @@ class KnowledgeMap:
     def progressions_in(self, text: str) -> set[str]:
         """Progression classes (improving/stable/worsening) whose cue words occur in ``text``."""
         lowered = " ".join((text or "").casefold().split())
+        if self.any_cue is None or not self.any_cue.search(lowered):
+            return set()
         return {progression for progression, pattern in self.cue_patterns.items() if pattern.search(lowered)}
 
 
