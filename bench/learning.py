@@ -18,10 +18,10 @@ task, random answer, gold chain (oracle). Generation length is the config's grpo
 Does GRPO raise its reward? The per-step training reward is printed, but it is not the test: each step
 samples other prompts, and their difficulty swings the step mean by more than ten steps of learning move
 it (a first-half/second-half comparison passed or failed by chance). Instead the SFT and the GRPO
-checkpoints answer the same held-out RL prompts (the validate split of mart_rl_prompts, greedy), each
-answer is scored with GRPO's own reward (training.rewards.weighted_rewards: the config's functions and
-weights), and the paired rise over prompts must exceed twice its standard error. The same comparison on
-the benchmark samples and per task is printed beside it.
+checkpoints answer the same held-out prompts (greedy) of the tasks GRPO trained on: the validate split of
+mart_rl_prompts and the benchmark samples, pooled (neither is trained on). Each answer is scored with GRPO's
+own reward (training.rewards.weighted_rewards: the config's functions and weights), and the paired rise
+over prompts must exceed twice its standard error. Each set alone and every task are printed beside it.
 
 Floors (exit 1 below any): after SFT, format compliance >= 0.95 and binary accuracy on the encoded
 findings >= majority + 0.15; GRPO raises the held-out reward (paired t >= 2); the whole run within
@@ -385,6 +385,10 @@ def main(argv: list[str] | None = None) -> int:
         encoded_binary_after_grpo=by_phase["after_grpo"]["encoded_binary"]["model"][0],
         accuracy_after_sft=after_sft["accuracy"], accuracy_after_grpo=after_grpo["accuracy"],
         pipeline_s=pipeline_s, total_s=total_s, threads=args.threads,
+        # Per-prompt rewards of both checkpoints (sample ids beside them), to pool or re-test runs later.
+        heldout_rewards={"sample_id": [r["sample_id"] for r in val_rows + bench_rows],
+                         "task": [r["task"] for r in val_rows + bench_rows],
+                         "sft": val_sft + bench_sft, "grpo": val_grpo + bench_grpo},
         phases=[{k: v for k, v in p.items() if k not in ("outputs", "rewards")} for p in phases],
     )
 
