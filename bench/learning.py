@@ -241,6 +241,14 @@ def apply_overrides(cfg: Any, assignments: list[str]) -> None:
     for assignment in assignments:
         target, _, value = assignment.partition("=")
         section, _, key = target.partition(".")
+        if section == "rewards" and key:  # rewards.NAME=WEIGHT (0 removes it), a training.rewards function
+            import training.rewards as rewards
+
+            if not hasattr(rewards, f"{key}_reward"):
+                raise SystemExit(f"--set {assignment!r}: training.rewards has no {key}_reward")
+            weight = float(yaml.safe_load(value))
+            cfg.rewards = {k: v for k, v in {**cfg.rewards, key: weight}.items() if v}
+            continue
         if not key or not hasattr(cfg, section) or key not in type(getattr(cfg, section)).model_fields:
             raise SystemExit(f"--set {assignment!r}: expected SECTION.KEY=VALUE with a key of the config")
         settings = getattr(cfg, section)
