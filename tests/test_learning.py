@@ -39,11 +39,12 @@ def test_short_learning_run_lowers_the_loss_and_raises_format_compliance(tmp_pat
     assert len([line for line in done.stdout.splitlines() if line.startswith("sft  step")]) == 120 // 10
     assert len(f["grpo_rewards"]) == 1
     assert [line for line in done.stdout.splitlines() if line.startswith("grpo step")]
-    # GRPO's reward is scored on held-out RL prompts of its task (validate split, 4 per task in the short
-    # version) for the SFT and the GRPO checkpoint alike, and on the benchmark samples beside it.
+    # GRPO's reward is scored on the held-out prompts of its task for the SFT and the GRPO checkpoint
+    # alike: the validate RL prompts (4 per task in the short version) and the benchmark samples, pooled.
     assert f["grpo_trained_tasks"] == ["binary"]
     heldout = f["grpo_heldout_reward"]
-    assert heldout["n"] == f["grpo_heldout_reward_per_task"]["binary"]["n"] == 4
+    assert f["grpo_heldout_reward_validate"]["n"] == f["grpo_heldout_reward_per_task"]["binary"]["n"] == 4
+    assert heldout["n"] == 4 + 4  # + the 4 binary benchmark samples
     assert heldout["better"] + heldout["worse"] <= heldout["n"]
     # Every phase is scored beside the three baselines, on the same samples, by the same scorer.
     for phase in f["phases"]:

@@ -497,3 +497,33 @@ def test_arbitrary_small_inputs_never_crash_and_balance(studies, labels, images,
     for rows in result.samples.values():
         for row in rows:
             VqaSample(**row, run_id="r", batch_id="b", code_version="v")
+
+
+def test_ids_and_mart_order_do_not_depend_on_where_the_corpus_lies(corpus):
+    """The same corpus under two roots (two radchain homes) gives the same sample ids, dataset version and
+    mart row order. Ids used to hash absolute image paths, so two fresh builds of one demo corpus trained
+    on the same rows in another order (another SFT result from the same config and seed)."""
+    from training.datasets import build_marts
+
+    labels, studies, images = corpus
+    caps = TaskCaps(binary=20, single=6, multi=15, open=25, temporal=9)
+    built = {}
+    for root in ("/tmp/home-a/demo-corpus/", "/srv/other/place/demo-corpus/"):
+        moved = images.with_columns(path=pl.lit(root) + pl.col("path"))
+        built[root] = build_tasks(labels, studies, moved, config=TaskConfig(seed=7, caps=caps))
+    a, b = built.values()
+    assert _ids(a) == _ids(b) and len(_ids(a)) > 100
+
+    def strip(rows, root):
+        return [{**r, "image_paths": [p.removeprefix(root) for p in r["image_paths"]]} for r in rows]
+
+    for task in a.samples:
+        assert strip(a.samples[task], "/tmp/home-a/demo-corpus/") == strip(
+            b.samples[task], "/srv/other/place/demo-corpus/"), task
+    marts = [build_marts([s for rows in r.samples.values() for s in rows], {}, label_map(labels))
+             for r in (a, b)]
+    assert marts[0].dataset_version == marts[1].dataset_version
+    for name in ("sft", "rl", "benchmark"):
+        ids = [[row["sample_id"] for row in getattr(m, name)] for m in marts]
+        assert ids[0] == ids[1], name
+    assert marts[0].sft

@@ -134,6 +134,11 @@ class StudyRef:
     image_path: str
 
 
+def image_name(path: str) -> str:
+    """An image's name inside its study, independent of where the corpus lies (either separator)."""
+    return str(path).replace("\\", "/").rsplit("/", 1)[-1]
+
+
 def make_sample(
     task: str,
     study: StudyRef,
@@ -146,11 +151,17 @@ def make_sample(
     image_paths: Sequence[str] | None = None,
     prior_study_id: str | None = None,
 ) -> dict[str, Any]:
-    """One int_vqa_samples row (without lineage). The id hashes what makes the sample itself."""
+    """One int_vqa_samples row (without lineage). The id hashes what makes the sample itself.
+
+    Images enter the id by file name (the DICOM id in MIMIC's layout), not by path: the path holds
+    where the corpus lies (a radchain home, a mount point), and an id hashing it made the same corpus
+    built in two folders give other ids, another dataset version and, since marts are read in
+    sample-id order, another training order (different SFT results from the same config).
+    """
     question = format_question(stem, options)
     paths = list(image_paths) if image_paths is not None else [study.image_path]
     return dict(
-        sample_id=stable_id(task, study.study_id, prior_study_id, question, *paths),
+        sample_id=stable_id(task, study.study_id, prior_study_id, question, *(image_name(p) for p in paths)),
         task=task,
         study_id=study.study_id,
         prior_study_id=prior_study_id,
