@@ -79,7 +79,8 @@ def test_preparing_the_encoder_freezes_what_loading_left_out_of_later_collection
     WordEncoder.for_model(minilm, precision="float32")  # prepared for the judge: the heap is settled
     frozen = gc.get_freeze_count()
     assert frozen > 10_000  # torch, transformers and the model's objects at least
-    assert WordEncoder.for_model(minilm, precision="float32") is not None and gc.get_freeze_count() == frozen
+    # Prepared once: a second call freezes nothing more (frozen objects can still be freed, so <=).
+    assert WordEncoder.for_model(minilm, precision="float32") is not None and gc.get_freeze_count() <= frozen
 
 
 def test_word_pooling_is_the_mean_of_the_word_vectors(minilm):
