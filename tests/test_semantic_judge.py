@@ -79,8 +79,11 @@ def test_preparing_the_encoder_freezes_what_loading_left_out_of_later_collection
     WordEncoder.for_model(minilm, precision="float32")  # prepared for the judge: the heap is settled
     frozen = gc.get_freeze_count()
     assert frozen > 10_000  # torch, transformers and the model's objects at least
-    # Prepared once: a second call freezes nothing more (frozen objects can still be freed, so <=).
+    # Prepared once: a second call freezes nothing more, not even 20,000 new live objects (frozen
+    # objects can still be freed by reference counting, so the count may only fall).
+    alive = [{"i": i} for i in range(20_000)]
     assert WordEncoder.for_model(minilm, precision="float32") is not None and gc.get_freeze_count() <= frozen
+    assert len(alive) == 20_000
 
 
 def test_word_pooling_is_the_mean_of_the_word_vectors(minilm):
