@@ -62,6 +62,7 @@ from spacy.tokenizer import Tokenizer
 from spacy.tokens import Doc
 
 from extractors.resources import KNOWLEDGE_MAP, LEXICONS
+from extractors.trie import any_of as _any_of
 from extractors.trie import trie_pattern as _trie_pattern
 from schemas.labels import OBSERVATIONS
 
@@ -582,7 +583,7 @@ NORMAL_PARAPHRASES: tuple[tuple[str, re.Pattern[str], tuple[str, ...], Status], 
 )
 
 # Matches in a span exactly when some paraphrase does (an alternation of them all, same flags).
-_ANY_PARAPHRASE = re.compile("|".join(f"(?:{regex.pattern})" for _, regex, _, _ in NORMAL_PARAPHRASES))
+_ANY_PARAPHRASE = _any_of(regex for _, regex, _, _ in NORMAL_PARAPHRASES)
 
 # =====================================================================================
 # Anatomy

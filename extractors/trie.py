@@ -1,4 +1,5 @@
-"""One regular expression for many literal words, shaped as a trie (no spaCy, no other import).
+"""One regular expression for many literal words, shaped as a trie (no spaCy, no other import);
+and one for several patterns, the prefilter that lets most texts skip them all.
 
 An alternation of hundreds of literals makes ``re`` try every branch at every position; the
 trie shape fails after one character almost everywhere. The reader's lexicon and the ingest
@@ -32,3 +33,17 @@ def trie_pattern(words: Iterable[str]) -> str:
         return f"(?:{body})?" if "" in node else body  # greedy: the longer phrase first
 
     return emit(root)
+
+
+def any_of(patterns: Iterable[re.Pattern[str]]) -> re.Pattern[str]:
+    """One pattern that matches in a text exactly where one of ``patterns`` does.
+
+    Most texts match none of a family of patterns (normal paraphrases, progression cues, leak
+    phrases): one search of the alternation says so, where each pattern would scan the text anew.
+    The patterns must share their flags, which the alternation keeps.
+    """
+    patterns = list(patterns)
+    flags = {p.flags for p in patterns}
+    if len(flags) != 1:
+        raise ValueError(f"any_of needs patterns with one set of flags, got {sorted(flags)}")
+    return re.compile("|".join(f"(?:{p.pattern})" for p in patterns), flags.pop())

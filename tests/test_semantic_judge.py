@@ -172,3 +172,22 @@ def test_paraphrase_prefilter_matches_exactly_when_some_paraphrase_does():
     # the normal statements are still expanded through the prefilter
     found = {(m.observation, m.status) for m in find_mentions("The lungs are clear.", expand_normals=True)}
     assert ("Consolidation", "absent") in found
+
+
+def test_any_of_matches_where_one_of_its_patterns_does_and_keeps_their_flags():
+    import re
+
+    from extractors.chains.knowledge import load_knowledge_map
+    from extractors.trie import any_of
+
+    loud = [re.compile(r"\bwet read\b", re.IGNORECASE), re.compile(r"\bpaged\b", re.IGNORECASE)]
+    either = any_of(loud)
+    assert either.search("Findings were PAGED to Dr. X") and either.search("WET READ by") and not either.search("read")
+    with pytest.raises(ValueError, match="one set of flags"):
+        any_of([re.compile("a"), re.compile("b", re.IGNORECASE)])
+    # The knowledge map's progression prefilter: no cue -> no progression, a cue -> its class.
+    km = load_knowledge_map()
+    assert km.progressions_in("Heart size is normal.") == set()
+    for progression, cues in km.progression_cues.items():
+        for cue in cues:
+            assert progression in km.progressions_in(f"The effusion is {cue} since the prior."), (progression, cue)

@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from extractors.resources import KNOWLEDGE_MAP, LEXICONS
+from extractors.trie import any_of
 from schemas.labels import OBSERVATIONS
 
 PROGRESSIONS = ("improving", "stable", "worsening")
@@ -109,8 +110,7 @@ class KnowledgeMap:
             }
             object.__setattr__(self, "cue_patterns", patterns)
         if self.any_cue is None and self.cue_patterns:
-            every = "|".join(f"(?:{p.pattern})" for p in self.cue_patterns.values())
-            object.__setattr__(self, "any_cue", re.compile(every))
+            object.__setattr__(self, "any_cue", any_of(self.cue_patterns.values()))
 
     def get(self, observation: str) -> ObservationKnowledge | None:
         name = canonical_observation(observation) or observation

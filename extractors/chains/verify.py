@@ -46,6 +46,7 @@ from typing import Any, Literal
 
 from extractors.chains.knowledge import PROGRESSIONS, canonical_observation, load_knowledge_map, observation_phrases
 from extractors.chains.types import LabelEvidence, MiningInput, VerificationFailure, gold_answer, string_list
+from extractors.trie import any_of
 from schemas.chains import Evidence, ReasoningChain, ReasoningStep
 from schemas.vqa import TASKS
 
@@ -121,8 +122,7 @@ _LEAK_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
 )
 # The same patterns joined per flag set, so a clean step costs two searches, not eleven.
 _ANY_LEAK = tuple(
-    re.compile("|".join(f"(?:{p.pattern})" for _, p in _LEAK_PATTERNS if p.flags & re.IGNORECASE == flag), flag)
-    for flag in (re.IGNORECASE, 0)
+    any_of(p for _, p in _LEAK_PATTERNS if p.flags & re.IGNORECASE == flag) for flag in (re.IGNORECASE, 0)
 )
 _ANSWER_WORDS = re.compile(r"\b(?:the|final|correct)\s+answer\b|\banswer\s+is\b", re.IGNORECASE)
 # Option letters are capitals: "(B)", "B)", or "answer is B" / "option B".
