@@ -178,10 +178,11 @@ class RunAudit:
         if not wh.partitions(RunRecord.__table__):
             return
         stale = wh.read(RunRecord).filter((pl.col("state") == "Running") & (pl.col("run_id") != self.ctx.run_id))
-        for row in stale.iter_rows(named=True):
-            closed = stale.filter(pl.col("run_id") == row["run_id"]).with_columns(
-                state=pl.lit("Crashed"),
-                reason=pl.lit(f"ended without finishing (its process was killed); found by run {self.ctx.run_id}"))
+        stale = stale.with_columns(
+            state=pl.lit("Crashed"),
+            reason=pl.lit(f"ended without finishing (its process was killed); found by run {self.ctx.run_id}"))
+        for closed in stale.partition_by("run_id"):  # one partition per run, rewritten as it was but closed
+            row = closed.row(0, named=True)
             lineage = Lineage(run_id=row["run_id"], batch_id=row["batch_id"], code_version=row["code_version"])
             wh.write_batch("runs", row["run_id"], lineage, {RunRecord: closed})
             log.warning("run %s never finished (killed?): audit_runs now says Crashed", row["run_id"])
