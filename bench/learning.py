@@ -377,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     # benchmark samples together (neither is trained on; both are scored by the same reward). Twice the
     # prompts halve the variance of the paired mean: one split alone (~90 binary prompts) left the
     # verdict to chance at the size of rise GRPO makes here (bench/README.md).
-    rise = rise_on(val_rows + bench_rows, val_sft + bench_sft, val_grpo + bench_grpo, set(trained_tasks))
+    heldout_rows, heldout_sft, heldout_grpo = val_rows + bench_rows, val_sft + bench_sft, val_grpo + bench_grpo
+    rise = rise_on(heldout_rows, heldout_sft, heldout_grpo, set(trained_tasks))
     figures = dict(
         config=cfg.name, short=args.short, studies=args.studies, parameters_m=loaded.num_parameters / 1e6,
         sft_steps=sft_metrics["steps"], sft_loss_first=sft_losses[0] if sft_losses else None,
@@ -394,9 +395,8 @@ def main(argv: list[str] | None = None) -> int:
         accuracy_after_sft=after_sft["accuracy"], accuracy_after_grpo=after_grpo["accuracy"],
         pipeline_s=pipeline_s, total_s=total_s, threads=args.threads,
         # Per-prompt rewards of both checkpoints (sample ids beside them), to pool or re-test runs later.
-        heldout_rewards={"sample_id": [r["sample_id"] for r in val_rows + bench_rows],
-                         "task": [r["task"] for r in val_rows + bench_rows],
-                         "sft": val_sft + bench_sft, "grpo": val_grpo + bench_grpo},
+        heldout_rewards={"sample_id": [r["sample_id"] for r in heldout_rows], "task": [r["task"] for r in heldout_rows],
+                         "sft": heldout_sft, "grpo": heldout_grpo},
         phases=[{k: v for k, v in p.items() if k not in ("outputs", "rewards")} for p in phases],
     )
 
