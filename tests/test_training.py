@@ -435,6 +435,25 @@ def test_generate_returns_one_string_per_row(grpo_run, sft_rows, image_path):
     assert generate(result.checkpoint, rows[:1], max_new_tokens=6) == batched[:1]
 
 
+def test_sampling_with_a_seed_draws_the_same_answers_batch_by_batch(grpo_run, image_path):
+    # bench/learning.py compares two checkpoints on answers sampled with the same seeds (common random
+    # numbers): a seed must repeat its draws, and each batch is reseeded (seed + batch index) so a batch
+    # that ends early for one model does not shift the draws of the next.
+    result, _ = grpo_run
+    loaded = load_trained(result.checkpoint)
+    rows = [grpo_row(0, image_path), grpo_row(1, image_path)] * 3
+
+    def sample(batch_rows, seed):
+        return generate(loaded, batch_rows, max_new_tokens=8, batch_size=2, do_sample=True, temperature=1.0,
+                        seed=seed)
+
+    drawn = sample(rows, seed=5)
+    assert sample(rows, seed=5) == drawn
+    assert sample(rows, seed=6) != drawn
+    assert sample(rows[2:4], seed=6) == drawn[2:4]  # batch 1 of seed 5 is batch 0 of seed 6
+    assert generate(loaded, rows, max_new_tokens=8, batch_size=2) != drawn  # greedy is not a draw
+
+
 def test_gpu_benchmark_runs_in_cpu_size_mode(tmp_path):
     report = tmp_path / "bench.json"
     completed = subprocess.run(

@@ -43,10 +43,16 @@ def generate(
     do_sample: bool = False,
     temperature: float = 1.0,
     device: str | torch.device | None = None,
+    seed: int | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> list[str]:
     """One decoded completion per row (special tokens removed), in row order. ``progress(n)`` is
-    called after each batch with the rows it answered (the evaluation job's progress artifact)."""
+    called after each batch with the rows it answered (the evaluation job's progress artifact).
+
+    ``seed`` (sampling only) reseeds torch before each batch with ``seed + batch index``: two models
+    sampled with the same seed on the same rows draw the same random numbers at every decoding step
+    (common random numbers), so where their next-token distributions are close they pick the same
+    token, and the difference of their rewards measures the models, not the dice."""
     if isinstance(checkpoint_or_model, LoadedModel):
         loaded = checkpoint_or_model
     else:
@@ -59,6 +65,8 @@ def generate(
     outputs: list[str] = []
     try:
         for start in range(0, len(rows), batch_size):
+            if do_sample and seed is not None:
+                torch.manual_seed(seed + start // batch_size)
             batch = rows[start : start + batch_size]
             conversations = [prepare_multimodal_messages(prompt_messages(r), images=_row_images(r)) for r in batch]
             inputs = processor.apply_chat_template(
@@ -70,7 +78,10 @@ def generate(
                 # Left padding keeps every prompt's last token next to its first generated token.
                 processor_kwargs={"padding": True, "padding_side": "left"},
             ).to(model.device)
-            sampling = {"do_sample": True, "temperature": temperature} if do_sample else {"do_sample": False}
+            # Sampling draws from the whole distribution, as GRPO's rollouts do (TRL's top_k 0, top_p 1),
+            # not from transformers' default top 50.
+            sampling = ({"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if do_sample
+                        else {"do_sample": False})
             with torch.inference_mode():
                 generated = model.generate(
                     **inputs,
