@@ -46,6 +46,12 @@ def test_short_learning_run_lowers_the_loss_and_raises_format_compliance(tmp_pat
     assert f["grpo_heldout_reward_validate"]["n"] == f["grpo_heldout_reward_per_task"]["binary"]["n"] == 4
     assert heldout["n"] == 4 + 4  # + the 4 binary benchmark samples
     assert heldout["better"] + heldout["worse"] <= heldout["n"]
+    # The floor reads answers sampled at GRPO's temperature (the mean over the seeds per prompt); the
+    # greedy answers' rise is reported beside it on the same prompts.
+    assert f["grpo_heldout_reward_greedy"]["n"] == heldout["n"]
+    per_prompt = f["heldout_rewards"]
+    assert len(per_prompt["sft_sampled"]) == len(per_prompt["grpo_sampled"]) == len(per_prompt["sample_id"]) >= 8
+    assert f["grpo_sampling"]["temperature"] == f["grpo_settings"]["temperature"]
     # Every phase is scored beside the three baselines, on the same samples, by the same scorer.
     for phase in f["phases"]:
         series = phase["scored"]
