@@ -52,7 +52,8 @@ def generate(
     ``seed`` (sampling only) reseeds torch before each batch with ``seed + batch index``: two models
     sampled with the same seed on the same rows draw the same random numbers at every decoding step
     (common random numbers), so where their next-token distributions are close they pick the same
-    token, and the difference of their rewards measures the models, not the dice."""
+    token, and the difference of their rewards measures the models, not the dice. It reseeds torch's
+    global generator (transformers' sampling takes no generator of its own)."""
     if isinstance(checkpoint_or_model, LoadedModel):
         loaded = checkpoint_or_model
     else:
