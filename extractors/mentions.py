@@ -441,8 +441,9 @@ def report_breaks(doc: Doc) -> Doc:
     colon, question, paren = (np.uint64(doc.vocab.strings[c]) for c in (":", "?", ")"))
     # Only whitespace tokens, colons, question marks and closing parentheses can mark a break: the
     # loop visits those (a few per cent of the tokens), not every token.
-    marks = np.flatnonzero(space.astype(bool) | (orth == colon) | (orth == question) | (orth == paren)).tolist()
-    space_at = space.astype(bool).tolist()
+    is_space = space.astype(bool)
+    marks = np.flatnonzero(is_space | (orth == colon) | (orth == question) | (orth == paren)).tolist()
+    space_at = is_space.tolist()
     cut_after: list[int] = []
     for i in marks:
         mark = orth[i]
