@@ -36,11 +36,11 @@ DEFAULT_RELEASE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 
 def _cold() -> None:
     """Empty every cache the judge fills while scoring (readings, words, parses, embeddings live in the
-    matcher, which the caller makes anew)."""
+    matcher, which the caller makes anew). clear_caches also empties the judge's caches built on the
+    readings (radrscore._reasoning_keys and _reasoning_words)."""
     from training.answers import parse_finding_set, parse_output
     from training.findings_text import clear_caches
-    from training.radrscore import (_answer_keys, _reasoning_words, _release_gold, content_words, report_reference,
-                                    topic_stems)
+    from training.radrscore import _answer_keys, _release_gold, content_words, report_reference, topic_stems
 
     clear_caches()
     content_words.cache_clear()
@@ -50,7 +50,6 @@ def _cold() -> None:
     parse_output.cache_clear()
     _release_gold.cache_clear()
     report_reference.cache_clear()
-    _reasoning_words.cache_clear()
 
 
 def agreement_misses(report) -> list[str]:
