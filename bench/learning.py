@@ -271,21 +271,6 @@ def apply_overrides(cfg: Any, assignments: list[str]) -> None:
         setattr(cfg, section, type(settings).model_validate({**settings.model_dump(), key: yaml.safe_load(value)}))
 
 
-def paired_rise(before: list[float], after: list[float]) -> dict[str, float]:
-    """Mean of after - before over the same prompts, its standard error and t = mean / se."""
-    import statistics
-
-    diffs = [a - b for a, b in zip(after, before, strict=True)]
-    if not diffs:
-        return {"before": 0.0, "after": 0.0, "rise": 0.0, "se": float("inf"), "t": 0.0, "n": 0, "better": 0,
-                "worse": 0}
-    mean = statistics.fmean(diffs)
-    se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("inf")
-    return {"before": statistics.fmean(before), "after": statistics.fmean(after), "rise": mean, "se": se,
-            "t": mean / se if se > 0 else (float("inf") if mean > 0 else 0.0), "n": len(diffs),
-            "better": sum(d > 1e-9 for d in diffs), "worse": sum(d < -1e-9 for d in diffs)}
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t0 = time.perf_counter()
@@ -303,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     from training.config import load_config
     from training.grpo import run_grpo
     from training.model_factory import load_model, load_trained
+    from training.selection import choose_checkpoint, paired_rise
     from training.sft import conversation_texts, run_sft
     from warehouse import Warehouse
     import training.rewards as rewards
@@ -371,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     val_grpo, _ = reward_on(val_rows, policy, budget, funcs, weights)
     sampled_grpo, _ = reward_on(heldout_rows, policy, budget, funcs, weights, temperature, SAMPLE_SEEDS)
     total_s = time.perf_counter() - t0
+    # What `radchain train` evaluates: the checkpoint with the higher greedy reward on the validate prompts
+    # (training/selection.py, the same rule and prompts when --eval-per-task is unset).
+    choice = choose_checkpoint(str(sft_checkpoint), grpo.checkpoint, val_sft, val_grpo)
 
     sft_losses = [e["loss"] for e in sft_metrics["curve"] if "loss" in e]
     grpo_rewards = [e["reward"] for e in grpo.metrics["curve"] if "reward" in e]
@@ -424,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         encoded_binary_after_sft=enc_model, encoded_binary_majority=enc_majority, encoded_binary_n=n_enc,
         encoded_binary_after_grpo=by_phase["after_grpo"]["encoded_binary"]["model"][0],
         accuracy_after_sft=after_sft["accuracy"], accuracy_after_grpo=after_grpo["accuracy"],
+        selection=choice.to_dict(), accuracy_selected=(after_sft if choice.chosen == "sft" else after_grpo)["accuracy"],
         pipeline_s=pipeline_s, total_s=total_s, threads=args.threads,
         # Per-prompt rewards of both checkpoints (sample ids beside them), to pool or re-test runs later.
         heldout_rewards={"sample_id": [r["sample_id"] for r in heldout_rows], "task": [r["task"] for r in heldout_rows],
@@ -479,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  greedy answers          : {rise_text(rise_greedy)}")
     print(f"  sampled at T {temperature} ({len(SAMPLE_SEEDS)} answers per prompt, the floor): {rise_text(rise)}",
           flush=True)
+    print(f"selection (what `radchain train` hands evaluation): {choice.describe()}; benchmark accuracy "
+          f"{figures['accuracy_selected']:.3f} (SFT {after_sft['accuracy']:.3f}, GRPO {after_grpo['accuracy']:.3f})")
     print(f"\nRESULT config={cfg.name} params_m={figures['parameters_m']:.2f} sft_steps={figures['sft_steps']} "
           f"sft_loss={r3(figures['sft_loss_first'])}->{r3(figures['sft_loss_last'])} "
           f"format={r3(figures['format_before'])}->{r3(figures['format_after_sft'])}->"

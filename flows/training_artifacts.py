@@ -8,7 +8,8 @@ Artifact keys (one per kind, so Artifacts → key keeps every run's version):
 ``sft-progress``   optimizer steps done (progress artifact, while SFT trains in this process)
 ``sft-curves``     loss, token accuracy and learning rate per logged step (PNG)
 ``sft-metrics``    final loss, steps, throughput, examples, checkpoint, status
-``grpo-*``         the same for GRPO: reward (and each reward function), loss and KL, length
+``grpo-*``         the same for GRPO: reward (and each reward function), loss and KL, length, and
+                   which checkpoint evaluation gets (GRPO's or its SFT start's, on the validate split)
 ``train-summary``  on the parent ``train`` run: each job's state, checkpoint, headline figure
                    and links to its flow run and artifacts
 ===============  ==========================================================================
@@ -102,9 +103,18 @@ def metric_rows(row: Mapping[str, Any]) -> list[dict[str, Any]]:
             ("training_run_id", "status", "config_name", "dataset_version", "n_examples", "n_skipped",
              "init_checkpoint", "checkpoint", "wall_s")]
     rows += [dict(metric=k, value=_cell(metrics[k])) for k in METRIC_KEYS if metrics.get(k) is not None]
+    if metrics.get("selection"):
+        rows.append(dict(metric="selection", value=selection_phrase(metrics["selection"])))
     if row.get("error"):
         rows.append(dict(metric="error", value=str(row["error"]).splitlines()[0][:300]))
     return rows
+
+
+def selection_phrase(selection: Mapping[str, Any]) -> str:
+    """GRPO's checkpoint against its SFT start on the validate split, in words (training/selection.py)."""
+    from training.selection import CheckpointChoice
+
+    return CheckpointChoice(**selection).describe()
 
 
 def _cell(v: Any) -> str:
@@ -151,6 +161,8 @@ def headline_figure(row: Mapping[str, Any]) -> str:
         parts.append(f"train loss {metrics['train_loss']:.4g}")
     if metrics.get("mean_reward") is not None:
         parts.append(f"mean reward {metrics['mean_reward']:.4g}")
+    if metrics.get("selection"):
+        parts.append(selection_phrase(metrics["selection"]))
     return ", ".join(parts)
 
 

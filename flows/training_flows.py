@@ -257,10 +257,40 @@ def grpo_flow(dataset_version: str | None = None, config: str = "tiny-cpu", init
         return run_grpo(cfg, rows, funcs, weights, out_dir=out, init_checkpoint=init_checkpoint,
                         callbacks=[TrainingProgress("grpo")])
 
+    def trained_then_compared(cfg, rows, out):
+        result = job(cfg, rows, out)
+        if result.status == "completed":
+            result.metrics["selection"] = _select_checkpoint(wh, version, cfg, init_checkpoint, result.checkpoint)
+        return result
+
     row = _run_job("grpo", training_run_id or f"grpo-{uuid.uuid4().hex[:12]}", config, version, rows, skipped,
-                   init_checkpoint, job)
+                   init_checkpoint, trained_then_compared)
     get_run_logger().info("GRPO %s: %s, checkpoint %s", row["training_run_id"], row["status"], row["checkpoint"])
     return {**row, **_this_run()}
+
+
+def _select_checkpoint(wh: Warehouse, version: str, cfg, start: str | None, trained: str) -> dict[str, Any]:
+    """The checkpoint evaluation should get, GRPO's or its SFT start's (training/selection.py), as the
+    ``selection`` entry of the GRPO run's metrics_json; train_flow reads it back from fct_training_runs."""
+    from training.selection import compare_on_validate, keep_trained
+
+    log = get_run_logger()
+    if not cfg.selection.enabled:
+        choice = keep_trained("selection is off in the config", trained)
+    elif start is None:
+        choice = keep_trained("GRPO started from the base model, not an SFT checkpoint", trained)
+    else:
+        rows, _ = mart_rows(wh, "mart_rl_prompts", version, splits=("validate",), columns=RL_COLUMNS,
+                            per_task=cfg.selection.max_per_task)
+        log.info("comparing GRPO with its SFT start: greedy answers to %d validate prompts each", len(rows))
+        funcs, weights = reward_functions(cfg)
+        try:
+            choice = compare_on_validate(start, trained, rows, funcs, weights, cfg.grpo.max_completion_length)
+        except Exception as e:  # noqa: BLE001 - the trained checkpoint stands; the reason says why
+            log.warning("could not compare GRPO with its SFT start: %s: %s", type(e).__name__, e)
+            choice = keep_trained(f"the comparison failed: {type(e).__name__}: {e}"[:300], trained)
+    log.info("%s", choice.describe())
+    return choice.to_dict()
 
 
 @flow(name="radchain-evaluate", log_prints=False, persist_result=False)
@@ -339,7 +369,9 @@ def _registry_row(training_run_id: str) -> dict[str, Any]:
 def train_flow(dataset_version: str | None = None, config: str = "tiny-cpu", use_deployments: bool = False,
                max_examples: int | None = None, max_eval_per_task: int | None = None,
                max_new_tokens: int | None = None) -> dict[str, Any]:
-    """SFT → GRPO from the SFT checkpoint → evaluate, as separate jobs."""
+    """SFT → GRPO from the SFT checkpoint → evaluate, as separate jobs. Evaluation gets the checkpoint
+    GRPO's job chose on the validate split: its own, or its SFT start where that answers better
+    (config ``selection``, training/selection.py)."""
     version = dataset_version or checked_dataset_version(_warehouse())
     sft_id, grpo_id = f"sft-{uuid.uuid4().hex[:12]}", f"grpo-{uuid.uuid4().hex[:12]}"
 
@@ -365,7 +397,10 @@ def train_flow(dataset_version: str | None = None, config: str = "tiny-cpu", use
         run = _run_job_deployment("radchain-grpo/grpo", grpo_params) if use_deployments else grpo_flow(**grpo_params)
         grpo = _registry_row(grpo_id)
         record("grpo", run, grpo)
-        eval_params = dict(checkpoint=grpo["checkpoint"], dataset_version=version, max_per_task=max_eval_per_task,
+        # GRPO's job compared its checkpoint with its SFT start on the validate split (training/selection.py)
+        selection = json.loads(grpo["metrics_json"] or "{}").get("selection") or {}
+        chosen = selection.get("checkpoint") or grpo["checkpoint"]
+        eval_params = dict(checkpoint=chosen, dataset_version=version, max_per_task=max_eval_per_task,
                            max_new_tokens=max_new_tokens, config=config)
         if use_deployments:
             run, evaluation = _run_job_deployment("radchain-evaluate/evaluate", eval_params), None
@@ -373,12 +408,12 @@ def train_flow(dataset_version: str | None = None, config: str = "tiny-cpu", use
             run = evaluation = evaluate_flow(**eval_params)
         # its headline is read from its eval-results artifact (the same whether it ran here or on a worker)
         jobs.append(dict(kind="evaluate", flow_run_id=run.get("flow_run_id"), flow_run_name=run.get("flow_run_name"),
-                         status="completed", checkpoint=grpo["checkpoint"]))
+                         status="completed", checkpoint=chosen))
     finally:
         if jobs:
             try:
                 publish_train_summary(version, jobs)
             except Exception as e:  # noqa: BLE001 - the summary never hides the jobs' own outcome
                 get_run_logger().warning("could not publish the train summary: %s: %s", type(e).__name__, e)
-    return dict(dataset_version=version, sft=sft, grpo=grpo, evaluation=evaluation,
-                runs={j["kind"]: j["flow_run_id"] for j in jobs}, **_this_run())
+    return dict(dataset_version=version, sft=sft, grpo=grpo, evaluated_checkpoint=chosen, selection=selection,
+                evaluation=evaluation, runs={j["kind"]: j["flow_run_id"] for j in jobs}, **_this_run())

@@ -152,6 +152,19 @@ def test_train_dag_sft_grpo_evaluate_records_runs_and_results(built):
                     "GROUP BY ALL HAVING bool_and(c.passed OR c.severity = 'warn')").to_pylist()
     assert [p["dataset_version"] for p in passed] == [out["dataset_version"]] == [grpo["dataset_version"]]
     assert json.loads(grpo["metrics_json"])["reward_names"] == ["outcome_reward", "format_reward", "process_reward"]
+    # GRPO's job compared its checkpoint with its SFT start on the validate split (tiny-cpu: up to 4
+    # prompts per task) and evaluation got the one with the higher greedy reward, as SQL reads it.
+    version = out["dataset_version"]
+    (expected_n,) = wh.sql(f"SELECT sum(least(n, 4))::INT AS n FROM (SELECT task, count(*) AS n FROM mart_rl_prompts "
+                           f"WHERE split = 'validate' AND dataset_version = '{version}' GROUP BY task)").to_pylist()
+    (chosen,) = wh.sql("SELECT metrics_json->>'$.selection.chosen' AS chosen, "
+                       "(metrics_json->>'$.selection.n')::INT AS n FROM fct_training_runs "
+                       "WHERE kind = 'grpo'").to_pylist()
+    assert chosen["n"] == expected_n["n"] > 0
+    selection = out["selection"]
+    assert chosen["chosen"] == selection["chosen"] == (
+        "sft" if selection["reward_grpo"] < selection["reward_sft"] else "grpo")
+    assert out["evaluated_checkpoint"] == {"sft": sft["checkpoint"], "grpo": grpo["checkpoint"]}[selection["chosen"]]
     evaluation = out["evaluation"]
     assert evaluation["max_new_tokens"] == 12  # tiny-cpu's grpo.max_completion_length, not a constant
     results = wh.read("fct_eval_results").filter(pl.col("eval_id") == evaluation["eval_id"])
@@ -160,6 +173,7 @@ def test_train_dag_sft_grpo_evaluate_records_runs_and_results(built):
     assert set(wh.read("fct_predictions").filter(pl.col("eval_id") == evaluation["eval_id"])["run_id"]) == {eval_run}
     assert set(results["task"]) == {"binary", "single", "multi", "open", "temporal", "all"}
     assert results["baseline"].is_null().all() and results["format_compliance"].is_not_null().all()
+    assert set(results["checkpoint"]) == {out["evaluated_checkpoint"]}
     assert Path(evaluation["chart"]).stat().st_size > 1000
     # The baselines sit beside the model in the same table, scored on the same samples.
     baselines = wh.read("fct_eval_results").filter(pl.col("baseline_of") == evaluation["eval_id"])
@@ -211,6 +225,9 @@ def _assert_training_artifacts(out):
         assert f"/runs/flow-run/{run_id})" in summary
     eval_line = next(line for line in summary.splitlines() if line.startswith("| evaluate |"))
     assert f"over {model_all['n']}, {model_all['n_unparseable']} unparseable |" in eval_line
+    assert eval_line.endswith(f"`{out['evaluated_checkpoint']}` |")
+    grpo_line = next(line for line in summary.splitlines() if line.startswith("| grpo |"))
+    assert f"evaluating the {out['selection']['chosen'].upper()} checkpoint: greedy reward on " in grpo_line
     for key in ("sft-curves", "sft-metrics", "grpo-curves", "eval-results"):
         art = next(a for a in arts if a.key == key)
         assert f"[{key}](" in summary and f"/artifacts/artifact/{art.id})" in summary
@@ -246,6 +263,25 @@ def test_sft_and_grpo_jobs_launched_with_accelerate_are_recorded(built, tmp_path
     assert gm["model_source"] == f"checkpoint:{sft['checkpoint']}"
     runs = wh.read("fct_training_runs").filter(pl.col("config_name") == "tiny-cpu-launched")
     assert sorted(runs["kind"].to_list()) == ["grpo", "sft"] and set(runs["status"]) == {"completed"}
+    # The launched checkpoint is compared with its SFT start here, after the launch, like one trained in process.
+    assert gm["selection"]["n"] > 0 and gm["selection"]["checkpoint"] in (grpo["checkpoint"], sft["checkpoint"])
+
+
+def test_selection_turned_off_hands_evaluation_the_grpo_checkpoint(built, tmp_path):
+    import yaml
+
+    from flows.training_flows import grpo_flow
+
+    data = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/tiny-cpu.yaml").read_text())
+    data["selection"] = {"enabled": False}
+    config = tmp_path / "tiny-no-selection.yaml"
+    config.write_text(yaml.safe_dump(data, sort_keys=False))
+    sft = built["wh"].read("fct_training_runs").filter(pl.col("kind") == "sft")
+    start = sft["checkpoint"][0] if not sft.is_empty() else None
+    grpo = grpo_flow(config=str(config), init_checkpoint=start, max_prompts=2)
+    selection = json.loads(grpo["metrics_json"])["selection"]
+    assert selection == {"chosen": "grpo", "checkpoint": grpo["checkpoint"], "reason": "selection is off in the config",
+                         "n": 0, "reward_sft": None, "reward_grpo": None, "rise": None, "se": None, "t": None}
 
 
 def test_evaluate_command_prints_the_model_beside_its_baselines_and_what_the_bars_are(built):

@@ -567,3 +567,50 @@ def test_grpo_raises_a_reward_the_policy_can_move(cfg, image_path, tmp_path):
     rewards = [e["reward"] for e in result.metrics["curve"] if "reward" in e]
     assert len(rewards) == 10
     assert sum(rewards[-3:]) / 3 > 2 * sum(rewards[:3]) / 3, rewards
+
+
+# --- which checkpoint evaluation gets ----------------------------------------------------------------
+
+
+def test_checkpoint_choice_keeps_the_higher_validate_reward_and_grpo_on_a_tie():
+    from training.selection import choose_checkpoint
+
+    # Three prompts; GRPO loses one point on the second: mean 2 -> 5/3, diffs (0, -1, 0).
+    choice = choose_checkpoint("sft/final", "grpo/final", [1.0, 2.0, 3.0], [1.0, 1.0, 3.0])
+    assert (choice.chosen, choice.checkpoint, choice.n) == ("sft", "sft/final", 3)
+    assert choice.reward_sft == pytest.approx(2.0) and choice.reward_grpo == pytest.approx(5 / 3)
+    assert choice.rise == pytest.approx(-1 / 3)
+    assert choice.se == pytest.approx((1 / 3) ** 0.5 / 3 ** 0.5)  # stdev of (0, -1, 0) over sqrt(3)
+    assert choice.t == pytest.approx(-1.0)
+    assert "SFT 2.000, GRPO 1.667" in choice.describe()
+    won = choose_checkpoint("sft/final", "grpo/final", [0.0, 1.0], [1.0, 1.0])
+    assert (won.chosen, won.checkpoint, won.rise) == ("grpo", "grpo/final", 0.5)
+    tie = choose_checkpoint("sft/final", "grpo/final", [1.0, 0.0], [0.0, 1.0])
+    assert (tie.chosen, tie.checkpoint, tie.rise) == ("grpo", "grpo/final", 0.0)
+    empty = choose_checkpoint("sft/final", "grpo/final", [], [])
+    assert (empty.chosen, empty.checkpoint, empty.n, empty.reward_sft) == ("grpo", "grpo/final", 0, None)
+    assert "no validate prompts" in empty.describe()
+
+
+def test_checkpoints_are_compared_on_their_own_greedy_answers(grpo_run, sft_result, image_path):
+    from training.selection import compare_on_validate
+
+    result, _ = grpo_run
+    rows = [grpo_row(i, image_path) for i in range(4)]
+
+    def chars(completions, **kwargs):  # a reward that tells the two checkpoints' answers apart
+        return [float(len(c)) for c in completions]
+
+    choice = compare_on_validate(sft_result.checkpoint, result.checkpoint, rows, [chars], [2.0], max_new_tokens=6)
+    lengths = {ckpt: [len(t) for t in generate(ckpt, rows, max_new_tokens=6)]
+               for ckpt in (sft_result.checkpoint, result.checkpoint)}
+    assert choice.n == 4
+    assert choice.reward_sft == pytest.approx(2.0 * sum(lengths[sft_result.checkpoint]) / 4)
+    assert choice.reward_grpo == pytest.approx(2.0 * sum(lengths[result.checkpoint]) / 4)
+    wins = "grpo" if choice.reward_grpo >= choice.reward_sft else "sft"
+    assert choice.chosen == wins
+    assert choice.checkpoint == {"grpo": result.checkpoint, "sft": sft_result.checkpoint}[wins]
+    # A checkpoint against itself: greedy answers repeat, the rise is 0 and the tie keeps the trained one.
+    itself = compare_on_validate(result.checkpoint, result.checkpoint, rows, [chars], [1.0], max_new_tokens=6)
+    assert (itself.rise, itself.chosen) == (0.0, "grpo")
+    assert compare_on_validate(sft_result.checkpoint, result.checkpoint, [], [chars], [1.0], 6).chosen == "grpo"

@@ -213,6 +213,15 @@ class GRPOSettings(ScheduleSettings):
         return self
 
 
+class SelectionSettings(_Strict):
+    """After GRPO, which checkpoint evaluation gets (training/selection.py): both the GRPO checkpoint and
+    the SFT checkpoint it started from answer the validate split of mart_rl_prompts greedily, GRPO's
+    reward scores them, and the higher mean is evaluated. Off: evaluation always gets GRPO's."""
+
+    enabled: bool = True
+    max_per_task: int | None = None  # validate prompts per task (None: all); two greedy passes over them
+
+
 class LaunchSettings(_Strict):
     """How the sft/grpo jobs run. ``in_process``: inside the flow's own process (one device; tests, the
     demo). ``accelerate``: the job starts ``accelerate launch -m training.sft|grpo`` with one process per
@@ -235,6 +244,7 @@ class TrainingConfig(_Strict):
     grpo: GRPOSettings = Field(default_factory=GRPOSettings)
     # Reward name -> weight; the caller resolves a name to training.rewards.<name>_reward. GRPO sums them.
     rewards: dict[str, float] = Field(default_factory=dict)
+    selection: SelectionSettings = Field(default_factory=SelectionSettings)
     launch: LaunchSettings = Field(default_factory=LaunchSettings)
 
 

@@ -170,12 +170,10 @@ def register(app: typer.Typer) -> None:
         if train:
             from flows.training_flows import train_flow
 
-            from flows.commands.train_cmds import print_evaluation
+            from flows.commands.train_cmds import print_trained
 
-            out = train_flow(config=config, max_examples=max_examples or None, max_eval_per_task=max_eval_per_task)
-            console.print(f"trained on {out['dataset_version']}: SFT {out['sft']['status']}, GRPO "
-                          f"{out['grpo']['status']}")
-            print_evaluation(out["evaluation"])
+            print_trained(train_flow(config=config, max_examples=max_examples or None,
+                                     max_eval_per_task=max_eval_per_task))
 
 
 def ensure_demo_corpus(out: Path, studies: int, seed: int) -> Path:

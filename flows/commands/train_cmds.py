@@ -31,10 +31,7 @@ def register(app: typer.Typer) -> None:
 
         out = train_flow(dataset_version=dataset_version, config=config, use_deployments=use_deployments,
                          max_examples=max_examples, max_eval_per_task=max_eval_per_task, max_new_tokens=max_new_tokens)
-        console.print(f"dataset {out['dataset_version']}: SFT {out['sft']['status']} → GRPO {out['grpo']['status']} "
-                      f"→ checkpoint {out['grpo']['checkpoint']}")
-        if out.get("evaluation"):
-            print_evaluation(out["evaluation"])
+        print_trained(out)
 
     @app.command()
     @clear_errors
@@ -77,6 +74,19 @@ def register(app: typer.Typer) -> None:
         version = dataset_version or latest_dataset_version(wh)
         counts = export_dataset(wh, version, format, out)
         console.print(f"exported {version} as {format} to {escape(str(out / version / format))}: {counts}")
+
+
+def print_trained(out: dict) -> None:
+    """What the train DAG did: each job's state, which checkpoint was evaluated and why, the evaluation."""
+    from flows.training_artifacts import selection_phrase
+
+    console.print(f"dataset {out['dataset_version']}: SFT {out['sft']['status']} → GRPO {out['grpo']['status']} "
+                  f"→ checkpoint {escape(str(out['grpo']['checkpoint']))}", soft_wrap=True, highlight=False)
+    if out.get("selection"):
+        console.print(f"{selection_phrase(out['selection'])} → {escape(str(out['evaluated_checkpoint']))}",
+                      soft_wrap=True, highlight=False)
+    if out.get("evaluation"):
+        print_evaluation(out["evaluation"])
 
 
 def print_evaluation(out: dict) -> None:
