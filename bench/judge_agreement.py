@@ -35,21 +35,11 @@ DEFAULT_RELEASE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 
 
 def _cold() -> None:
-    """Empty every cache the judge fills while scoring (readings, words, parses, embeddings live in the
-    matcher, which the caller makes anew). clear_caches also empties the judge's caches built on the
-    readings (radrscore._reasoning_keys and _reasoning_words)."""
-    from training.answers import parse_finding_set, parse_output
-    from training.findings_text import clear_caches
-    from training.radrscore import _answer_keys, _release_gold, content_words, report_reference, topic_stems
+    """Empty every cache the judge fills while scoring (training.radrscore.clear_caches); the semantic
+    judge's embeddings live in the matcher, which the caller makes anew."""
+    from training.radrscore import clear_caches
 
     clear_caches()
-    content_words.cache_clear()
-    parse_finding_set.cache_clear()
-    topic_stems.cache_clear()
-    _answer_keys.cache_clear()
-    parse_output.cache_clear()
-    _release_gold.cache_clear()
-    report_reference.cache_clear()
 
 
 def agreement_misses(report) -> list[str]:

@@ -156,14 +156,12 @@ CPU_TIMES: dict[int, float] = {}  # id(fn) -> median CPU seconds of the last tim
 def timed(fn, repeats: int, cold: bool) -> float:
     """Median wall seconds of ``repeats`` runs; the median CPU seconds go to CPU_TIMES (on a shared
     machine the wall figure includes waiting for the core, the CPU figure does not)."""
-    from training.findings_text import clear_caches
-    from training.answers import parse_output
+    from training.radrscore import clear_caches
 
     times, cpu = [], []
     for _ in range(repeats):
         if cold:
             clear_caches()
-            parse_output.cache_clear()
         t0, c0 = time.perf_counter(), time.process_time()
         fn()
         times.append(time.perf_counter() - t0)

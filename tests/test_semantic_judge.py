@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from extractors.mentions import _ANY_PARAPHRASE, NORMAL_PARAPHRASES, find_mentions
-from training import findings_text
+from training import findings_text, radrscore
 from training.judge_agreement import read_release
 from training.radrscore import content_words, score_release_batch, semantic_judge
 
@@ -111,17 +111,17 @@ def test_semantic_scores_batched_equal_one_by_one(minilm):
     matcher, must get exactly the same scores."""
     items = [it for it in read_release(RELEASE) if it.verdict is not None and it.pred.strip()][::40]
     assert len(items) >= 20
-    findings_text.clear_caches()
+    radrscore.clear_caches()
     batch_matcher, _ = semantic_judge(model=minilm)
     batched = score_release_batch(items, semantic=True, matcher=batch_matcher)
     single = []
     for it in items:
-        findings_text.clear_caches()
+        radrscore.clear_caches()
         matcher, _ = semantic_judge(model=minilm)
         single += score_release_batch([it], semantic=True, matcher=matcher)
     assert batched == single
     # and the lexical mode, the same way
-    findings_text.clear_caches()
+    radrscore.clear_caches()
     assert score_release_batch(items) == [score_release_batch([it])[0] for it in items]
     # some sample was actually decided by meaning (words were embedded), or the test proves nothing
     assert len(batch_matcher._words) > 100

@@ -297,17 +297,15 @@ def structured_findings(findings: Sequence[Mapping[str, Any] | Any] | None) -> f
 
 
 def clear_caches() -> None:
-    """Drop cached readings (benchmarks measuring cold throughput; tests that swap the finder)."""
+    """Drop cached readings of steps and sentences (tests that read the same text twice). The judge's
+    caches built on these readings are emptied by training.radrscore.clear_caches, which calls this."""
     _STEP_CACHE.clear()
     _KEY_CACHE.clear()
     _opening.cache_clear()
     _is_plan.cache_clear()
     _knowledge_limits.cache_clear()
     _reasoning_steps_cached.cache_clear()
-    from training import key_findings, radrscore  # the caches built on these readings
+    from training import key_findings
 
     key_findings.qualifiers.cache_clear()
     key_findings.finding_name.cache_clear()
-
-    radrscore._reasoning_keys.cache_clear()
-    radrscore._reasoning_words.cache_clear()

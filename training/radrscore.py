@@ -1077,3 +1077,19 @@ def release_wrong_answer(item: Any, answer: str | None) -> WrongAnswer | None:
 @lru_cache(maxsize=1 << 12)
 def _release_gold(steps: tuple[str, ...]) -> GoldChain:
     return GoldChain.from_steps(list(steps))
+
+
+def clear_caches() -> None:
+    """Empty every cache the rules judge fills while scoring: the step readings (findings_text), the
+    parses of outputs and answers (training.answers), and the judge's own words, stems, gold parses,
+    option letters and report references. Benchmarks call it to time cold scoring; tests that swap the
+    finder, or compare batched with one-by-one scoring, call it between runs. (The semantic judge's
+    embeddings live in its matcher, which a cold run makes anew.)"""
+    from training.answers import parse_finding_set, parse_output
+    from training.findings_text import clear_caches as clear_readings
+
+    clear_readings()
+    for cached in (gold_chain_from_json, labels_from_json, content_words, _reasoning_words, topic_stems,
+                   _named_letters, _answer_keys, report_reference, _reasoning_keys, _release_gold, parse_output,
+                   parse_finding_set):
+        cached.cache_clear()
