@@ -280,9 +280,10 @@ def _select_checkpoint(wh: Warehouse, version: str, cfg, start: str | None, trai
     elif start is None:
         choice = keep_trained("GRPO started from the base model, not an SFT checkpoint", trained)
     else:
-        rows, _ = mart_rows(wh, "mart_rl_prompts", version, splits=("validate",), columns=RL_COLUMNS,
-                            per_task=cfg.selection.max_per_task)
-        log.info("comparing GRPO with its SFT start: greedy answers to %d validate prompts each", len(rows))
+        rows, skipped = mart_rows(wh, "mart_rl_prompts", version, splits=("validate",), columns=RL_COLUMNS,
+                                  per_task=cfg.selection.max_per_task)
+        log.info("comparing GRPO with its SFT start: greedy answers to %d validate prompts each (%d skipped: "
+                 "an image missing)", len(rows), skipped)
         funcs, weights = reward_functions(cfg)
         try:
             choice = compare_on_validate(start, trained, rows, funcs, weights, cfg.grpo.max_completion_length)

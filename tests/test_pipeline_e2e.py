@@ -267,6 +267,26 @@ def test_sft_and_grpo_jobs_launched_with_accelerate_are_recorded(built, tmp_path
     assert gm["selection"]["n"] > 0 and gm["selection"]["checkpoint"] in (grpo["checkpoint"], sft["checkpoint"])
 
 
+def test_a_failed_comparison_keeps_the_grpo_checkpoint_and_says_why(built, monkeypatch):
+    import training.selection
+    from flows.training_flows import grpo_flow
+
+    def out_of_memory(*args, **kwargs):  # what a GPU worker's generate() can raise mid-comparison
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(training.selection, "compare_on_validate", out_of_memory)
+    sft = built["wh"].read("fct_training_runs").filter(pl.col("kind") == "sft")
+    if sft.is_empty():  # run alone (-k): the comparison needs an SFT start
+        from flows.training_flows import sft_flow
+
+        sft = pl.DataFrame([sft_flow(max_examples=4)])
+    grpo = grpo_flow(init_checkpoint=sft["checkpoint"][0], max_prompts=2)
+    assert grpo["status"] == "completed"  # the trained checkpoint stands
+    selection = json.loads(grpo["metrics_json"])["selection"]
+    assert (selection["chosen"], selection["checkpoint"]) == ("grpo", grpo["checkpoint"])
+    assert selection["reason"] == "the comparison failed: RuntimeError: CUDA out of memory"
+
+
 def test_selection_turned_off_hands_evaluation_the_grpo_checkpoint(built, tmp_path):
     import yaml
 
