@@ -62,3 +62,11 @@ def test_short_learning_run_lowers_the_loss_and_raises_format_compliance(tmp_pat
         assert oracle["accuracy"] == 1.0 and oracle["format_compliance"] == 1.0
         assert all(r["n_unparseable"] == r["n"] for r in series["majority"])
     assert f["grpo_benchmark_reward"]["n"] == n["model"]
+    # The checkpoint `radchain train` would evaluate: the higher greedy reward on every validate prompt.
+    choice, validate = f["selection"], f["grpo_heldout_reward_all_tasks"]
+    per_task = f["grpo_heldout_reward_per_task"]  # up to 4 validate prompts of each task
+    assert set(per_task) == {"binary", "single", "multi", "open", "temporal"}
+    assert choice["n"] == validate["n"] == sum(r["n"] for r in per_task.values()) > 4
+    assert (choice["reward_sft"], choice["reward_grpo"]) == (validate["before"], validate["after"])
+    assert choice["chosen"] == ("sft" if choice["reward_grpo"] < choice["reward_sft"] else "grpo")
+    assert f["accuracy_selected"] == f[f"accuracy_after_{choice['chosen']}"]
