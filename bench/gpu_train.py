@@ -4,7 +4,8 @@ Builds Qwen2-VL models with random weights in the shapes of the public 2B and 7B
 in configs/qwen2vl-2b.yaml and configs/qwen2vl-7b-release.yaml), then runs the real training code
 (training.sft.run_sft, training.grpo.run_grpo) for a few steps on synthetic conversations of the
 release's lengths: 2048-token prompts (one 448x448 image = 256 tokens, plus text) and 2048-token
-answers. Prints, per size: SFT tokens/s, GRPO step time and peak GPU memory.
+answers. Prints, per size: SFT tokens/s, GRPO step time, model FLOPs utilisation (MFU: the step's model
+FLOPs per second, training/flops.py, over the device's peak dense bf16 FLOPs) and peak GPU memory.
 
     python bench/gpu_train.py                       # on a GPU: 2B and 7B, bf16
     python bench/gpu_train.py --sizes 2b --sft-steps 5
@@ -40,6 +41,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from training.config import ImageSettings, TrainingConfig, load_config  # noqa: E402
+from training.flops import grpo_step_flops, mfu, model_shape, peak_tflops, sft_step_flops  # noqa: E402
 from training.grpo import run_grpo  # noqa: E402
 from training.model_factory import LoadedModel, build_model_from_architecture, load_model  # noqa: E402
 from training.processor import RadchainVLProcessor, build_image_processor  # noqa: E402
@@ -156,7 +158,10 @@ def bench_size(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
     cpu = args.cpu_size
     device = None if cpu else "cuda"
     cfg = bench_config(name, cpu, args)
-    result: dict[str, Any] = {"size": name, "device": "cpu" if cpu else torch.cuda.get_device_name(0),
+    device_name = "cpu" if cpu else torch.cuda.get_device_name(0)
+    # MFU's denominator: --peak-tflops, else the device's datasheet figure (none for a CPU or an unknown card)
+    peak = args.peak_tflops or (None if cpu else peak_tflops(device_name))
+    result: dict[str, Any] = {"size": name, "device": device_name, "peak_tflops": peak,
                               "dtype": cfg.model.dtype, "prompt_tokens": args.prompt_tokens,
                               "completion_tokens": args.completion_tokens, "image_px": args.image_px}
 
@@ -174,6 +179,8 @@ def bench_size(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
     loaded = build_loaded(cfg, device)
     result["build_s"] = time.perf_counter() - started
     result["parameters_m"] = loaded.num_parameters / 1e6
+    shape = model_shape(loaded.model)
+    patches = loaded.processor.image_token_count(args.image_px, args.image_px) * shape.vision.merge
     rows_needed = max(args.sft_steps * args.batch, 1)
     sft_rows, grpo_rows = synthetic_rows(
         loaded.processor, rows_needed, args.prompt_tokens, args.completion_tokens, args.image_px
@@ -192,6 +199,10 @@ def bench_size(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
         sft_tokens_per_s=tokens_per_step / step_s if step_s else None,
         sft_peak_gpu_gb=gpu_peak_gb(),
     )
+    # Every row holds one image; its sequence length is what the trainer counted, image tokens included.
+    sequence_tokens = round(tokens_per_step / args.batch) if steps else 0
+    result["sft_step_tflop"] = sft_step_flops(shape, args.batch, sequence_tokens, 1, patches) / 1e12
+    result["sft_mfu"] = mfu(result["sft_step_tflop"] * 1e12, step_s, peak)
     del loaded, sft_rows
     reset_gpu_peak()
 
@@ -206,6 +217,10 @@ def bench_size(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
         grpo_peak_gpu_gb=gpu_peak_gb(),
         peak_host_rss_gb=peak_host_rss_gb(),
     )
+    result["grpo_step_tflop"] = grpo_step_flops(
+        shape, cfg.grpo.num_generations, args.prompt_tokens, args.completion_tokens, 1, patches,
+        reference=cfg.grpo.beta > 0) / 1e12
+    result["grpo_mfu"] = mfu(result["grpo_step_tflop"] * 1e12, result["grpo_step_s"], peak)
     del grpo_loaded
     reset_gpu_peak()
     if not args.keep:
@@ -219,8 +234,9 @@ def format_result(result: dict[str, Any]) -> str:
             return "n/a"
         return f"{value:.3f}" if isinstance(value, float) else str(value)
 
-    keys = ("size", "parameters_m", "sft_tokens_per_s", "sft_step_s", "sft_peak_gpu_gb", "sft_estimate_gb",
-            "grpo_step_s", "grpo_peak_gpu_gb", "grpo_estimate_gb", "peak_host_rss_gb", "sft_loss")
+    keys = ("size", "parameters_m", "sft_tokens_per_s", "sft_step_s", "sft_mfu", "sft_peak_gpu_gb",
+            "sft_estimate_gb", "grpo_step_s", "grpo_mfu", "grpo_peak_gpu_gb", "grpo_estimate_gb", "peak_tflops",
+            "peak_host_rss_gb", "sft_loss")
     return "RESULT " + " ".join(f"{k}={fmt(result.get(k))}" for k in keys)
 
 
@@ -236,6 +252,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--completion-tokens", type=int, default=None, help="default 2048 (8 with --cpu-size)")
     parser.add_argument("--image-px", type=int, default=None, help="default 448 (56 with --cpu-size)")
     parser.add_argument("--json", type=Path, default=None, help="write all results to this file")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's peak dense bf16 TFLOPS for MFU (default: the datasheet figure of a "
+                             "known GPU, training/flops.py; none on a CPU)")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints written in the workdir")
     parser.add_argument("--estimate", action="store_true", help="print the per-GPU memory estimate of each "

@@ -471,6 +471,68 @@ def test_gpu_benchmark_runs_in_cpu_size_mode(tmp_path):
     (result,) = json.loads(report.read_text())
     assert result["sft_steps"] == 2 and result["grpo_steps"] == 1 and result["grpo_generations"] == 2
     assert result["sft_tokens_per_step"] >= 64  # the prompt alone is ~64 tokens
+    assert figures["sft_mfu"] == figures["grpo_mfu"] == "n/a"  # a CPU has no datasheet peak
+    assert result["sft_step_tflop"] > 0 and result["grpo_step_tflop"] > 0
+
+
+def test_gpu_benchmark_reports_mfu_against_a_given_peak(tmp_path):
+    report = tmp_path / "bench.json"
+    completed = subprocess.run(
+        [sys.executable, str(REPO / "bench/gpu_train.py"), "--cpu-size", "--sft-steps", "2", "--json", str(report),
+         "--workdir", str(tmp_path / "work"), "--peak-tflops", "0.5"],
+        capture_output=True, text=True, timeout=300,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    (result,) = json.loads(report.read_text())
+    assert result["peak_tflops"] == 0.5
+    for job in ("sft", "grpo"):
+        achieved = result[f"{job}_step_tflop"] / result[f"{job}_step_s"]  # TFLOP/s
+        assert result[f"{job}_mfu"] == pytest.approx(achieved / 0.5) and 0 < result[f"{job}_mfu"] < 1
+
+
+def test_model_flops_follow_palms_count():
+    from training.flops import Stack, VisionTower, ModelShape, grpo_step_flops, mfu, peak_tflops, sft_step_flops
+
+    text = Stack(matmul_params=1000, layers=2, width=8)
+    # PaLM, appendix B: 6N + 12·L·H·Q·T per token of a T-token sequence, training.
+    assert text.training(tokens=10, context=10) == 10 * (6 * 1000 + 12 * 2 * 8 * 10) == 79_200
+    assert text.forward(tokens=10, context=10) == 79_200 / 3
+    vision = VisionTower(Stack(matmul_params=100, layers=1, width=4), merger_params=40)
+    # 16 patches: 2·100 + 4·1·4·16 per patch, and the merger's 2·40 per merged token (16 / 4 of them)
+    assert vision.forward(16) == 16 * (200 + 256) + 4 * 80
+    shape = ModelShape(text, vision)
+    assert sft_step_flops(shape, sequences=2, sequence_tokens=10, images_per_sequence=1, patches_per_image=16) == (
+        2 * 79_200 + 3 * 2 * vision.forward(16))
+    # GRPO, 4 rollouts of 6 new tokens after a 10-token prompt, no reference model:
+    prefill = 4 * 10 * (2000 + 4 * 2 * 8 * 10)
+    decode = 4 * 6 * (2000 + 4 * 2 * 8 * (10 + 3))  # each new token attends over 13 tokens on average
+    policy = 4 * 16 * (6000 + 12 * 2 * 8 * 16)
+    images = 4 * vision.forward(16)
+    expected = prefill + decode + images + policy + 3 * images
+    assert grpo_step_flops(shape, 4, 10, 6, 1, 16, reference=False) == expected
+    reference = 4 * 16 * (2000 + 4 * 2 * 8 * 16) + images
+    assert grpo_step_flops(shape, 4, 10, 6, 1, 16, reference=True) == expected + reference
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.4 and peak_tflops("NVIDIA H100 PCIe") == 756.5
+    assert peak_tflops("NVIDIA H200") == 989.4 and peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert peak_tflops("Tesla T4") is None
+    assert mfu(494.7e12, 1.0, 989.4) == pytest.approx(0.5) and mfu(1e12, None, 989.4) is None
+
+
+def test_model_shape_counts_every_parameter_but_the_embedding_lookup(cfg):
+    from training.flops import model_shape
+
+    model = build_model_from_architecture(cfg.model.architecture, train_bpe_tokenizer(["lungs clear"] * 4,
+                                                                                      vocab_size=300))
+    shape = model_shape(model)
+    embedding = model.model.language_model.embed_tokens.weight.numel()
+    norm = model.model.language_model.norm.weight.numel()
+    counted = shape.text.matmul_params + shape.vision.per_patch.matmul_params + shape.vision.merger_params
+    # the final norm scales, it does not multiply by a matrix; the embedding is a lookup
+    assert counted + embedding + norm == sum(p.numel() for p in model.parameters())
+    assert (shape.text.layers, shape.text.width) == (cfg.model.architecture.text.num_hidden_layers,
+                                                    cfg.model.architecture.text.hidden_size)
+    assert shape.vision.merge == 4 and shape.vision.per_patch.layers == cfg.model.architecture.vision.depth
 
 
 def test_launch_command_runs_the_job_module_under_accelerate_with_the_workers_world_size(tmp_path):
