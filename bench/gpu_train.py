@@ -223,6 +223,9 @@ def bench_size(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
     result["grpo_mfu"] = mfu(result["grpo_step_tflop"] * 1e12, result["grpo_step_s"], peak)
     del grpo_loaded
     reset_gpu_peak()
+    for job in ("sft", "grpo"):  # the plan checked against what the card held (it leaves out the CUDA context)
+        peak_gb, planned_gb = result.get(f"{job}_peak_gpu_gb"), result.get(f"{job}_estimate_gb")
+        result[f"{job}_peak_over_estimate"] = peak_gb / planned_gb if peak_gb and planned_gb else None
     if not args.keep:
         shutil.rmtree(work / name, ignore_errors=True)  # a 7B checkpoint is 16 GB
     return result
@@ -235,7 +238,8 @@ def format_result(result: dict[str, Any]) -> str:
         return f"{value:.3f}" if isinstance(value, float) else str(value)
 
     keys = ("size", "parameters_m", "sft_tokens_per_s", "sft_step_s", "sft_mfu", "sft_peak_gpu_gb",
-            "sft_estimate_gb", "grpo_step_s", "grpo_mfu", "grpo_peak_gpu_gb", "grpo_estimate_gb", "peak_tflops",
+            "sft_estimate_gb", "sft_peak_over_estimate", "grpo_step_s", "grpo_mfu", "grpo_peak_gpu_gb",
+            "grpo_estimate_gb", "grpo_peak_over_estimate", "peak_tflops",
             "peak_host_rss_gb", "sft_loss")
     return "RESULT " + " ".join(f"{k}={fmt(result.get(k))}" for k in keys)
 
