@@ -201,8 +201,8 @@ def bench_size(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
     )
     # Every row holds one image; its sequence length is what the trainer counted, image tokens included.
     sequence_tokens = round(tokens_per_step / args.batch) if steps else 0
-    result["sft_step_tflop"] = sft_step_flops(shape, args.batch, sequence_tokens, 1, patches) / 1e12
-    result["sft_mfu"] = mfu(result["sft_step_tflop"] * 1e12, step_s, peak)
+    flops = sft_step_flops(shape, args.batch, sequence_tokens, 1, patches)
+    result.update(sft_step_tflop=flops / 1e12, sft_mfu=mfu(flops, step_s, peak))
     del loaded, sft_rows
     reset_gpu_peak()
 
@@ -217,10 +217,9 @@ def bench_size(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
         grpo_peak_gpu_gb=gpu_peak_gb(),
         peak_host_rss_gb=peak_host_rss_gb(),
     )
-    result["grpo_step_tflop"] = grpo_step_flops(
-        shape, cfg.grpo.num_generations, args.prompt_tokens, args.completion_tokens, 1, patches,
-        reference=cfg.grpo.beta > 0) / 1e12
-    result["grpo_mfu"] = mfu(result["grpo_step_tflop"] * 1e12, result["grpo_step_s"], peak)
+    flops = grpo_step_flops(shape, cfg.grpo.num_generations, args.prompt_tokens, args.completion_tokens, 1,
+                            patches, reference=cfg.grpo.beta > 0)
+    result.update(grpo_step_tflop=flops / 1e12, grpo_mfu=mfu(flops, result["grpo_step_s"], peak))
     del grpo_loaded
     reset_gpu_peak()
     for job in ("sft", "grpo"):  # the plan checked against what the card held (it leaves out the CUDA context)

@@ -233,21 +233,26 @@ def _assert_training_artifacts(out):
         assert f"[{key}](" in summary and f"/artifacts/artifact/{art.id})" in summary
 
 
+def _tiny_config_with(path: Path, **sections) -> str:
+    """configs/tiny-cpu.yaml with some top-level sections replaced, written to ``path`` (the key order,
+    and so the reward order, stays the config's)."""
+    import yaml
+
+    data = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/tiny-cpu.yaml").read_text())
+    path.write_text(yaml.safe_dump({**data, **sections}, sort_keys=False))
+    return str(path)
+
+
 def test_sft_and_grpo_jobs_launched_with_accelerate_are_recorded(built, tmp_path):
     """The GPU path on a CPU: the jobs run `accelerate launch -m training.sft|grpo` (one process, --cpu)
     on a JSONL export of their rows, and the flow records what the launched job wrote."""
-    import yaml
-
     from flows.training_flows import grpo_flow, sft_flow
 
     wh = built["wh"]
-    data = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/tiny-cpu.yaml").read_text())
-    data["name"] = "tiny-cpu-launched"
-    data["launch"] = {"mode": "accelerate", "num_processes": 1, "cpu": True}
-    config = tmp_path / "tiny-launched.yaml"
-    config.write_text(yaml.safe_dump(data, sort_keys=False))  # the reward order is the config's
+    config = _tiny_config_with(tmp_path / "tiny-launched.yaml", name="tiny-cpu-launched",
+                               launch={"mode": "accelerate", "num_processes": 1, "cpu": True})
 
-    sft = sft_flow(config=str(config), max_examples=4)
+    sft = sft_flow(config=config, max_examples=4)
     assert sft["status"] == "completed", sft["error"]
     metrics = json.loads(sft["metrics_json"])
     command = metrics["launch"]["command"]
@@ -256,7 +261,7 @@ def test_sft_and_grpo_jobs_launched_with_accelerate_are_recorded(built, tmp_path
     assert metrics["steps"] == 2 and [e["step"] for e in metrics["curve"]] == [1, 2]
     assert (Path(sft["checkpoint"]) / "model.safetensors").exists()
 
-    grpo = grpo_flow(config=str(config), init_checkpoint=sft["checkpoint"], max_prompts=2)
+    grpo = grpo_flow(config=config, init_checkpoint=sft["checkpoint"], max_prompts=2)
     assert grpo["status"] == "completed", grpo["error"]
     gm = json.loads(grpo["metrics_json"])
     assert gm["reward_names"] == ["outcome_reward", "format_reward", "process_reward"]
@@ -288,17 +293,12 @@ def test_a_failed_comparison_keeps_the_grpo_checkpoint_and_says_why(built, monke
 
 
 def test_selection_turned_off_hands_evaluation_the_grpo_checkpoint(built, tmp_path):
-    import yaml
-
     from flows.training_flows import grpo_flow
 
-    data = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/tiny-cpu.yaml").read_text())
-    data["selection"] = {"enabled": False}
-    config = tmp_path / "tiny-no-selection.yaml"
-    config.write_text(yaml.safe_dump(data, sort_keys=False))
+    config = _tiny_config_with(tmp_path / "tiny-no-selection.yaml", selection={"enabled": False})
     sft = built["wh"].read("fct_training_runs").filter(pl.col("kind") == "sft")
     start = sft["checkpoint"][0] if not sft.is_empty() else None
-    grpo = grpo_flow(config=str(config), init_checkpoint=start, max_prompts=2)
+    grpo = grpo_flow(config=config, init_checkpoint=start, max_prompts=2)
     selection = json.loads(grpo["metrics_json"])["selection"]
     assert selection == {"chosen": "grpo", "checkpoint": grpo["checkpoint"], "reason": "selection is off in the config",
                          "n": 0, "reward_sft": None, "reward_grpo": None, "rise": None, "se": None, "t": None}

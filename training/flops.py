@@ -46,6 +46,9 @@ class VisionTower:
         """One image of ``patches`` patches, every patch attending over all of them."""
         return self.per_patch.forward(patches, patches) + 2 * self.merger_params * patches / self.merge
 
+    def training(self, patches: int) -> float:
+        return 3 * self.forward(patches)
+
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -77,8 +80,7 @@ def sft_step_flops(shape: ModelShape, sequences: int, sequence_tokens: int, imag
     """One SFT optimizer step: forward and backward over every token of every sequence (image tokens
     included) and through the vision tower for every image."""
     text = shape.text.training(sequences * sequence_tokens, sequence_tokens)
-    vision = 3 * sequences * images_per_sequence * shape.vision.forward(patches_per_image)
-    return text + vision
+    return text + sequences * images_per_sequence * shape.vision.training(patches_per_image)
 
 
 def grpo_step_flops(shape: ModelShape, completions: int, prompt_tokens: int, completion_tokens: int,
@@ -88,11 +90,12 @@ def grpo_step_flops(shape: ModelShape, completions: int, prompt_tokens: int, com
     policy's forward and backward over prompt + completion, and the reference model's forward when the
     KL term is on (beta > 0). Each pass re-encodes the images."""
     total = prompt_tokens + completion_tokens
-    vision = completions * images_per_prompt * shape.vision.forward(patches_per_image)
+    images = completions * images_per_prompt
+    vision = images * shape.vision.forward(patches_per_image)
     generation = (shape.text.forward(completions * prompt_tokens, prompt_tokens)
                   + shape.text.forward(completions * completion_tokens, prompt_tokens + completion_tokens // 2)
                   + vision)
-    policy = shape.text.training(completions * total, total) + 3 * vision
+    policy = shape.text.training(completions * total, total) + images * shape.vision.training(patches_per_image)
     ref = shape.text.forward(completions * total, total) + vision if reference else 0.0
     return generation + policy + ref
 
