@@ -122,7 +122,12 @@ def test_resumes_a_batch_whose_id_was_never_stored(responder, tmp_path):
         async def first() -> None:
             transport = BatchTransport(settings, store)
             tasks = [asyncio.ensure_future(transport.submit(p)) for p in payloads]
-            while not server.batches:  # uploaded and created: now "crash"
+            # Uploaded, created and its id stored: now "crash". (The fake server lists the batch before
+            # its response reaches the client; on a loaded machine the client had not yet stored the id
+            # when the test cancelled it, and the run below removes the id on purpose anyway.)
+            deadline = time.monotonic() + 30
+            while not (server.batches and any(j.batch_id for j in store.jobs())):
+                assert time.monotonic() < deadline, "the batch was never created and stored"
                 await asyncio.sleep(0.01)
             for t in tasks:
                 t.cancel()
